@@ -1,0 +1,15 @@
+// The list of onnxopt's custom operators. Each op's .cc defines its factory; register.cc adds them all to
+// one domain. Adding an op = one factory declaration here + one line in register.cc.
+#pragma once
+
+#include "onnxruntime_lite_custom_op.h"
+
+namespace onnxopt {
+
+// Domain and version shared by every op (see onnxopt.DOMAIN on the Python side).
+constexpr const char* kDomain = "onnxopt";
+constexpr int kOpsetVersion = 1;
+
+Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp();
+
+}  // namespace onnxopt

@@ -1,0 +1,176 @@
+"""Static analysis of a model: tensor shapes, and per node its parameters, weight bytes and FLOPs.
+
+FLOPs count a multiply-add as 2. Conv: 2·N·M·Ho·Wo·(C/g)·kh·kw; Gemm/MatMul: 2·M·K·N (times batch);
+WinogradConv F(2x2,3x3): per 2x2 output tile 16 products per (m, c) plus the input transform
+(32 adds per tile and input channel) and the output transform (24 adds per tile and output channel).
+Symbolic dimensions are fixed to concrete values (default 1) for the count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxopt.graph import _without_tensor_data
+
+
+@dataclass
+class NodeStats:
+    """What one node costs: its constant parameters, their bytes, and FLOPs at the analysed shapes."""
+
+    name: str
+    op_type: str
+    params: int
+    weight_bytes: int
+    flops: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def input_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the graph inputs: symbolic or unknown dimensions come from `dims` (default 1)."""
+    dims = dims or {}
+    inits = {t.name for t in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        shape = []
+        for d in t.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(d.dim_value)
+            else:
+                shape.append(int(dims.get(d.dim_param, dims.get("*", 1))))
+        shapes[vi.name] = tuple(shape)
+    return shapes
+
+
+def tensor_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor that shape inference can resolve with the inputs fixed by `dims`."""
+    light = _without_tensor_data(model) if model.ByteSize() > 64 * 2**20 else _copy(model)
+    concrete = input_shapes(model, dims)
+    for vi in light.graph.input:
+        if vi.name in concrete:
+            for d, v in zip(vi.type.tensor_type.shape.dim, concrete[vi.name], strict=False):
+                d.ClearField("dim_param")
+                d.dim_value = v
+    del light.graph.value_info[:]
+    for vi in light.graph.output:  # declared symbolic output dims would mask the inferred concrete ones
+        vi.type.tensor_type.ClearField("shape")
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes as a plain dict."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+# A FLOP rule takes (input names, output names, attributes, shapes) so that it serves onnx protos and
+# graphsurgeon nodes alike.
+def _conv_flops(inputs, outputs, attrs, shapes) -> int:
+    # Weights are [M, C/g, kh, kw]: each output element meets w[1]·kh·kw weights.
+    w, y = shapes.get(inputs[1]), shapes.get(outputs[0])
+    return 2 * math.prod(y) * math.prod(w[1:]) if w and y else 0
+
+
+def _conv_transpose_flops(inputs, outputs, attrs, shapes) -> int:
+    # Weights are [C, M/g, kh, kw]: each input element meets w[1]·kh·kw weights.
+    x, w = shapes.get(inputs[0]), shapes.get(inputs[1])
+    return 2 * math.prod(x) * math.prod(w[1:]) if w and x else 0
+
+
+def _gemm_flops(inputs, outputs, attrs, shapes) -> int:
+    a, y = shapes.get(inputs[0]), shapes.get(outputs[0])
+    if not a or not y:
+        return 0
+    k = a[0] if attrs.get("transA", 0) else a[-1]
+    return 2 * math.prod(y) * k
+
+
+def _matmul_flops(inputs, outputs, attrs, shapes) -> int:
+    a, y = shapes.get(inputs[0]), shapes.get(outputs[0])
+    if not a or not y:
+        return 0
+    return 2 * math.prod(y) * a[-1]
+
+
+def _winograd_flops(inputs, outputs, attrs, shapes) -> int:
+    x, w, y = (shapes.get(n) for n in (inputs[0], inputs[1], outputs[0]))
+    if not x or not w or not y:
+        return 0
+    n, c = x[0], x[1]
+    m = w[0]
+    tiles = n * math.ceil(y[2] / 2) * math.ceil(y[3] / 2)
+    return tiles * (2 * 16 * m * c + 32 * c + 24 * m)
+
+
+FLOP_RULES: dict[str, Callable] = {
+    "Conv": _conv_flops,
+    "ConvTranspose": _conv_transpose_flops,
+    "Gemm": _gemm_flops,
+    "MatMul": _matmul_flops,
+    "WinogradConv": _winograd_flops,
+}
+
+
+def node_stats(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> list[NodeStats]:
+    """Per node: op, constant parameter count, weight bytes, FLOPs (0 for ops without a rule)."""
+    shapes = tensor_shapes(model, dims)
+    inits = {t.name: t for t in model.graph.initializer}
+    counted: set[str] = set()
+    stats = []
+    for node in model.graph.node:
+        params = nbytes = 0
+        for name in node.input:
+            if name in inits and name not in counted:
+                counted.add(name)  # a shared initializer is counted once, at its first user
+                t = inits[name]
+                numel = math.prod(t.dims)
+                params += numel
+                nbytes += numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        rule = FLOP_RULES.get(node.op_type)
+        flops = int(rule(node.input, node.output, attributes(node), shapes)) if rule else 0
+        stats.append(NodeStats(node.name, node.op_type, params, nbytes, flops))
+    return stats
+
+
+def totals(stats: list[NodeStats]) -> dict[str, int]:
+    """Model totals of a node_stats list."""
+    return {
+        "nodes": len(stats),
+        "params": sum(s.params for s in stats),
+        "weight_bytes": sum(s.weight_bytes for s in stats),
+        "flops": sum(s.flops for s in stats),
+    }
+
+
+def constant(model_or_inits, name: str) -> np.ndarray | None:
+    """The value of initializer `name`, or None if it is not a constant initializer."""
+    inits = (
+        model_or_inits.graph.initializer if isinstance(model_or_inits, onnx.ModelProto) else model_or_inits
+    )
+    for t in inits:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    return None

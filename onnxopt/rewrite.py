@@ -1,0 +1,132 @@
+"""The pass contract: match -> check -> options -> rewrite, and the per-node record.
+
+A pass looks at one node at a time. `check` returns a reason when the node cannot be rewritten at all
+(not constant, shared weight, unsupported attribute). `options` computes, with pure numpy, the ways the
+node can be rewritten, ordered from most to least compressive, each with its estimated error and cost;
+it raises `Decline` with a reason when none pays off. The pass manager picks an option per node, applies
+it to a fresh copy of the original graph, verifies the whole model, and steps back or undoes the worst
+rewrites while the model is over budget. An option's `emit` only builds nodes and constants; it never
+computes weights, so re-applying after a rollback is cheap.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+
+class Decline(Exception):
+    """Raised by `Pass.options` when a node cannot be rewritten profitably; the message is the reason."""
+
+
+@dataclass
+class Record:
+    """What happened to one node: method, cost before and after, estimated error, and why."""
+
+    method: str
+    node: str
+    op_type: str
+    status: str  # "applied", "declined" or "undone"
+    reason: str = ""
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    est_error: float = 0.0
+    detail: dict = field(default_factory=dict)
+    new_nodes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Option:
+    """One way to rewrite a node. `emit(graph, node, prefix)` replaces the node and returns the new nodes."""
+
+    est_error: float
+    params_after: int
+    bytes_after: int
+    flops_after: int
+    emit: Callable[[gs.Graph, gs.Node, str], list[gs.Node]]
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read: the original model's graph, shapes, calibration activations, budget, options."""
+
+    graph: gs.Graph
+    shapes: dict[str, tuple[int, ...]]
+    max_error: float
+    settings: dict[str, str]
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
+    consumers: dict[str, int] = field(default_factory=dict)  # tensor name -> number of consuming nodes
+
+    def constant(self, tensor: gs.Tensor) -> np.ndarray | None:
+        """The tensor's value if it is a constant initializer, else None."""
+        return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+    def setting(self, key: str, cast: Callable = str, default=None):
+        """A user setting for this pass (`--set method.key=value`), cast, or `default`."""
+        return cast(self.settings[key]) if key in self.settings else default
+
+
+class Pass(ABC):
+    """One compression method. Subclasses set the class attributes and implement check and options."""
+
+    name: str = ""
+    op_types: tuple[str, ...] = ()
+    lossy: bool = True
+    default: bool = True  # part of the default method set
+    summary: str = ""
+    custom_ops: tuple[str, ...] = ()
+
+    def match(self, node: gs.Node) -> bool:
+        return node.op in self.op_types
+
+    @abstractmethod
+    def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        """None if the node can be rewritten, else the reason it cannot."""
+
+    def activations_needed(self, node: gs.Node) -> list[str]:
+        """Names of tensors whose calibration values `options` wants in ctx.activations."""
+        return []
+
+    @abstractmethod
+    def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
+        """Rewrites of the node, most compressive first; raise Decline when none pays off."""
+
+
+def new_name(prefix: str, what: str) -> str:
+    """Names of emitted nodes and tensors: prefix is '<source node>/<method>'."""
+    return f"{prefix}/{what}"
+
+
+def replace_node(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> list[gs.Node]:
+    """Put `new_nodes` in the graph in place of `node` (whose outputs they already produce)."""
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.extend(new_nodes)
+    return new_nodes
+
+
+def provenance(model: onnx.ModelProto, records: list[Record]) -> None:
+    """Tag emitted nodes with metadata_props naming the method and the source node."""
+    by_name = {n.name: n for n in model.graph.node}
+    for r in records:
+        if r.status != "applied":
+            continue
+        for name in r.new_nodes:
+            node = by_name.get(name)
+            if node is not None:
+                del node.metadata_props[:]
+                node.metadata_props.add(key="onnxopt.method", value=r.method)
+                node.metadata_props.add(key="onnxopt.source", value=r.node)

@@ -1,0 +1,29 @@
+"""The compression methods, one module per family; installed as `onnxopt.passes`.
+
+METHODS maps each method name (the name used by the pass, its kernel, its reference and its tests) to its
+pass class, in the order the pass manager runs them.
+"""
+
+from __future__ import annotations
+
+from onnxopt.passes.lowrank import LowRank
+from onnxopt.passes.winograd import Winograd
+
+from onnxopt.errors import UserError
+from onnxopt.rewrite import Pass
+
+METHODS: dict[str, type[Pass]] = {cls.name: cls for cls in (LowRank, Winograd)}
+
+
+def default_methods() -> list[str]:
+    """Methods run when the user names none: those that pay off without a speed measurement."""
+    return [name for name, cls in METHODS.items() if cls.default]
+
+
+def make_passes(names: list[str] | None) -> list[Pass]:
+    """Pass instances for method names (None: the default set), in METHODS order."""
+    chosen = default_methods() if not names else names
+    unknown = [n for n in chosen if n not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    return [cls() for name, cls in METHODS.items() if name in chosen]

@@ -1,0 +1,176 @@
+"""lowrank: a Gemm or MatMul with constant weights W (K x N) becomes two, through a truncated SVD.
+
+W = P S Q^T;  W_r = (P_r S_r^{1/2}) (S_r^{1/2} Q_r^T) = U V, U: K x r, V: r x N.
+y = x W + b  ->  y = (x U) V + b: params and FLOPs fall from K·N to r·(K + N), a gain only for
+r < K·N / (K + N).
+The error is estimated on calibration activations X (the rows of the layer's input):
+||X W - X W_r||_F^2 = sum_{i>r} s_i^2 ||X p_i||^2 (the q_i are orthonormal), relative to ||X W + b||_F.
+The rank is the smallest whose estimate fits the budget (or `--set lowrank.rank=R`); less lossy options
+(the error halved, quartered, ...) are offered for the pass manager's rollback.
+Standard ONNX ops only: the result runs in stock onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node
+
+MAX_ROWS = 8192
+STEPS = 5  # number of progressively less lossy options offered per node
+
+
+def factorize(W: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """U (K x r), V (r x N) with U V the best rank-r approximation of W in Frobenius norm."""
+    P, s, Qt = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return (P[:, :rank] * root).astype(np.float32), (root[:, None] * Qt[:rank]).astype(np.float32)
+
+
+def error_by_rank(W: np.ndarray, X: np.ndarray | None, bias: np.ndarray | None) -> np.ndarray:
+    """err[r] = relative error of the rank-r truncation on activations X (or on W itself without X)."""
+    P, s, _ = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+    if X is None:
+        energy = s**2
+        total = float(np.sum(energy))
+    else:
+        Xd = X.astype(np.float64)
+        energy = s**2 * np.sum((Xd @ P) ** 2, axis=0)
+        Y = Xd @ W.astype(np.float64)
+        if bias is not None:
+            Y = Y + bias.astype(np.float64)
+        total = float(np.sum(Y**2))
+    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r} energy_i
+    return np.sqrt(np.maximum(tail, 0.0) / max(total, 1e-30))
+
+
+def max_useful_rank(K: int, N: int) -> int:
+    """Largest rank that still cuts params and FLOPs: r (K + N) < K N."""
+    return (K * N - 1) // (K + N)
+
+
+def rows(X: np.ndarray, K: int, seed: int = 0) -> np.ndarray:
+    """Calibration activations as an (n, K) matrix, subsampled to at most MAX_ROWS rows."""
+    X2 = X.reshape(-1, K)
+    if len(X2) > MAX_ROWS:
+        X2 = X2[np.random.default_rng(seed).choice(len(X2), MAX_ROWS, replace=False)]
+    return X2
+
+
+class LowRank(Pass):
+    name = "lowrank"
+    op_types = ("Gemm", "MatMul")
+    lossy = True
+    summary = "Gemm/MatMul with constant weights -> two MatMuls/Gemms from a truncated SVD (standard ops)"
+
+    def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            return "weight is not a constant initializer"
+        W = ctx.constant(node.inputs[1])
+        if W.dtype != np.float32:
+            return f"weight dtype {W.dtype} is not float32"
+        if W.ndim != 2:
+            return f"weight has rank {W.ndim}, not 2"
+        if ctx.consumers.get(node.inputs[1].name, 0) > 1:
+            return "weight initializer is shared with other nodes"
+        if node.op == "Gemm":
+            if node.attrs.get("transA", 0):
+                return "transA=1 is not supported"
+            if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+                return "bias is not constant"
+        K, N = self._kn(node, W)
+        if max_useful_rank(K, N) < 1:
+            return f"weight {K}x{N} is too small for a factorization to pay off"
+        return None
+
+    @staticmethod
+    def _kn(node: gs.Node, W: np.ndarray) -> tuple[int, int]:
+        transB = node.op == "Gemm" and node.attrs.get("transB", 0)
+        return (W.shape[1], W.shape[0]) if transB else W.shape
+
+    @staticmethod
+    def _weight(node: gs.Node) -> np.ndarray:
+        """W as K x N with Gemm's alpha folded in."""
+        W = np.asarray(node.inputs[1].values, dtype=np.float32)
+        if node.op == "Gemm":
+            if node.attrs.get("transB", 0):
+                W = W.T
+            W = W * np.float32(node.attrs.get("alpha", 1.0))
+        return W
+
+    def activations_needed(self, node: gs.Node) -> list[str]:
+        return [node.inputs[0].name]
+
+    def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
+        W = self._weight(node)
+        K, N = W.shape
+        bias = None
+        if node.op == "Gemm" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            bias = np.broadcast_to(
+                np.asarray(node.inputs[2].values, np.float32) * node.attrs.get("beta", 1.0), (N,)
+            )
+        X = ctx.activations.get(node.inputs[0].name)
+        err = error_by_rank(W, rows(X, K) if X is not None else None, bias)
+        r_max = min(max_useful_rank(K, N), len(err) - 1)
+        fixed = ctx.setting("rank", int)
+        if fixed is not None:
+            if not 1 <= fixed <= r_max:
+                raise Decline(f"rank {fixed} does not pay off for a {K}x{N} weight (1 <= rank <= {r_max})")
+            ranks = [fixed]
+        else:
+            ranks = []
+            tol = ctx.max_error
+            for _ in range(STEPS):
+                fits = np.nonzero(err[: r_max + 1] <= tol)[0]
+                if len(fits):
+                    r = max(int(fits[0]), 1)
+                    if r not in ranks:
+                        ranks.append(r)
+                tol /= 2
+            if not ranks:
+                raise Decline(
+                    f"no rank up to {r_max} (where it stops paying off) fits: error at rank {r_max} is "
+                    f"{err[r_max]:.3g} > budget {ctx.max_error:g}"
+                )
+        M_rows = int(np.prod(ctx.shapes.get(node.outputs[0].name, (1, N))[:-1]))
+        return [
+            Option(
+                est_error=float(err[r]),
+                params_after=r * (K + N) + (N if bias is not None else 0),
+                bytes_after=4 * (r * (K + N) + (N if bias is not None else 0)),
+                flops_after=2 * M_rows * r * (K + N),
+                emit=self._emitter(W, r),
+                detail={"rank": r, "shape": [K, N], "max_useful_rank": r_max},
+            )
+            for r in ranks
+        ]
+
+    def _emitter(self, W: np.ndarray, rank: int):
+        def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
+            U, V = factorize(W, rank)
+            x, y = node.inputs[0], node.outputs[0]
+            mid = gs.Variable(new_name(prefix, "mid"), dtype=np.float32)
+            first = gs.Node(
+                "MatMul",
+                new_name(prefix, "U"),
+                inputs=[x, gs.Constant(new_name(prefix, "U_w"), U)],
+                outputs=[mid],
+            )
+            if node.op == "Gemm":
+                inputs = [mid, gs.Constant(new_name(prefix, "V_w"), V)]
+                attrs = {}
+                if len(node.inputs) > 2 and node.inputs[2].name:
+                    inputs.append(node.inputs[2])
+                    attrs["beta"] = float(node.attrs.get("beta", 1.0))
+                second = gs.Node("Gemm", new_name(prefix, "V"), attrs=attrs, inputs=inputs, outputs=[y])
+            else:
+                second = gs.Node(
+                    "MatMul",
+                    new_name(prefix, "V"),
+                    inputs=[mid, gs.Constant(new_name(prefix, "V_w"), V)],
+                    outputs=[y],
+                )
+            return replace_node(graph, node, [first, second])
+
+        return emit

@@ -1,0 +1,75 @@
+"""winograd: Conv 3x3 (stride 1, dilation 1, group 1) -> WinogradConv custom op computing F(2x2, 3x3).
+
+Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A per 4x4 input tile d and 2x2 output tile: 16 multiplications per
+(output channel, input channel, tile) instead of 36, 2.25x fewer. Exact up to fp32 round-off. The weights
+stay in the node as OIHW; the kernel transforms them once when the session creates it.
+Speed-only: not in the default set until a measurement decides where it pays off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt import DOMAIN
+from onnxopt.analysis import FLOP_RULES
+from onnxopt.rewrite import Option, Pass, PassContext, new_name, replace_node
+
+
+class Winograd(Pass):
+    name = "winograd"
+    op_types = ("Conv",)
+    lossy = False
+    default = False
+    summary = "Conv 3x3 stride 1 -> WinogradConv F(2x2,3x3) custom op (exact; 2.25x fewer multiplications)"
+    custom_ops = ("WinogradConv",)
+
+    def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            return "weight is not a constant initializer"
+        W = ctx.constant(node.inputs[1])
+        if W.dtype != np.float32:
+            return f"weight dtype {W.dtype} is not float32"
+        if W.ndim != 4 or W.shape[2:] != (3, 3):
+            return f"kernel shape {W.shape[2:]} is not 3x3 2-D"
+        if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+            return "bias is not constant"
+        a = node.attrs
+        if a.get("group", 1) != 1:
+            return f"group={a['group']}: grouped convolution is not supported"
+        if any(s != 1 for s in a.get("strides", [1, 1])):
+            return f"strides={list(a['strides'])}: only stride 1 is supported"
+        if any(d != 1 for d in a.get("dilations", [1, 1])):
+            return f"dilations={list(a['dilations'])}: only dilation 1 is supported"
+        if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return f"auto_pad={a['auto_pad']} is not supported (explicit pads only)"
+        x = ctx.shapes.get(node.inputs[0].name)
+        if x is not None and len(x) != 4:
+            return f"input has rank {len(x)}, not 4"
+        return None
+
+    def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
+        W = ctx.constant(node.inputs[1])
+        pads = (
+            [0, 0, 0, 0]
+            if node.attrs.get("auto_pad", "NOTSET") == "VALID"
+            else list(node.attrs.get("pads", [0, 0, 0, 0]))
+        )
+        has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
+        params = W.size + (W.shape[0] if has_bias else 0)
+        flops = FLOP_RULES["WinogradConv"](
+            [t.name for t in node.inputs], [node.outputs[0].name], {}, ctx.shapes
+        )
+
+        def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
+            new = gs.Node(
+                "WinogradConv",
+                new_name(prefix, "conv"),
+                attrs={"pads": pads},
+                inputs=list(node.inputs),
+                outputs=list(node.outputs),
+                domain=DOMAIN,
+            )
+            return replace_node(graph, node, [new])
+
+        return [Option(0.0, params, 4 * params, flops, emit, {"tile": "F(2x2,3x3)", "pads": pads})]

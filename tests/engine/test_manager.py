@@ -1,0 +1,76 @@
+"""The pass manager: budget, rollback, unchanged models, records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.synthetic import conv_net, mlp
+from onnxopt.budget import MetricBudget, OutputBudget
+from onnxopt.data import synthetic_inputs
+from onnxopt.errors import BudgetError
+from onnxopt.manager import optimize
+from onnxopt.passes import make_passes
+from onnxopt.passes.lowrank import LowRank
+from onnxopt.verify import compare_models
+
+
+def test_nothing_to_rewrite_returns_model_unchanged():
+    model = conv_net([3, 4], size=8)  # no Gemm/MatMul for lowrank
+    feeds = synthetic_inputs(model, samples=2)
+    result = optimize(model, [LowRank()], feeds, OutputBudget(model, feeds))
+    assert not result.changed
+    assert result.model.SerializeToString() == model.SerializeToString()
+    assert any("nothing to rewrite" in m for m in result.messages)
+
+
+def test_rollback_steps_back_until_within_budget():
+    model = mlp([64, 128, 128, 10], decay=0.8, seed=3)
+    feeds = synthetic_inputs(model, samples=32, seed=2)
+    tight = 2e-3
+    # Plan with a loose per-layer tolerance but verify against a tight budget: the manager must step back.
+    budget = OutputBudget(model, feeds, tight)
+    result = optimize(model, [LowRank()], feeds, budget, max_error=2e-2)
+    assert result.changed
+    assert max(e.rel_l2 for e in compare_models(model, result.model, feeds)) <= tight
+    moved = [r for r in result.records if "stepped back" in r.reason or r.status == "undone"]
+    assert moved, [r.as_dict() for r in result.records]
+
+
+def test_budget_error_when_nothing_fits():
+    model = mlp([64, 96, 10], decay=0.8)
+    feeds = synthetic_inputs(model, samples=8)
+
+    class Strict(OutputBudget):  # no rewrite ever fits
+        def check(self, optimized):
+            ok, s = super().check(optimized)
+            return False, {**s, "worst_rel_l2": 1.0}
+
+    with pytest.raises(BudgetError, match="no rewrite fits"):
+        optimize(model, [LowRank()], feeds, Strict(model, feeds, 1e-2))
+
+
+def test_metric_budget_rolls_back_on_score_drop():
+    model = mlp([32, 64, 4], decay=0.8, seed=5)
+    feeds = synthetic_inputs(model, samples=64, seed=3)
+    x = feeds["x"]
+
+    def agreement(session) -> float:
+        # Scores 100 only if the outputs equal the original's to 1e-4 relative: lowrank at 1e-2 cannot.
+        y = session.run(None, {"x": x})[0]
+        return 100.0 * float(np.linalg.norm(y - ref) <= 1e-4 * np.linalg.norm(ref))
+
+    from onnxopt.verify import run_model
+
+    ref = run_model(model, feeds)["y"]
+    budget = MetricBudget(model, agreement, max_drop=0.5)
+    with pytest.raises(BudgetError):
+        optimize(model, [LowRank()], feeds, budget)
+
+
+def test_records_cover_declined_nodes_with_reasons():
+    model = conv_net([3, 8, 8], size=9, strides=2)
+    feeds = synthetic_inputs(model, samples=2)
+    result = optimize(model, make_passes(["winograd"]), feeds, OutputBudget(model, feeds))
+    assert not result.changed
+    assert all(r.status == "declined" and "stride" in r.reason for r in result.records)
