@@ -6,10 +6,9 @@ pass class, in the order the pass manager runs them.
 
 from __future__ import annotations
 
+from onnxopt.errors import UserError
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.winograd import Winograd
-
-from onnxopt.errors import UserError
 from onnxopt.rewrite import Pass
 
 METHODS: dict[str, type[Pass]] = {cls.name: cls for cls in (LowRank, Winograd)}

@@ -43,7 +43,7 @@ def test_budget_error_when_nothing_fits():
 
     class Strict(OutputBudget):  # no rewrite ever fits
         def check(self, optimized):
-            ok, s = super().check(optimized)
+            _, s = super().check(optimized)
             return False, {**s, "worst_rel_l2": 1.0}
 
     with pytest.raises(BudgetError, match="no rewrite fits"):

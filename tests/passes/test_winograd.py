@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from tolerances import REL_L2, tol
 
 from models.synthetic import conv_net
 from onnxopt.budget import OutputBudget
@@ -12,6 +11,7 @@ from onnxopt.data import synthetic_inputs
 from onnxopt.manager import optimize
 from onnxopt.passes.winograd import Winograd
 from onnxopt.verify import compare_models
+from tolerances import REL_L2, tol
 
 
 def _run(model, samples=3):
