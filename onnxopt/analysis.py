@@ -62,6 +62,9 @@ def tensor_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None) ->
                 d.ClearField("dim_param")
                 d.dim_value = v
     del light.graph.value_info[:]
+    for i, node in enumerate(light.graph.node):
+        if node.op_type in SHAPE_TWINS and node.domain not in ("", "ai.onnx"):
+            light.graph.node[i].CopyFrom(SHAPE_TWINS[node.op_type](node))
     for vi in light.graph.output:  # declared symbolic output dims would mask the inferred concrete ones
         vi.type.tensor_type.ClearField("shape")
     inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
@@ -131,6 +134,19 @@ FLOP_RULES: dict[str, Callable] = {
     "Gemm": _gemm_flops,
     "MatMul": _matmul_flops,
     "WinogradConv": _winograd_flops,
+}
+
+
+# onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape.
+SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
+    "WinogradConv": lambda n: helper.make_node(
+        "Conv",
+        list(n.input),
+        list(n.output),
+        name=n.name,
+        kernel_shape=[3, 3],
+        pads=attributes(n).get("pads", [0, 0, 0, 0]),
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
@@ -73,3 +74,15 @@ def test_synthetic_inputs_fit_declared_shapes_and_batches():
     assert [b["x"].shape[0] for b in batches(m, feeds)] == [2, 2, 2]
     dyn = synthetic_inputs(mlp([5, 2]), samples=4, dims={"N": 9})
     assert dyn["x"].shape == (4, 5)
+
+
+def test_shapes_flow_through_custom_ops():
+    from onnxopt.analysis import tensor_shapes
+
+    m = conv_net([3, 4, 4], size=9)
+    m.graph.node[0].op_type = "WinogradConv"
+    m.graph.node[0].domain = "onnxopt"
+    m.opset_import.append(onnx.helper.make_opsetid("onnxopt", 1))
+    shapes = tensor_shapes(m, {"N": 2})
+    assert shapes["c0"] == (2, 4, 9, 9) and shapes["y"] == (2, 4, 9, 9)
+    assert all(s.flops > 0 for s in node_stats(m, {"N": 2}) if s.op_type in ("Conv", "WinogradConv"))

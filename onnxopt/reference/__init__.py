@@ -1,0 +1,17 @@
+"""Numpy reference implementations of onnxopt's custom operators, one module per op.
+
+Each module defines `SPEC` (an onnxopt.ops.OpSpec whose `reference` is the numpy function) and an
+onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvaluator(model, new_ops=...)`.
+"""
+
+from __future__ import annotations
+
+from onnxopt.ops import OpSpec
+from onnxopt.reference import winograd
+
+SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (winograd.SPEC,)}
+
+# OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
+REFERENCE_OPS = [winograd.WinogradConv]
+
+__all__ = ["REFERENCE_OPS", "SPECS"]

@@ -1,0 +1,150 @@
+"""Numpy reference of WinogradConv: a 3x3, stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3).
+
+Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016). The output is cut into 2x2
+tiles; tile (ty, tx) reads the 4x4 window of the zero-padded input whose top-left corner is (2 ty, 2 tx), so
+neighbouring windows overlap by 2. For a 3x3 filter g and a 4x4 input window d the 2x2 output tile is
+
+    Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A
+
+with ⊙ the elementwise product and
+
+    B^T = [[1,  0, -1,  0],        G = [[1,    0,    0  ],        A^T = [[1, 1,  1,  0],
+           [0,  1,  1,  0],             [1/2,  1/2,  1/2],               [0, 1, -1, -1]]
+           [0, -1,  1,  0],             [1/2, -1/2,  1/2],
+           [0,  1,  0, -1]]             [0,    0,    1  ]]
+
+Summed over the C input channels, and because the transforms are linear, the elementwise products become
+16 independent matrix products, one per position (xi, nu) of the 4x4 transformed tile:
+
+    U[xi, nu, m, c]    = (G W[m, c] G^T)[xi, nu]                  (weights, transformed once)
+    V[xi, nu, c, t]    = (B^T d[c, t] B)[xi, nu]                  (input tile t of channel c)
+    Mt[xi, nu, m, t]   = sum_c U[xi, nu, m, c] V[xi, nu, c, t]      (16 GEMMs)
+    Y[m, tile t]       = A^T Mt[:, :, m, t] A + B[m]
+
+Tiles that stick out of the output at the right or bottom edge (odd output sizes) are computed over zeros and
+cropped. The result equals ONNX Conv(X, W, B, pads, kernel_shape=[3, 3], strides=1, dilations=1, group=1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from onnxopt.ops import OpSpec
+
+# F(2x2, 3x3) transform matrices (see the module docstring).
+BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
+AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+
+
+def transform_weights(W: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """U = G g G^T for every filter g = W[m, c]: [M, C, 3, 3] -> [4, 4, M, C] (computed in float64)."""
+    W = np.asarray(W)
+    if W.ndim != 4 or W.shape[2:] != (3, 3):
+        raise ValueError(f"W must have shape [M, C, 3, 3], got {list(W.shape)}")
+    U = np.einsum("ij,mcjk,lk->ilmc", G, W.astype(np.float64), G, optimize=True)
+    return U.astype(dtype)
+
+
+def _check(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, pads: Sequence[int]) -> tuple[int, ...]:
+    if X.ndim != 4:
+        raise ValueError(f"X must have rank 4 [N, C, H, W], got shape {list(X.shape)}")
+    if W.ndim != 4 or W.shape[2:] != (3, 3) or W.shape[0] < 1 or W.shape[1] < 1:
+        raise ValueError(f"W must have shape [M, C, 3, 3] with M, C >= 1, got {list(W.shape)}")
+    if X.shape[1] != W.shape[1]:
+        raise ValueError(
+            f"X has {X.shape[1]} channels (shape {list(X.shape)}) but W expects C = {W.shape[1]}"
+        )
+    if B is not None and B.shape != (W.shape[0],):
+        raise ValueError(f"B must have shape [{W.shape[0]}], got {list(B.shape)}")
+    pads = tuple(int(p) for p in pads)
+    if len(pads) != 4 or min(pads) < 0:
+        raise ValueError(f"pads must be 4 non-negative ints [top, left, bottom, right], got {list(pads)}")
+    return pads
+
+
+def winograd_conv(
+    X: np.ndarray, W: np.ndarray, B: np.ndarray | None = None, pads: Sequence[int] = (0, 0, 0, 0)
+) -> np.ndarray:
+    """Y = Conv(X, W, B, pads) for 3x3 filters, stride 1, computed tile by tile with F(2x2, 3x3).
+
+    X [N, C, H, W], W [M, C, 3, 3], B [M] or None, pads [top, left, bottom, right].
+    Returns Y [N, M, H + top + bottom - 2, W + left + right - 2] in X's dtype (arithmetic in float64).
+    """
+    X, W = np.asarray(X), np.asarray(W)
+    B = None if B is None else np.asarray(B)
+    top, left, bottom, right = _check(X, W, B, pads)
+    N, C, H, Wd = X.shape
+    M = W.shape[0]
+    OH, OW = H + top + bottom - 2, Wd + left + right - 2
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"output would be empty: X spatial {H}x{Wd} with pads {list(pads)} gives {OH}x{OW}")
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2  # tiles per axis; the last may stick out
+
+    # Zero-padded input, large enough for every 4x4 window (2 TH + 2 >= OH + 2 = H + top + bottom).
+    Xp = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=np.float64)
+    Xp[:, :, top : top + H, left : left + Wd] = X
+    # d[n, c, ty, tx] = the 4x4 window at (2 ty, 2 tx): shape [N, C, TH, TW, 4, 4].
+    d = np.lib.stride_tricks.sliding_window_view(Xp, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
+
+    U = transform_weights(W, np.float64)  # [4, 4, M, C]
+    V = np.einsum("ij,nctujk,lk->ilnctu", BT, d, BT, optimize=True)  # B^T d B: [4, 4, N, C, TH, TW]
+    Mt = np.einsum("xymc,xynctu->xynmtu", U, V, optimize=True)  # 16 GEMMs over c: [4, 4, N, M, TH, TW]
+    Yt = np.einsum("ix,xynmtu,jy->nmtiuj", AT, Mt, AT, optimize=True)  # A^T Mt A: [N, M, TH, 2, TW, 2]
+    Y = Yt.reshape(N, M, 2 * TH, 2 * TW)[:, :, :OH, :OW]
+    if B is not None:
+        Y = Y + B.astype(np.float64)[None, :, None, None]
+    return np.ascontiguousarray(Y, dtype=X.dtype)
+
+
+class WinogradConv(OpRun):
+    """WinogradConv for onnx.reference.ReferenceEvaluator(model, new_ops=[WinogradConv]).
+
+    The class name is the op type the evaluator matches, with op_domain.
+    """
+
+    op_domain = "onnxopt"
+
+    def _run(self, X, W, B=None, pads=None):
+        return (winograd_conv(X, W, B, (0, 0, 0, 0) if pads is None else pads),)
+
+
+WinogradConvRef = WinogradConv  # the name other modules import
+
+SPEC = OpSpec(
+    name="WinogradConv",
+    summary="3x3 stride-1 convolution by Winograd F(2x2, 3x3); equals ONNX Conv with those settings",
+    inputs=[
+        ("X", "float32 [N, C, H, W]; input"),
+        ("W", "float32 [M, C, 3, 3]; filters, a constant initializer (transformed once at session creation)"),
+        ("B", "float32 [M], optional; bias, a constant initializer"),
+    ],
+    outputs=[("Y", "float32 [N, M, H + top + bottom - 2, W + left + right - 2]")],
+    attributes=[
+        ("pads", "ints [top, left, bottom, right] (ONNX Conv order), non-negative; default [0, 0, 0, 0]"),
+        ("strides, dilations", "ints, optional; only all-ones is accepted"),
+        ("group", "int, optional; only 1 is accepted"),
+        ("kernel_shape", "ints, optional; only [3, 3] is accepted"),
+    ],
+    constraints=[
+        "stride 1, dilation 1, group 1, kernel 3x3 only",
+        "X's channel count equals W's C; B has M elements",
+        "W and B are constant initializers (error at session creation otherwise)",
+        "the output is non-empty: H + top + bottom > 2 and W + left + right > 2",
+    ],
+    formula="""
+B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+A^T = [1 1 1 0; 0 1 -1 -1]
+U[:, :, m, c] = G W[m, c] G^T                                  (4x4, once)
+V[:, :, c, t] = B^T d[c, t] B     d = 4x4 window of zero-padded X at (2 ty, 2 tx)
+M[xi, nu, m, t] = sum_c U[xi, nu, m, c] V[xi, nu, c, t]        (16 GEMMs)
+Y[n, m, 2 ty : 2 ty + 2, 2 tx : 2 tx + 2] = A^T M[:, :, m, t] A + B[m]   (cropped at the edges)
+""",
+    reference=winograd_conv,
+)
+
+__all__ = ["AT", "BT", "SPEC", "G", "WinogradConv", "WinogradConvRef", "transform_weights", "winograd_conv"]

@@ -1,0 +1,40 @@
+"""Numerical tolerances shared by every test, per dtype, in one place.
+
+Errors are measured as a relative L2 norm, ||actual - expected|| / ||expected||, which is stable across shapes
+and scales where elementwise relative errors are not (outputs near zero).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Exact rewrites and kernels (Winograd, FFT, ...) against a reference: round-off of the dtype, with headroom
+# for reductions over a few thousand terms.
+REL_L2: dict[np.dtype, float] = {
+    np.dtype(np.float64): 1e-12,
+    np.dtype(np.float32): 1e-5,
+    np.dtype(np.float16): 1e-2,
+}
+
+# Two computations that must agree to the last bits but may differ in summation order (thread count).
+REL_L2_REORDER: dict[np.dtype, float] = {
+    np.dtype(np.float64): 1e-14,
+    np.dtype(np.float32): 1e-6,
+    np.dtype(np.float16): 1e-3,
+}
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    """||actual - expected|| / ||expected|| in float64 (absolute error when expected is all zeros)."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch: actual {a.shape} vs expected {e.shape}")
+    den = float(np.linalg.norm(e))
+    num = float(np.linalg.norm(a - e))
+    return num / den if den > 0 else num
+
+
+def tol(dtype: np.dtype | type, table: dict[np.dtype, float] = REL_L2) -> float:
+    """The tolerance of `table` for `dtype`."""
+    return table[np.dtype(dtype)]
