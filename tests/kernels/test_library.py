@@ -16,7 +16,8 @@ import onnxopt
 
 # size_t rather than void*: ctypes warns about leaks for callbacks returning c_void_p
 GET_API = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_uint32)
-GET_VERSION = ctypes.CFUNCTYPE(ctypes.c_char_p)
+GET_VERSION = ctypes.CFUNCTYPE(ctypes.c_size_t)
+OLD_VERSION = ctypes.create_string_buffer(b"1.20.0")
 
 
 class OrtApiBase(ctypes.Structure):
@@ -37,7 +38,7 @@ def test_old_onnxruntime_is_refused_with_a_clear_error():
     real = _real_api_base()
     fake = OrtApiBase(
         GetApi=GET_API(lambda v: real.GetApi(v) if v < 21 else 0),
-        GetVersionString=GET_VERSION(lambda: b"1.20.0"),
+        GetVersionString=GET_VERSION(lambda: ctypes.addressof(OLD_VERSION)),
     )
     ops = ctypes.CDLL(onnxopt.get_library_path())
     ops.RegisterCustomOps.restype = ctypes.c_void_p
