@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxopt.graph import _without_tensor_data
+from onnxopt.graph import skeleton
 
 
 @dataclass
@@ -54,7 +54,7 @@ def input_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> 
 
 def tensor_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor that shape inference can resolve with the inputs fixed by `dims`."""
-    light = _without_tensor_data(model) if model.ByteSize() > 64 * 2**20 else _copy(model)
+    light = skeleton(model)
     concrete = input_shapes(model, dims)
     for vi in light.graph.input:
         if vi.name in concrete:
@@ -76,12 +76,6 @@ def tensor_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None) ->
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
 
 
 def attributes(node: onnx.NodeProto) -> dict:

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from onnxopt.data import Feeds, batches, take
-from onnxopt.library import make_session
+from onnxopt.graph import skeleton
+from onnxopt.library import make_session, session_for
 
 
 def latency(
@@ -24,9 +25,10 @@ def latency(
     warmup: int = 3,
     budget_s: float = 20.0,
 ) -> list[dict]:
-    """Per model: median, p10 and p90 latency in ms of one run on the first batch of `feeds`."""
-    sessions = [make_session(m.SerializeToString(), threads=threads) for m in models]
-    feed = next(iter(batches(models[0], take(feeds, 1))))
+    """Per model (a proto, or a path that onnxruntime loads itself): median, p10 and p90 latency in ms of one
+    run on the first sample of `feeds` (or the model's fixed batch)."""
+    sessions = [make_session(m, threads) if isinstance(m, str) else session_for(m, threads) for m in models]
+    feed = next(iter(batches(_first_proto(models), take(feeds, 1))))
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feed)
@@ -49,3 +51,9 @@ def latency(
         }
         for t in times
     ]
+
+
+def _first_proto(models: list[onnx.ModelProto | str]) -> onnx.ModelProto:
+    """The first model's structure (for its input batch sizes), without loading a file's weights."""
+    m = models[0]
+    return skeleton(onnx.load(m, load_external_data=False)) if isinstance(m, str) else m

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from onnxopt.data import Feeds
 from onnxopt.errors import UserError
-from onnxopt.library import make_session
+from onnxopt.library import session_for
 from onnxopt.verify import compare_arrays, run_model
 
 
@@ -123,7 +123,7 @@ class MetricBudget(Budget):
         self.base = self._score(original)
 
     def _score(self, model: onnx.ModelProto) -> float:
-        sess = make_session(model.SerializeToString(), threads=self.threads)
+        sess = session_for(model, threads=self.threads)
         try:
             return float(self.metric(sess))
         except Exception as e:

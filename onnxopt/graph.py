@@ -18,7 +18,6 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UserError
 
-PROTOBUF_LIMIT = 2**31 - 1
 # Below this size a model is saved as one file; above, tensors go to external data (margin for the proto).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -46,33 +45,47 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:
-    """onnx.checker on a model of any size (large ones are checked without the tensor bytes)."""
+    """onnx.checker on the model's structure (a weight-less skeleton: no copy of the weights, any size)."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(_without_tensor_data(model))
+        onnx.checker.check_model(skeleton(model))
     except onnx.checker.ValidationError as e:
         raise UserError(f"{what} fails onnx.checker: {e}") from e
 
 
-def _without_tensor_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the graph structure with initializers emptied, for checks that need no weights."""
+SKELETON_KEEP_BYTES = 4096  # small initializers (shapes, axes) keep their data: shape inference reads them
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose large initializers are replaced by graph inputs of the same type and shape,
+    for checks and shape inference that must not double the memory of a large model."""
     light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for t in light.graph.initializer:
-        t.ClearField("raw_data")
-        t.data_location = onnx.TensorProto.EXTERNAL
-        del t.external_data[:]
-        t.external_data.add(key="location", value="stripped")
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    declared = {vi.name for vi in model.graph.input}
+    for t in model.graph.initializer:
+        if t.ByteSize() <= SKELETON_KEEP_BYTES:
+            light.graph.initializer.append(t)
+            continue
+        if t.name not in declared:  # the weight becomes a typed graph input: same type and shape, no data
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return light
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference; models too large for one protobuf are inferred on a weight-less copy."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    light = onnx.shape_inference.infer_shapes(_without_tensor_data(model), strict_mode=False)
+    """Shape inference into `model`'s value_info, run on a weight-less skeleton (no copy of the weights)."""
+    light = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False)
     del model.graph.value_info[:]
     model.graph.value_info.extend(light.graph.value_info)
     return model
@@ -87,6 +100,12 @@ def name_nodes(model: onnx.ModelProto) -> None:
             name = f"{name}_{i}"
         node.name = name
         seen.add(name)
+
+
+def graph_names_ok(model: onnx.ModelProto) -> bool:
+    """True if every node has a name and no two share one."""
+    names = [n.name for n in model.graph.node]
+    return all(names) and len(set(names)) == len(names)
 
 
 def tidy(graph: gs.Graph) -> onnx.ModelProto:

@@ -8,11 +8,13 @@ lookup also asks the installed distribution's file list.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 from onnxopt.errors import OnnxoptError
@@ -69,3 +71,34 @@ def make_session(
     return ort.InferenceSession(
         model, sess_options=session_options(threads, optimized), providers=list(providers)
     )
+
+
+# Above this size a model is handed to onnxruntime through a temporary external-data file rather than as one
+# serialized string: the string, onnxruntime's parse of it and its weights would be three copies at once.
+LARGE_MODEL_BYTES = 256 * 2**20
+
+
+def session_for(
+    model: onnx.ModelProto, threads: int | None = None, optimized: bool = True
+) -> ort.InferenceSession:
+    """A session (library registered) over an in-memory model, without tripling the memory of a large one.
+
+    A large model's weights are written to a temporary external-data file (which releases them from the
+    proto), onnxruntime loads them from there, and they are read back into the proto.
+    """
+    if model.ByteSize() < LARGE_MODEL_BYTES:
+        return make_session(model.SerializeToString(), threads, optimized)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="weights.data",
+            size_threshold=1024,
+        )
+        try:
+            return make_session(path, threads, optimized)
+        finally:
+            onnx.load_external_data_for_model(model, tmp)

@@ -23,9 +23,9 @@ from onnxopt.analysis import tensor_shapes
 from onnxopt.budget import Budget
 from onnxopt.data import Feeds
 from onnxopt.errors import BudgetError, OnnxoptError
-from onnxopt.graph import finish, name_nodes, tidy
+from onnxopt.graph import finish, graph_names_ok, name_nodes, tidy
 from onnxopt.rewrite import Decline, Option, Pass, PassContext, Record, provenance
-from onnxopt.verify import run_model, with_outputs
+from onnxopt.verify import extra_outputs, run_model
 
 MAX_ACTIVATION_SAMPLES = 128
 
@@ -75,7 +75,8 @@ def _capture(model: onnx.ModelProto, feeds: Feeds, names: set[str]) -> dict[str,
     if not wanted:
         return inputs
     few = {k: v[:MAX_ACTIVATION_SAMPLES] for k, v in feeds.items()}
-    values = run_model(with_outputs(model, wanted), few, outputs=wanted)
+    with extra_outputs(model, wanted) as m:
+        values = run_model(m, few, outputs=wanted)
     return {**inputs, **{k: v for k, v in values.items() if k in names}}
 
 
@@ -197,10 +198,14 @@ def optimize(
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> Result:
-    """Optimize `model` with `passes` under `budget`; the input proto is not modified."""
-    original = onnx.ModelProto()
-    original.CopyFrom(model)
-    name_nodes(original)
+    """Optimize `model` with `passes` under `budget`. The input proto is not modified: it is copied if its
+    nodes need names (`graph.name_nodes` beforehand avoids that copy of a large model)."""
+
+    original = model
+    if not graph_names_ok(model):
+        original = onnx.ModelProto()
+        original.CopyFrom(model)
+        name_nodes(original)
     candidates, declined = plan(original, passes, feeds, max_error, settings or {}, dims, progress)
     if not candidates:
         msg = "nothing to rewrite: no node fits the selected methods; the model is returned unchanged"
@@ -218,6 +223,7 @@ def optimize(
                 f"no rewrite fits the budget ({budget.describe()}): every one of {len(candidates)} candidate "
                 f"rewrites had to be undone; last measurement: {last_summary}"
             )
+        optimized = None  # release the previous attempt before building the next one
         optimized = build(original, passes, candidates)
         ok, summary = budget.check(optimized)
         bar.update(1)

@@ -7,8 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from onnxopt.rewrite import Record
-
 
 def human(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M'."""
@@ -61,23 +59,19 @@ def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x" if after else "-"
 
 
-def records_table(records: list[Record]) -> str:
-    """One line per node a method looked at."""
+def records_table(records: list[dict]) -> str:
+    """One line per node a method looked at (records as dicts, as in the report)."""
     rows = []
     for r in records:
-        if r.status == "applied":
-            what = ", ".join(f"{k}={v}" for k, v in r.detail.items() if k in ("rank", "tile"))
-            rows.append(
-                [
-                    r.node,
-                    r.method,
-                    "applied",
-                    f"{_ratio(r.bytes_before, r.bytes_after)} bytes, "
-                    f"{_ratio(r.flops_before, r.flops_after)} FLOPs, est.err {r.est_error:.2e} {what}",
-                ]
+        if r["status"] == "applied":
+            what = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k in ("rank", "tile"))
+            cost = (
+                f"{_ratio(r['bytes_before'], r['bytes_after'])} bytes, "
+                f"{_ratio(r['flops_before'], r['flops_after'])} FLOPs"
             )
+            rows.append([r["node"], r["method"], "applied", f"{cost}, est.err {r['est_error']:.2e} {what}"])
         else:
-            rows.append([r.node, r.method, r.status, r.reason])
+            rows.append([r["node"], r["method"], r["status"], r["reason"]])
     return table(rows, ["node", "method", "status", "detail"]) if rows else "(no node matched)"
 
 

@@ -8,6 +8,8 @@ topological order, whose output drifts past a threshold.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,7 +17,8 @@ import onnx
 
 from onnxopt.data import Feeds, batches
 from onnxopt.errors import OnnxoptError
-from onnxopt.library import make_session
+from onnxopt.graph import skeleton
+from onnxopt.library import session_for
 
 TINY = 1e-30
 
@@ -60,7 +63,7 @@ def run_model(
 ) -> dict[str, np.ndarray]:
     """Outputs of `model` on all samples of `feeds`, concatenated along axis 0 over the batches."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
-    sess = make_session(proto.SerializeToString(), threads=threads)
+    sess = session_for(proto, threads=threads)
     names = outputs or [o.name for o in sess.get_outputs()]
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for batch in batches(proto, feeds):
@@ -88,20 +91,24 @@ def compare_models(
     ]
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the named intermediate tensors (types from shape inference)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+@contextmanager
+def extra_outputs(model: onnx.ModelProto, names: list[str]) -> Iterator[onnx.ModelProto]:
+    """`model` with the named intermediate tensors added as outputs (types from shape inference on a
+    weight-less skeleton), restored on exit; no copy of the weights is made."""
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False)
     types = {
         vi.name: vi for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     }
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    present = {o.name for o in m.graph.output}
+    n_before = len(model.graph.output)
+    present = {o.name for o in model.graph.output}
     for n in names:
         if n not in present and n in types and types[n].type.HasField("tensor_type"):
-            m.graph.output.append(types[n])
+            model.graph.output.append(types[n])
             present.add(n)
-    return m
+    try:
+        yield model
+    finally:
+        del model.graph.output[n_before:]
 
 
 def first_divergence(
@@ -112,8 +119,10 @@ def first_divergence(
     produced = {o: n for n in original.graph.node for o in n.output if o}
     opt_tensors = {o for n in optimized.graph.node for o in n.output}
     shared = [o for n in original.graph.node for o in n.output if o and o in opt_tensors]
-    a = run_model(with_outputs(original, shared), feeds)
-    b = run_model(with_outputs(optimized, shared), feeds)
+    with extra_outputs(original, shared) as m:
+        a = run_model(m, feeds)
+    with extra_outputs(optimized, shared) as m:
+        b = run_model(m, feeds)
     for name in shared:
         if name in a and name in b and np.issubdtype(a[name].dtype, np.floating):
             err = compare_arrays(name, a[name], b[name])

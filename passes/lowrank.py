@@ -21,22 +21,37 @@ MAX_ROWS = 8192
 STEPS = 5  # number of progressively less lossy options offered per node
 
 
-def factorize(W: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """U (K x r), V (r x N) with U V the best rank-r approximation of W in Frobenius norm."""
-    P, s, Qt = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+def svd(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD W = P diag(s) Qt (float32 LAPACK: the estimates need no more, and it is twice as fast)."""
+    return np.linalg.svd(W.astype(np.float32), full_matrices=False)
+
+
+def split(P: np.ndarray, s: np.ndarray, Qt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """U (K x r), V (r x N) from an SVD, the singular values shared as square roots."""
     root = np.sqrt(s[:rank])
     return (P[:, :rank] * root).astype(np.float32), (root[:, None] * Qt[:rank]).astype(np.float32)
 
 
-def error_by_rank(W: np.ndarray, X: np.ndarray | None, bias: np.ndarray | None) -> np.ndarray:
+def factorize(W: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """U (K x r), V (r x N) with U V the best rank-r approximation of W in Frobenius norm."""
+    return split(*svd(W), rank)
+
+
+def error_by_rank(
+    W: np.ndarray,
+    X: np.ndarray | None,
+    bias: np.ndarray | None,
+    factors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """err[r] = relative error of the rank-r truncation on activations X (or on W itself without X)."""
-    P, s, _ = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+    P, s, _ = factors if factors is not None else svd(W)
+    s = s.astype(np.float64)
     if X is None:
         energy = s**2
         total = float(np.sum(energy))
     else:
         Xd = X.astype(np.float64)
-        energy = s**2 * np.sum((Xd @ P) ** 2, axis=0)
+        energy = s**2 * np.sum((Xd @ P.astype(np.float64)) ** 2, axis=0)
         Y = Xd @ W.astype(np.float64)
         if bias is not None:
             Y = Y + bias.astype(np.float64)
@@ -111,7 +126,8 @@ class LowRank(Pass):
                 np.asarray(node.inputs[2].values, np.float32) * node.attrs.get("beta", 1.0), (N,)
             )
         X = ctx.activations.get(node.inputs[0].name)
-        err = error_by_rank(W, rows(X, K) if X is not None else None, bias)
+        factors = svd(W)
+        err = error_by_rank(W, rows(X, K) if X is not None else None, bias, factors)
         r_max = min(max_useful_rank(K, N), len(err) - 1)
         fixed = ctx.setting("rank", int)
         if fixed is not None:
@@ -134,21 +150,25 @@ class LowRank(Pass):
                     f"{err[r_max]:.3g} > budget {ctx.max_error:g}"
                 )
         M_rows = int(np.prod(ctx.shapes.get(node.outputs[0].name, (1, N))[:-1]))
+        # Keep only the factors the least lossy option needs: less memory than W itself.
+        top = max(ranks)
+        P, s, Qt = factors[0][:, :top].copy(), factors[1][:top].copy(), factors[2][:top].copy()
+        del factors
         return [
             Option(
                 est_error=float(err[r]),
                 params_after=r * (K + N) + (N if bias is not None else 0),
                 bytes_after=4 * (r * (K + N) + (N if bias is not None else 0)),
                 flops_after=2 * M_rows * r * (K + N),
-                emit=self._emitter(W, r),
+                emit=self._emitter(P, s, Qt, r),
                 detail={"rank": r, "shape": [K, N], "max_useful_rank": r_max},
             )
             for r in ranks
         ]
 
-    def _emitter(self, W: np.ndarray, rank: int):
+    def _emitter(self, P: np.ndarray, s: np.ndarray, Qt: np.ndarray, rank: int):
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
-            U, V = factorize(W, rank)
+            U, V = split(P, s, Qt, rank)
             x, y = node.inputs[0], node.outputs[0]
             mid = gs.Variable(new_name(prefix, "mid"), dtype=np.float32)
             first = gs.Node(
