@@ -68,9 +68,12 @@ def make_session(
     """An onnxruntime CPU session over `model` (path or bytes) with onnxopt's operators registered."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
-    return ort.InferenceSession(
-        model, sess_options=session_options(threads, optimized), providers=list(providers)
-    )
+    try:
+        return ort.InferenceSession(
+            model, sess_options=session_options(threads, optimized), providers=list(providers)
+        )
+    except Exception as e:  # onnxruntime's own error types (Fail, InvalidGraph, ...) share no useful base
+        raise OnnxoptError(f"onnxruntime cannot load the model: {e}") from e
 
 
 # Above this size a model is handed to onnxruntime through a temporary external-data file rather than as one

@@ -69,7 +69,7 @@ def run_model(
     for batch in batches(proto, feeds):
         try:
             values = sess.run(names, batch)
-        except (RuntimeError, ValueError) as e:
+        except Exception as e:  # onnxruntime's own error types share no useful base
             raise OnnxoptError(f"onnxruntime failed to run the model: {e}") from e
         for n, v in zip(names, values, strict=True):
             chunks[n].append(np.asarray(v))

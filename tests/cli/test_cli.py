@@ -173,3 +173,14 @@ def test_console_script_exit_code_and_clean_error(tmp_path):
     exe = [sys.executable, "-m", "onnxopt.cli"]
     r = subprocess.run([*exe, "inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_onnxruntime_rejects_is_a_clean_error(tmp_path, capsys):
+    m = mlp([8, 4])
+    b = m.graph.initializer[1]
+    b.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(b).astype(np.float64), b.name))
+    p = tmp_path / "mixed.onnx"
+    onnx.save(m, str(p))  # passes onnx.checker, but Gemm's float and double inputs fail in onnxruntime
+    assert main(["optimize", str(p), "-o", str(tmp_path / "o.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "onnxruntime cannot load the model" in err and "Traceback" not in err
