@@ -1,6 +1,6 @@
 """Peak memory of `onnxopt optimize` on a large model, against the size of the model file.
 
-Builds an MLP of 2048-wide layers (each weight of rank 128 plus 1e-3 noise, so lowrank rewrites it) of about
+Builds an MLP of 2048-wide layers (each weight of rank 128 plus 1e-4 noise, so lowrank rewrites it) of about
 `--mb` MB,
 runs `onnxopt optimize --methods lowrank` on it in a child process, and reports the child's peak RSS
 divided by the file size (the goal: under 3x for a 500 MB model).
@@ -36,7 +36,7 @@ def big_mlp(width: int, layers: int, rank: int = 128) -> onnx.ModelProto:
         if t.name.startswith("W"):
             a = rng.standard_normal((width, rank), dtype=np.float32) / np.sqrt(width)
             b = rng.standard_normal((rank, width), dtype=np.float32) * np.sqrt(2.0 / rank)
-            w = (a @ b + 1e-3 * rng.standard_normal((width, width))).astype(np.float32)
+            w = (a @ b + 1e-4 * rng.standard_normal((width, width))).astype(np.float32)
         else:
             w = (0.1 * rng.standard_normal(width)).astype(np.float32)
         t.CopyFrom(numpy_helper.from_array(w, t.name))

@@ -78,7 +78,7 @@ def make_session(
 
 # Above this size a model is handed to onnxruntime through a temporary external-data file rather than as one
 # serialized string: the string, onnxruntime's parse of it and its weights would be three copies at once.
-LARGE_MODEL_BYTES = 256 * 2**20
+LARGE_MODEL_BYTES = 64 * 2**20
 
 
 def session_for(

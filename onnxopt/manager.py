@@ -136,10 +136,10 @@ def _node_cost(node: gs.Node, ctx: PassContext) -> dict[str, int]:
 
     params = nbytes = 0
     for t in node.inputs:
-        if isinstance(t, gs.Constant):
-            v = np.asarray(t.values)
-            params += v.size
-            nbytes += v.nbytes
+        if isinstance(t, gs.Constant):  # shape and dtype only: no need to load the weights
+            numel = int(np.prod(t.shape))
+            params += numel
+            nbytes += numel * np.dtype(t.dtype).itemsize
     rule = FLOP_RULES.get(node.op)
     flops = 0
     if rule:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 
 class Decline(Exception):
@@ -72,11 +73,18 @@ class PassContext:
 
     def constant(self, tensor: gs.Tensor) -> np.ndarray | None:
         """The tensor's value if it is a constant initializer, else None."""
-        return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+        return constant_value(tensor) if isinstance(tensor, gs.Constant) else None
 
     def setting(self, key: str, cast: Callable = str, default=None):
         """A user setting for this pass (`--set method.key=value`), cast, or `default`."""
         return cast(self.settings[key]) if key in self.settings else default
+
+
+def constant_value(tensor: gs.Constant) -> np.ndarray:
+    """A constant's value without caching it in the graph: graphsurgeon keeps a loaded value for the graph's
+    lifetime, which would hold a second copy of every weight of a large model while it is planned."""
+    lazy = tensor._values
+    return lazy.load() if isinstance(lazy, LazyValues) else np.asarray(lazy)
 
 
 class Pass(ABC):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node
+from onnxopt.rewrite import Decline, Option, Pass, PassContext, constant_value, new_name, replace_node
 
 MAX_ROWS = 8192
 STEPS = 5  # number of progressively less lossy options offered per node
@@ -107,7 +107,7 @@ class LowRank(Pass):
     @staticmethod
     def _weight(node: gs.Node) -> np.ndarray:
         """W as K x N with Gemm's alpha folded in."""
-        W = np.asarray(node.inputs[1].values, dtype=np.float32)
+        W = constant_value(node.inputs[1]).astype(np.float32, copy=False)
         if node.op == "Gemm":
             if node.attrs.get("transB", 0):
                 W = W.T
@@ -123,7 +123,7 @@ class LowRank(Pass):
         bias = None
         if node.op == "Gemm" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
             bias = np.broadcast_to(
-                np.asarray(node.inputs[2].values, np.float32) * node.attrs.get("beta", 1.0), (N,)
+                constant_value(node.inputs[2]).astype(np.float32) * node.attrs.get("beta", 1.0), (N,)
             )
         X = ctx.activations.get(node.inputs[0].name)
         factors = svd(W)
