@@ -123,7 +123,7 @@ class MetricBudget(Budget):
         self.base = self._score(original)
 
     def _score(self, model: onnx.ModelProto) -> float:
-        sess = session_for(model, threads=self.threads)
+        sess = session_for(model, threads=self.threads, verify=True)
         try:
             return float(self.metric(sess))
         except Exception as e:

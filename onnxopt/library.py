@@ -45,7 +45,9 @@ def get_library_path() -> str:
     )
 
 
-def session_options(threads: int | None = None, optimized: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, optimized: bool = True, lean: bool = False
+) -> ort.SessionOptions:
     """SessionOptions with the library registered; `threads`: intra-op threads (None: ORT default)."""
     so = ort.SessionOptions()
     so.register_custom_ops_library(get_library_path())
@@ -56,6 +58,8 @@ def session_options(threads: int | None = None, optimized: bool = True) -> ort.S
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.log_severity_level = 3
+    if lean:  # prepacked weight copies double a large model's memory; correctness checks need no such speed
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
@@ -64,13 +68,16 @@ def make_session(
     threads: int | None = None,
     optimized: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
+    lean: bool = False,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session over `model` (path or bytes) with onnxopt's operators registered."""
+    """An onnxruntime CPU session over `model` (path or bytes) with onnxopt's operators registered.
+
+    `lean` saves memory at some speed (no prepacked weights): for verification of large models, not timing."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     try:
         return ort.InferenceSession(
-            model, sess_options=session_options(threads, optimized), providers=list(providers)
+            model, sess_options=session_options(threads, optimized, lean), providers=list(providers)
         )
     except Exception as e:  # onnxruntime's own error types (Fail, InvalidGraph, ...) share no useful base
         raise OnnxoptError(f"onnxruntime cannot load the model: {e}") from e
@@ -82,15 +89,17 @@ LARGE_MODEL_BYTES = 64 * 2**20
 
 
 def session_for(
-    model: onnx.ModelProto, threads: int | None = None, optimized: bool = True
+    model: onnx.ModelProto, threads: int | None = None, optimized: bool = True, verify: bool = False
 ) -> ort.InferenceSession:
     """A session (library registered) over an in-memory model, without tripling the memory of a large one.
 
     A large model's weights are written to a temporary external-data file (which releases them from the
-    proto), onnxruntime loads them from there, and they are read back into the proto.
+    proto), onnxruntime loads them from there, and they are read back into the proto. `verify`: the session
+    only checks numbers, so a large model's session skips prepacked weight copies.
     """
     if model.ByteSize() < LARGE_MODEL_BYTES:
         return make_session(model.SerializeToString(), threads, optimized)
+
     with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         onnx.save_model(
@@ -102,6 +111,6 @@ def session_for(
             size_threshold=1024,
         )
         try:
-            return make_session(path, threads, optimized)
+            return make_session(path, threads, optimized, lean=verify)
         finally:
             onnx.load_external_data_for_model(model, tmp)

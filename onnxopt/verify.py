@@ -63,7 +63,7 @@ def run_model(
 ) -> dict[str, np.ndarray]:
     """Outputs of `model` on all samples of `feeds`, concatenated along axis 0 over the batches."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
-    sess = session_for(proto, threads=threads)
+    sess = session_for(proto, threads=threads, verify=True)
     names = outputs or [o.name for o in sess.get_outputs()]
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for batch in batches(proto, feeds):
