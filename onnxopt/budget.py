@@ -78,25 +78,26 @@ class OutputBudget(Budget):
 
 
 def load_metric(spec: str) -> Callable[[ort.InferenceSession], float]:
-    """`MODULE:FUNCTION` or `path/to/file.py:FUNCTION` -> the callable."""
-    if ":" not in spec:
+    """`MODULE:FUNCTION` or `path/to/file.py:FUNCTION` -> the callable.
+
+    The current directory (and a file's own directory) go on sys.path so the metric can import its project.
+    """
+    where, _, func = spec.rpartition(":")
+    if not where or not func:
         raise UserError(f"--eval {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
-    where, func = spec.rsplit(":", 1)
+    search = [str(Path.cwd())]
     try:
         if where.endswith(".py"):
             path = Path(where).resolve()
             if not path.is_file():
                 raise UserError(f"--eval: no such file {where}")
-            sys.path.insert(0, str(path.parent.parent))  # so a file inside a package can import its siblings
-            name = f"{path.parent.name}.{path.stem}" if (path.parent / "__init__.py").exists() else path.stem
-            if path.parent.name and (path.parent / "__init__.py").exists():
-                module = importlib.import_module(name)
-            else:
-                spec_ = importlib.util.spec_from_file_location(path.stem, path)
-                module = importlib.util.module_from_spec(spec_)
-                spec_.loader.exec_module(module)
+            search.append(str(path.parent))
+            sys.path[:0] = [p for p in search if p not in sys.path]
+            mod_spec = importlib.util.spec_from_file_location(f"onnxopt_metric_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
         else:
-            sys.path.insert(0, str(Path.cwd()))
+            sys.path[:0] = [p for p in search if p not in sys.path]
             module = importlib.import_module(where)
     except ImportError as e:
         raise UserError(f"--eval: cannot import {where}: {e}") from e

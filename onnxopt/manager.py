@@ -4,8 +4,10 @@
    the ways to rewrite a node (lossy options whose estimated error is over the budget are dropped).
 2. Apply the chosen option of every candidate to a fresh copy of the original graph, pass by pass; after
    each pass: cleanup, toposort, onnx.checker, shape inference.
-3. Verify the whole model against the original. While over budget, the applied rewrite with the largest
-   estimated error steps back to its next less lossy option, or is undone when it has none. The result is
+3. Verify the whole model against the original. Over budget, the rewrites with the largest estimated error
+   step back to a less lossy option, or are undone when they have none: every node takes its most
+   compressive option under a threshold tau on the estimated error, and tau is bisected over the options'
+   estimated errors (a few verifications, not one per option) to the largest that passes. The result is
    never over budget; if every rewrite had to be undone, BudgetError says why.
 """
 
@@ -211,34 +213,61 @@ def optimize(
         msg = "nothing to rewrite: no node fits the selected methods; the model is returned unchanged"
         return Result(model, declined, False, budget.baseline(), [msg])
     log(f"{len(candidates)} rewrite candidates; verifying against the budget ({budget.describe()})")
-    last_summary = "not measured"
-    bar = tqdm(
-        desc="verifying", disable=not progress, leave=False, total=sum(len(c.options) for c in candidates)
-    )
-    while True:
-        active = [c for c in candidates if c.active]
-        if not active:
-            bar.close()
-            raise BudgetError(
-                f"no rewrite fits the budget ({budget.describe()}): every one of {len(candidates)} candidate "
-                f"rewrites had to be undone; last measurement: {last_summary}"
+    optimized, summary, failures = _fit_budget(original, passes, candidates, budget, progress, log)
+    if optimized is None:
+        raise BudgetError(
+            f"no rewrite fits the budget ({budget.describe()}): every one of {len(candidates)} candidate "
+            f"rewrites had to be undone; {failures[-1][1] if failures else ''}"
+        )
+    for c in candidates:
+        if c.choice:
+            tau, why = min(failures)  # the tightest threshold that still failed
+            what = f"stepped back to option {c.choice + 1} of {len(c.options)}" if c.active else "undone"
+            c.steps.append(
+                f"{what}: with rewrites of estimated error up to {tau:.3g} the model was over budget ({why})"
             )
+    records = [_finalise(c) for c in candidates]
+    provenance(optimized, records)
+    return Result(optimized, records + declined, True, summary)
+
+
+def _choose(candidates: list[Candidate], tau: float) -> None:
+    """Each candidate takes its most compressive option of estimated error <= tau, or none."""
+    for c in candidates:
+        c.choice = next((i for i, o in enumerate(c.options) if o.est_error <= tau), len(c.options))
+
+
+def _fit_budget(original, passes, candidates, budget, progress, log):
+    """The largest per-rewrite error threshold tau whose model passes the budget, by bisection over the
+    options' estimated errors: lowering tau steps the worst rewrites back first. Returns (model, measurement,
+    [(tau, why) of the failed attempts]); the model is None if no threshold with any rewrite passes."""
+    taus = sorted({o.est_error for c in candidates for o in c.options})
+    failures: list[tuple[float, str]] = []
+    best = None
+    lo, hi = -1, len(taus) - 1  # taus[hi] is tried first; index -1 means every rewrite undone (the original)
+    bar = tqdm(desc="verifying", disable=not progress, leave=False, total=max(1, len(taus).bit_length() + 1))
+    probe = hi
+    while True:
+        _choose(candidates, taus[probe])
         optimized = None  # release the previous attempt before building the next one
         optimized = build(original, passes, candidates)
         ok, summary = budget.check(optimized)
         bar.update(1)
         if ok:
+            best, lo = (summary, probe), probe
+        else:
+            failures.append((taus[probe], budget.summarise(summary)))
+            log(f"tau {taus[probe]:.3g}: over budget ({failures[-1][1]})")
+            hi = probe - 1
+        if lo >= hi:
             break
-        last_summary = budget.summarise(summary)
-        worst = max(active, key=lambda c: (c.option.est_error, c.record.node))
-        worst.choice += 1
-        what = "stepped back to a less lossy option" if worst.active else "undone"
-        worst.steps.append(
-            f"{what}: model over budget ({last_summary}) with estimated error "
-            f"{worst.options[worst.choice - 1].est_error:.3g} the largest"
-        )
-        log(f"over budget ({last_summary}); {worst.record.node}: {what}")
+        probe = (lo + hi + 1) // 2
     bar.close()
-    records = [_finalise(c) for c in candidates]
-    provenance(optimized, records)
-    return Result(optimized, records + declined, True, summary)
+    if best is None:
+        return None, None, failures
+    summary, index = best
+    if index != probe:  # the last attempt failed: rebuild the best one that passed (deterministic)
+        _choose(candidates, taus[index])
+        optimized = None
+        optimized = build(original, passes, candidates)
+    return optimized, summary, failures
