@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -90,8 +92,10 @@ def plan(
     settings: dict[str, dict[str, str]],
     dims: dict[str, int] | None = None,
     progress: bool = False,
+    scratch: Path | None = None,
 ) -> tuple[list[Candidate], list[Record]]:
-    """Candidates (rewritable nodes with options) and records of the declined nodes."""
+    """Candidates (rewritable nodes with options) and records of the declined nodes. `scratch`: a directory
+    that outlives the candidates, where passes may park large arrays."""
     graph = gs.import_onnx(model)
     shapes = tensor_shapes(model, dims)
     consumers = _consumers(graph)
@@ -99,7 +103,9 @@ def plan(
     claimed: set[str] = set()
     pending: list[tuple[int, Pass, gs.Node, PassContext]] = []
     for i, p in enumerate(passes):
-        ctx = PassContext(graph, shapes, max_error, settings.get(p.name, {}), consumers=consumers)
+        ctx = PassContext(
+            graph, shapes, max_error, settings.get(p.name, {}), consumers=consumers, scratch=scratch
+        )
         for node in graph.nodes:
             if node.name in claimed or not p.match(node):
                 continue
@@ -208,7 +214,14 @@ def optimize(
         original = onnx.ModelProto()
         original.CopyFrom(model)
         name_nodes(original)
-    candidates, declined = plan(original, passes, feeds, max_error, settings or {}, dims, progress)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as scratch:
+        return _optimize(
+            original, model, passes, feeds, budget, max_error, settings, dims, progress, log, Path(scratch)
+        )
+
+
+def _optimize(original, model, passes, feeds, budget, max_error, settings, dims, progress, log, scratch):
+    candidates, declined = plan(original, passes, feeds, max_error, settings or {}, dims, progress, scratch)
     if not candidates:
         msg = "nothing to rewrite: no node fits the selected methods; the model is returned unchanged"
         return Result(model, declined, False, budget.baseline(), [msg])

@@ -11,14 +11,18 @@ computes weights, so re-applying after a rollback is cheap.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+
+_PARKED = itertools.count()
 
 
 class Decline(Exception):
@@ -70,6 +74,21 @@ class PassContext:
     settings: dict[str, str]
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     consumers: dict[str, int] = field(default_factory=dict)  # tensor name -> number of consuming nodes
+    scratch: Path | None = None  # a directory that lives as long as the options: to park large arrays on disk
+
+    def park(self, *arrays: np.ndarray) -> Callable[[], tuple[np.ndarray, ...]]:
+        """Keep `arrays` on disk (in `scratch`) rather than in memory; returns their loader. The options of a
+        large model would otherwise hold arrays as large as its weights while the budget is fitted."""
+        if self.scratch is None:
+            return lambda: arrays
+        path = self.scratch / f"{next(_PARKED)}.npz"
+        np.savez(path, *arrays)
+
+        def load() -> tuple[np.ndarray, ...]:
+            with np.load(path) as z:
+                return tuple(z[f"arr_{i}"] for i in range(len(arrays)))
+
+        return load
 
     def constant(self, tensor: gs.Tensor) -> np.ndarray | None:
         """The tensor's value if it is a constant initializer, else None."""

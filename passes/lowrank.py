@@ -150,11 +150,9 @@ class LowRank(Pass):
                     f"{err[r_max]:.3g} > budget {ctx.max_error:g}"
                 )
         M_rows = int(np.prod(ctx.shapes.get(node.outputs[0].name, (1, N))[:-1]))
-        # Keep the factors of the first (most compressive) option only: the rewrite's own size. A rollback to
-        # a higher rank recomputes the SVD from the weight, which is rare, rather than holding factors as
-        # large as the weight for every layer of a large model.
-        first = ranks[0]
-        kept = factors[0][:, :first].copy(), factors[1][:first].copy(), factors[2][:first].copy()
+        # The factors every option needs (up to the least lossy one's rank) wait on disk, not in memory.
+        top = max(ranks)
+        load = ctx.park(factors[0][:, :top], factors[1][:top], factors[2][:top])
         del factors
         return [
             Option(
@@ -162,15 +160,15 @@ class LowRank(Pass):
                 params_after=r * (K + N) + (N if bias is not None else 0),
                 bytes_after=4 * (r * (K + N) + (N if bias is not None else 0)),
                 flops_after=2 * M_rows * r * (K + N),
-                emit=self._emitter(kept if r <= first else None, r),
+                emit=self._emitter(load, r),
                 detail={"rank": r, "shape": [K, N], "max_useful_rank": r_max},
             )
             for r in ranks
         ]
 
-    def _emitter(self, factors: tuple[np.ndarray, np.ndarray, np.ndarray] | None, rank: int):
+    def _emitter(self, load, rank: int):
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
-            U, V = split(*(factors or svd(self._weight(node))), rank)
+            U, V = split(*load(), rank)
             x, y = node.inputs[0], node.outputs[0]
             mid = gs.Variable(new_name(prefix, "mid"), dtype=np.float32)
             first = gs.Node(
