@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         out = write_calibration(args.out, n=args.n, seed=args.seed)
         print(f"wrote {out} ({args.n} samples, key {INPUT_NAME!r})")
     else:
-        import onnxruntime as ort
+        import onnxopt  # optimized models may use onnxopt's custom ops: register its library
 
-        sess = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
+        sess = onnxopt.make_session(str(args.model))
         print(f"top-1 {top1(sess, n=args.n):.2f}%")
     return 0
 

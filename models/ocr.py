@@ -499,9 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         out = writer[args.model](args.out, **kwargs)
         print(f"wrote {out} (key {INPUT_NAME!r}, shape {np.load(out)[INPUT_NAME].shape})")
     else:
-        import onnxruntime as ort
+        import onnxopt  # optimized models may use onnxopt's custom ops: register its library
 
-        sess = ort.InferenceSession(str(args.path), providers=["CPUExecutionProvider"])
+        sess = onnxopt.make_session(str(args.path))
         kwargs = {"n": args.n} if args.n else {}
         if args.model == "rec":
             print(f"CER {cer(sess, **kwargs):.2f}%")
