@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,6 +179,10 @@ def build(model: onnx.ModelProto, passes: list[Pass], candidates: list[Candidate
             current = finish(tidy(graph), model)
         except Exception as e:
             raise OnnxoptError(f"pass {p.name} broke the graph: {e}") from e
+        # graphsurgeon's nodes and tensors reference each other: without a collection, every attempt of the
+        # budget loop would keep its graph (and a large model's arrays) until the collector happens to run.
+        del graph, nodes
+        gc.collect()
     return current
 
 
