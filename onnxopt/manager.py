@@ -29,10 +29,10 @@ from onnxopt.budget import Budget
 from onnxopt.data import Feeds
 from onnxopt.errors import BudgetError, OnnxoptError
 from onnxopt.graph import finish, graph_names_ok, name_nodes, tidy
-from onnxopt.rewrite import Decline, Option, Pass, PassContext, Record, provenance
+from onnxopt.rewrite import LOCAL_SLACK, Decline, Option, Pass, PassContext, Record, provenance
 from onnxopt.verify import extra_outputs, run_model
 
-MAX_ACTIVATION_SAMPLES = 128
+MAX_ACTIVATION_SAMPLES = 256
 
 
 @dataclass
@@ -127,10 +127,13 @@ def plan(
             declined.append(Record(p.name, node.name, node.op, "declined", str(d)))
             continue
         if p.lossy:
-            fits = [o for o in options if o.est_error <= max_error]
+            fits = [o for o in options if o.est_error <= max_error * LOCAL_SLACK]
             if not fits:
                 best = min((o.est_error for o in options), default=float("nan"))
-                why = f"no option within the error budget {max_error:g} (best estimated error {best:.3g})"
+                why = (
+                    f"no option within {LOCAL_SLACK:g}x the error budget {max_error:g} "
+                    f"(best estimated error {best:.3g})"
+                )
                 declined.append(Record(p.name, node.name, node.op, "declined", why))
                 continue
             options = fits

@@ -64,7 +64,7 @@ def records_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         if r["status"] == "applied":
-            what = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k in ("rank", "tile"))
+            what = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k in ("rank", "fit", "tile"))
             cost = (
                 f"{_ratio(r['bytes_before'], r['bytes_after'])} bytes, "
                 f"{_ratio(r['flops_before'], r['flops_after'])} FLOPs"

@@ -23,6 +23,10 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 _PARKED = itertools.count()
+# A node's own relative output error is a pessimistic proxy of the model's: the layers after it (a ReLU, a
+# projection to few classes) remove much of it. Rewrites up to this multiple of the budget are planned; the
+# whole-model verification then decides which survive.
+LOCAL_SLACK = 8.0
 
 
 class Decline(Exception):
@@ -70,7 +74,7 @@ class PassContext:
 
     graph: gs.Graph
     shapes: dict[str, tuple[int, ...]]
-    max_error: float
+    max_error: float  # the model's budget (relative L2 of its outputs)
     settings: dict[str, str]
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     consumers: dict[str, int] = field(default_factory=dict)  # tensor name -> number of consuming nodes
@@ -93,6 +97,11 @@ class PassContext:
     def constant(self, tensor: gs.Tensor) -> np.ndarray | None:
         """The tensor's value if it is a constant initializer, else None."""
         return constant_value(tensor) if isinstance(tensor, gs.Constant) else None
+
+    @property
+    def local_tolerance(self) -> float:
+        """The largest estimated error of one node's rewrite worth trying (see LOCAL_SLACK)."""
+        return self.max_error * LOCAL_SLACK
 
     def setting(self, key: str, cast: Callable = str, default=None):
         """A user setting for this pass (`--set method.key=value`), cast, or `default`."""

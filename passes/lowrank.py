@@ -1,10 +1,15 @@
 """lowrank: a Gemm or MatMul with constant weights W (K x N) becomes two, through a truncated SVD.
 
-W = P S Q^T;  W_r = (P_r S_r^{1/2}) (S_r^{1/2} Q_r^T) = U V, U: K x r, V: r x N.
+W = L diag(s) Q^T;  W_r = (L_r s_r^{1/2}) (s_r^{1/2} Q_r^T) = U V, U: K x r, V: r x N.
 y = x W + b  ->  y = (x U) V + b: params and FLOPs fall from K·N to r·(K + N), a gain only for
 r < K·N / (K + N).
-The error is estimated on calibration activations X (the rows of the layer's input):
-||X W - X W_r||_F^2 = sum_{i>r} s_i^2 ||X p_i||^2 (the q_i are orthonormal), relative to ||X W + b||_F.
+Plain: L = P from the SVD W = P diag(s) Q^T, the best rank r in ||W - W_r||_F.
+Data-aware (default when calibration activations X, the rows of the layer's input, are known): with
+C = X^T X / n + d·mean(eig C)·I (damping d keeps directions the calibration data never visits) and
+S = C^{1/2}, the SVD S W = P diag(s) Q^T gives L = S^{-1} P, the best rank r in ||X (W - W_r)||_F: the
+layer's outputs, not its weights, are what must stay close.
+Either way W - W_r = sum_{i>r} L_i s_i q_i^T with orthonormal q_i, so the error on X is
+||X W - X W_r||_F^2 = sum_{i>r} s_i^2 ||X L_i||^2, relative to ||X W + b||_F.
 The rank is the smallest whose estimate fits the budget (or `--set lowrank.rank=R`); less lossy options
 (the error halved, quartered, ...) are offered for the pass manager's rollback.
 Standard ONNX ops only: the result runs in stock onnxruntime.
@@ -15,10 +20,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.rewrite import Decline, Option, Pass, PassContext, constant_value, new_name, replace_node
+from onnxopt.rewrite import (
+    LOCAL_SLACK,
+    Decline,
+    Option,
+    Pass,
+    PassContext,
+    constant_value,
+    new_name,
+    replace_node,
+)
 
 MAX_ROWS = 8192
-STEPS = 5  # number of progressively less lossy options offered per node
+STEPS = 8  # number of progressively less lossy options offered per node (tolerance halved each)
+DAMPING = 0.01  # of the mean eigenvalue of X^T X / n, added to its diagonal
 
 
 def svd(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -26,8 +41,24 @@ def svd(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.linalg.svd(W.astype(np.float32), full_matrices=False)
 
 
+def weighted_svd(
+    W: np.ndarray, X: np.ndarray, damping: float = DAMPING
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(L, s, Qt) with W = L diag(s) Qt and truncations optimal in ||X (W - W_r)||_F (see the module doc)."""
+    Xd = X.astype(np.float64)
+    lam, E = np.linalg.eigh(Xd.T @ Xd / len(Xd))
+    lam = np.maximum(lam, 0.0)
+    lam += damping * max(float(lam.mean()), 1e-30)
+    root = np.sqrt(lam)
+    P, s, Qt = np.linalg.svd(
+        ((E * root) @ (E.T @ W.astype(np.float64))).astype(np.float32), full_matrices=False
+    )
+    L = (E / root) @ (E.T @ P.astype(np.float64))
+    return L.astype(np.float32), s, Qt
+
+
 def split(P: np.ndarray, s: np.ndarray, Qt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """U (K x r), V (r x N) from an SVD, the singular values shared as square roots."""
+    """U (K x r), V (r x N) from a (weighted) SVD, the singular values shared as square roots."""
     root = np.sqrt(s[:rank])
     return (P[:, :rank] * root).astype(np.float32), (root[:, None] * Qt[:rank]).astype(np.float32)
 
@@ -71,6 +102,38 @@ def rows(X: np.ndarray, K: int, seed: int = 0) -> np.ndarray:
     if len(X2) > MAX_ROWS:
         X2 = X2[np.random.default_rng(seed).choice(len(X2), MAX_ROWS, replace=False)]
     return X2
+
+
+def _first_fit(err: np.ndarray, tol: float, r_max: int) -> int:
+    fits = np.nonzero(err[: r_max + 1] <= tol)[0]
+    return int(fits[0]) if len(fits) else r_max + 1
+
+
+def fit(
+    W: np.ndarray,
+    X: np.ndarray | None,
+    bias: np.ndarray | None,
+    tol: float,
+    r_max: int,
+    data_aware: bool = True,
+) -> tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """(kind, factors, err by rank): the plain or the data-aware SVD, whichever fits `tol` at a lower rank.
+
+    With activations, the errors are measured on rows the fit did not see (every other row), so a data-aware
+    fit that only memorised a small calibration set shows it in its estimate instead of in production.
+    """
+    plain = svd(W)
+    if X is None or len(X) < 4:
+        return "plain", plain, error_by_rank(W, X, bias, plain)
+    held_out = X[1::2]
+    err_plain = error_by_rank(W, held_out, bias, plain)
+    if not data_aware:
+        return "plain", plain, err_plain
+    weighted = weighted_svd(W, X[0::2])
+    err_weighted = error_by_rank(W, held_out, bias, weighted)
+    if _first_fit(err_weighted, tol, r_max) < _first_fit(err_plain, tol, r_max):
+        return "data-aware", weighted, err_weighted
+    return "plain", plain, err_plain
 
 
 class LowRank(Pass):
@@ -126,9 +189,10 @@ class LowRank(Pass):
                 constant_value(node.inputs[2]).astype(np.float32) * node.attrs.get("beta", 1.0), (N,)
             )
         X = ctx.activations.get(node.inputs[0].name)
-        factors = svd(W)
-        err = error_by_rank(W, rows(X, K) if X is not None else None, bias, factors)
-        r_max = min(max_useful_rank(K, N), len(err) - 1)
+        X = rows(X, K) if X is not None else None
+        data_aware = ctx.setting("data_aware", lambda v: v.lower() not in ("0", "false", "no"), True)
+        r_max = min(max_useful_rank(K, N), K, N)
+        kind, factors, err = fit(W, X, bias, ctx.local_tolerance, r_max, data_aware)
         fixed = ctx.setting("rank", int)
         if fixed is not None:
             if not 1 <= fixed <= r_max:
@@ -136,7 +200,7 @@ class LowRank(Pass):
             ranks = [fixed]
         else:
             ranks = []
-            tol = ctx.max_error
+            tol = ctx.local_tolerance
             for _ in range(STEPS):
                 fits = np.nonzero(err[: r_max + 1] <= tol)[0]
                 if len(fits):
@@ -147,7 +211,7 @@ class LowRank(Pass):
             if not ranks:
                 raise Decline(
                     f"no rank up to {r_max} (where it stops paying off) fits: error at rank {r_max} is "
-                    f"{err[r_max]:.3g} > budget {ctx.max_error:g}"
+                    f"{err[r_max]:.3g} > {ctx.local_tolerance:g} ({LOCAL_SLACK:g}x the budget)"
                 )
         M_rows = int(np.prod(ctx.shapes.get(node.outputs[0].name, (1, N))[:-1]))
         # The factors every option needs (up to the least lossy one's rank) wait on disk, not in memory.
@@ -161,7 +225,12 @@ class LowRank(Pass):
                 bytes_after=4 * (r * (K + N) + (N if bias is not None else 0)),
                 flops_after=2 * M_rows * r * (K + N),
                 emit=self._emitter(load, r),
-                detail={"rank": r, "shape": [K, N], "max_useful_rank": r_max},
+                detail={
+                    "rank": r,
+                    "shape": [K, N],
+                    "max_useful_rank": r_max,
+                    "fit": kind,
+                },
             )
             for r in ranks
         ]
