@@ -30,7 +30,7 @@ from onnxopt import DOMAIN, make_session  # noqa: E402
 from onnxopt.analysis import node_stats, totals  # noqa: E402
 from onnxopt.bench import latency  # noqa: E402
 from onnxopt.budget import OutputBudget  # noqa: E402
-from onnxopt.data import load_npz  # noqa: E402
+from onnxopt.data import dims_from_feeds, load_npz  # noqa: E402
 from onnxopt.errors import BudgetError  # noqa: E402
 from onnxopt.manager import optimize  # noqa: E402
 from onnxopt.passes import make_passes  # noqa: E402
@@ -79,11 +79,13 @@ def model_rows(quick: bool) -> list[list[str]]:
         feeds = load_npz(spec["calib"], model)
         label, metric, _ = spec["metric"]
         base_score = metric(make_session(model.SerializeToString()))
-        before = totals(node_stats(model))
+        dims = dims_from_feeds(model, feeds)
+        before = totals(node_stats(model, dims))
         for method in ("lowrank", "winograd"):
             t0 = time.perf_counter()
             try:
-                result = optimize(model, make_passes([method]), feeds, OutputBudget(model, feeds, 1e-2))
+                budget = OutputBudget(model, feeds, 1e-2)
+                result = optimize(model, make_passes([method]), feeds, budget, dims=dims)
             except BudgetError as e:
                 rows.append([spec["name"], method, "-", "-", "-", "-", f"budget not met: {e}"])
                 continue
@@ -102,7 +104,7 @@ def model_rows(quick: bool) -> list[list[str]]:
                     ]
                 )
                 continue
-            after = totals(node_stats(result.model))
+            after = totals(node_stats(result.model, dims))
             lat = {
                 t: latency([model, result.model], feeds, threads=t, rounds=20 if quick else 60)
                 for t in (1, 2)

@@ -16,9 +16,9 @@ from onnxopt import __version__
 from onnxopt.analysis import node_stats, totals
 from onnxopt.bench import latency
 from onnxopt.budget import MetricBudget, OutputBudget, load_metric
-from onnxopt.data import load_npz, synthetic_inputs, take
+from onnxopt.data import dims_from_feeds, load_npz, synthetic_inputs, take
 from onnxopt.errors import BudgetError, OnnxoptError, UserError
-from onnxopt.graph import check_model, load_model, name_nodes, save_model
+from onnxopt.graph import check_model, load_model, normalize, save_model
 from onnxopt.library import LARGE_MODEL_BYTES
 from onnxopt.manager import optimize
 from onnxopt.ops import all_specs
@@ -84,11 +84,11 @@ def cmd_optimize(args) -> int:
         raise UserError(f"-o {out} is the input file; onnxopt never overwrites its input")
     model = load_model(src)
     check_model(model, str(src))
-    name_nodes(model)  # in memory only: records and reports refer to nodes by name
+    normalize(model)  # in memory only: Constant weights become initializers, every node gets a name
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     passes = make_passes(methods)
     feeds = _inputs(model, args.calib, args)
-    dims = _dims(args)
+    dims = {**dims_from_feeds(model, feeds), **_dims(args)}
     if args.eval:
         budget = MetricBudget(model, load_metric(args.eval), args.max_drop, args.threads, name=args.eval)
     else:

@@ -121,3 +121,16 @@ def batches(model: onnx.ModelProto, feeds: Feeds, max_batch: int = 64) -> Iterat
 def take(feeds: Feeds, n: int) -> Feeds:
     """The first n samples of every input."""
     return {k: (v[:n] if v.ndim else v) for k, v in feeds.items()}
+
+
+def dims_from_feeds(model: onnx.ModelProto, feeds: Feeds) -> dict[str, int]:
+    """Values of the symbolic dimensions as the data has them (axis 0, the sample axis, counts as 1)."""
+    dims: dict[str, int] = {}
+    for vi in graph_inputs(model):
+        arr = feeds.get(vi.name)
+        if arr is None:
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.dim_param and i < arr.ndim:
+                dims.setdefault(d.dim_param, 1 if i == 0 else int(arr.shape[i]))
+    return dims

@@ -102,6 +102,44 @@ def name_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
+def hoist_constants(model: onnx.ModelProto) -> int:
+    """Turn Constant nodes holding a tensor into initializers (in place); returns how many. Exporters such
+    as paddle2onnx put weights in Constant nodes, and passes look for weights among the initializers."""
+    keep, hoisted = [], 0
+    taken = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and value is not None
+            and len(node.attribute) == 1
+            and node.output[0] not in taken
+        ):
+            t = onnx.TensorProto()
+            t.CopyFrom(value.t)
+            t.name = node.output[0]
+            model.graph.initializer.append(t)
+            hoisted += 1
+        else:
+            keep.append(node)
+    if hoisted:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return hoisted
+
+
+def is_normalized(model: onnx.ModelProto) -> bool:
+    """Nodes uniquely named and no Constant node holding a tensor (see `normalize`)."""
+    return graph_names_ok(model) and not any(n.op_type == "Constant" for n in model.graph.node)
+
+
+def normalize(model: onnx.ModelProto) -> None:
+    """In place: Constant tensors become initializers and every node gets a unique name."""
+    hoist_constants(model)
+    name_nodes(model)
+
+
 def graph_names_ok(model: onnx.ModelProto) -> bool:
     """True if every node has a name and no two share one."""
     names = [n.name for n in model.graph.node]

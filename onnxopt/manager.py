@@ -28,7 +28,7 @@ from onnxopt.analysis import tensor_shapes
 from onnxopt.budget import Budget
 from onnxopt.data import Feeds
 from onnxopt.errors import BudgetError, OnnxoptError
-from onnxopt.graph import finish, graph_names_ok, name_nodes, tidy
+from onnxopt.graph import finish, is_normalized, normalize, tidy
 from onnxopt.rewrite import LOCAL_SLACK, Decline, Option, Pass, PassContext, Record, provenance
 from onnxopt.verify import extra_outputs, run_model
 
@@ -214,14 +214,14 @@ def optimize(
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> Result:
-    """Optimize `model` with `passes` under `budget`. The input proto is not modified: it is copied if its
-    nodes need names (`graph.name_nodes` beforehand avoids that copy of a large model)."""
+    """Optimize `model` with `passes` under `budget`. The input proto is not modified: it is copied if it
+    needs normalizing (`graph.normalize` beforehand avoids that copy of a large model)."""
 
     original = model
-    if not graph_names_ok(model):
+    if not is_normalized(model):
         original = onnx.ModelProto()
         original.CopyFrom(model)
-        name_nodes(original)
+        normalize(original)
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as scratch:
         return _optimize(
             original, model, passes, feeds, budget, max_error, settings, dims, progress, log, Path(scratch)

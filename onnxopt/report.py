@@ -56,7 +56,7 @@ def summary_table(report: dict) -> str:
 
 
 def _ratio(before: float, after: float) -> str:
-    return f"{before / after:.2f}x" if after else "-"
+    return f"{before / after:.2f}x" if after and before else "-"  # 0: unknown (shape inference gave up)
 
 
 def records_table(records: list[dict]) -> str:

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
 from onnxopt.analysis import FLOP_RULES
-from onnxopt.rewrite import Option, Pass, PassContext, new_name, replace_node
+from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node
 
 
 class Winograd(Pass):
@@ -57,9 +57,15 @@ class Winograd(Pass):
         )
         has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
         params = W.size + (W.shape[0] if has_bias else 0)
+        before = FLOP_RULES["Conv"]([t.name for t in node.inputs], [node.outputs[0].name], {}, ctx.shapes)
         flops = FLOP_RULES["WinogradConv"](
             [t.name for t in node.inputs], [node.outputs[0].name], {}, ctx.shapes
         )
+        if before and flops >= before:  # few channels: the transforms cost more than the products saved
+            raise Decline(
+                f"Winograd needs {flops / before:.2f}x the FLOPs of direct convolution at "
+                f"{W.shape[1]}->{W.shape[0]} channels"
+            )
 
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
             new = gs.Node(

@@ -69,3 +69,16 @@ def test_name_nodes_makes_names_unique():
     graph.name_nodes(m)
     names = [n.name for n in m.graph.node]
     assert len(set(names)) == len(names) and all(names)
+
+
+def test_constant_nodes_become_initializers():
+    m = mlp([8, 4])
+    w = m.graph.initializer[0]
+    const = onnx.helper.make_node("Constant", [], [w.name], value=w, name="c")
+    del m.graph.initializer[0]
+    m.graph.node.insert(0, const)
+    assert not graph.is_normalized(m)
+    graph.normalize(m)
+    assert graph.is_normalized(m) and "Constant" not in [n.op_type for n in m.graph.node]
+    assert w.name in {t.name for t in m.graph.initializer}
+    onnx.checker.check_model(m)
