@@ -115,6 +115,14 @@ def constant_value(tensor: gs.Constant) -> np.ndarray:
     return lazy.load() if isinstance(lazy, LazyValues) else np.asarray(lazy)
 
 
+def weight_problem(node: gs.Node, index: int = 1) -> str | None:
+    """Why input `index` of `node` is not a constant float32 weight, or None (reads no weight data)."""
+    if len(node.inputs) <= index or not isinstance(node.inputs[index], gs.Constant):
+        return "weight is not a constant initializer"
+    dtype = np.dtype(node.inputs[index].dtype)
+    return None if dtype == np.float32 else f"weight dtype {dtype} is not float32"
+
+
 class Pass(ABC):
     """One compression method. Subclasses set the class attributes and implement check and options."""
 

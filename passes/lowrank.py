@@ -29,6 +29,7 @@ from onnxopt.rewrite import (
     constant_value,
     new_name,
     replace_node,
+    weight_problem,
 )
 
 MAX_ROWS = 8192
@@ -143,13 +144,11 @@ class LowRank(Pass):
     summary = "Gemm/MatMul with constant weights -> two MatMuls/Gemms from a truncated SVD (standard ops)"
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
-        if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
-            return "weight is not a constant initializer"
-        W = ctx.constant(node.inputs[1])
-        if W.dtype != np.float32:
-            return f"weight dtype {W.dtype} is not float32"
-        if W.ndim != 2:
-            return f"weight has rank {W.ndim}, not 2"
+        if problem := weight_problem(node):
+            return problem
+        shape = tuple(node.inputs[1].shape)
+        if len(shape) != 2:
+            return f"weight has rank {len(shape)}, not 2"
         if ctx.consumers.get(node.inputs[1].name, 0) > 1:
             return "weight initializer is shared with other nodes"
         if node.op == "Gemm":
@@ -157,15 +156,15 @@ class LowRank(Pass):
                 return "transA=1 is not supported"
             if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
                 return "bias is not constant"
-        K, N = self._kn(node, W)
+        K, N = self._kn(node, shape)
         if max_useful_rank(K, N) < 1:
             return f"weight {K}x{N} is too small for a factorization to pay off"
         return None
 
     @staticmethod
-    def _kn(node: gs.Node, W: np.ndarray) -> tuple[int, int]:
+    def _kn(node: gs.Node, shape: tuple[int, int]) -> tuple[int, int]:
         transB = node.op == "Gemm" and node.attrs.get("transB", 0)
-        return (W.shape[1], W.shape[0]) if transB else W.shape
+        return (shape[1], shape[0]) if transB else shape
 
     @staticmethod
     def _weight(node: gs.Node) -> np.ndarray:

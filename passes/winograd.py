@@ -8,12 +8,11 @@ Speed-only: not in the default set until a measurement decides where it pays off
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
 from onnxopt.analysis import FLOP_RULES
-from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node
+from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node, weight_problem
 
 
 class Winograd(Pass):
@@ -25,13 +24,11 @@ class Winograd(Pass):
     custom_ops = ("WinogradConv",)
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
-        if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
-            return "weight is not a constant initializer"
-        W = ctx.constant(node.inputs[1])
-        if W.dtype != np.float32:
-            return f"weight dtype {W.dtype} is not float32"
-        if W.ndim != 4 or W.shape[2:] != (3, 3):
-            return f"kernel shape {W.shape[2:]} is not 3x3 2-D"
+        if problem := weight_problem(node):
+            return problem
+        shape = tuple(node.inputs[1].shape)
+        if len(shape) != 4 or shape[2:] != (3, 3):
+            return f"kernel shape {shape[2:]} is not 3x3 2-D"
         if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
             return "bias is not constant"
         a = node.attrs
@@ -49,22 +46,21 @@ class Winograd(Pass):
         return None
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        W = ctx.constant(node.inputs[1])
+        M, C = node.inputs[1].shape[:2]  # OIHW; the kernel reads and transforms the weights itself
         pads = (
             [0, 0, 0, 0]
             if node.attrs.get("auto_pad", "NOTSET") == "VALID"
             else list(node.attrs.get("pads", [0, 0, 0, 0]))
         )
         has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
-        params = W.size + (W.shape[0] if has_bias else 0)
+        params = M * C * 9 + (M if has_bias else 0)
         before = FLOP_RULES["Conv"]([t.name for t in node.inputs], [node.outputs[0].name], {}, ctx.shapes)
         flops = FLOP_RULES["WinogradConv"](
             [t.name for t in node.inputs], [node.outputs[0].name], {}, ctx.shapes
         )
         if before and flops >= before:  # few channels: the transforms cost more than the products saved
             raise Decline(
-                f"Winograd needs {flops / before:.2f}x the FLOPs of direct convolution at "
-                f"{W.shape[1]}->{W.shape[0]} channels"
+                f"Winograd needs {flops / before:.2f}x the FLOPs of direct convolution at {C}->{M} channels"
             )
 
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
