@@ -83,6 +83,36 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+def write_with_external_data(
+    model: onnx.ModelProto,
+    directory: str | os.PathLike,
+    name: str = "model.onnx",
+    threshold: int = SKELETON_KEEP_BYTES,
+) -> str:
+    """Write `model` into `directory` as a proto without its large tensors plus `<name>.data` holding them,
+    tensor by tensor, without modifying `model` or serializing it whole. Returns the proto's path."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    data_name = name + ".data"
+    with open(os.path.join(directory, data_name), "wb") as f:
+        for t in model.graph.initializer:
+            if t.ByteSize() <= threshold or t.data_location == onnx.TensorProto.EXTERNAL:
+                light.graph.initializer.append(t)
+                continue
+            raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+            offset = -(-f.tell() // 4096) * 4096  # page-aligned, so onnxruntime may map it
+            f.seek(offset)
+            f.write(raw)
+            lt = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            lt.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                lt.external_data.add(key=k, value=v)
+    path = os.path.join(directory, name)
+    onnx.save_model(light, path)
+    return path
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference into `model`'s value_info, run on a weight-less skeleton (no copy of the weights)."""
     light = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False)

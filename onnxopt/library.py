@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt.errors import OnnxoptError
+from onnxopt.graph import write_with_external_data
 
 LIBRARY_NAME = "libonnxopt_ops.so"
 
@@ -93,24 +94,13 @@ def session_for(
 ) -> ort.InferenceSession:
     """A session (library registered) over an in-memory model, without tripling the memory of a large one.
 
-    A large model's weights are written to a temporary external-data file (which releases them from the
-    proto), onnxruntime loads them from there, and they are read back into the proto. `verify`: the session
-    only checks numbers, so a large model's session skips prepacked weight copies.
+    A large model is written as a weight-less proto plus an external-data file straight from its tensors, and
+    onnxruntime loads that: no serialized copy of the whole model, and the proto itself is left untouched
+    (clearing and reloading its tensors would not free memory: protobuf keeps it in the message's arena).
+    `verify`: the session only checks numbers, so a large model's session skips prepacked weight copies.
     """
     if model.ByteSize() < LARGE_MODEL_BYTES:
         return make_session(model.SerializeToString(), threads, optimized)
-
     with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(
-            model,
-            path,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location="weights.data",
-            size_threshold=1024,
-        )
-        try:
-            return make_session(path, threads, optimized, lean=verify)
-        finally:
-            onnx.load_external_data_for_model(model, tmp)
+        path = write_with_external_data(model, tmp)
+        return make_session(path, threads, optimized, lean=verify)

@@ -82,3 +82,18 @@ def test_constant_nodes_become_initializers():
     assert graph.is_normalized(m) and "Constant" not in [n.op_type for n in m.graph.node]
     assert w.name in {t.name for t in m.graph.initializer}
     onnx.checker.check_model(m)
+
+
+def test_large_model_sessions_leave_the_proto_untouched(monkeypatch):
+    from onnxopt import library
+    from onnxopt.data import synthetic_inputs
+    from onnxopt.verify import run_model
+
+    m = mlp([64, 128, 10])
+    before = m.SerializeToString()
+    feeds = synthetic_inputs(m, samples=3)
+    small = run_model(m, feeds)["y"]
+    monkeypatch.setattr(library, "LARGE_MODEL_BYTES", 1000)  # stand-in for a large model
+    large = run_model(m, feeds)["y"]
+    np.testing.assert_array_equal(small, large)
+    assert m.SerializeToString() == before
