@@ -12,9 +12,8 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxopt.graph import skeleton
 
@@ -173,14 +172,3 @@ def totals(stats: list[NodeStats]) -> dict[str, int]:
         "weight_bytes": sum(s.weight_bytes for s in stats),
         "flops": sum(s.flops for s in stats),
     }
-
-
-def constant(model_or_inits, name: str) -> np.ndarray | None:
-    """The value of initializer `name`, or None if it is not a constant initializer."""
-    inits = (
-        model_or_inits.graph.initializer if isinstance(model_or_inits, onnx.ModelProto) else model_or_inits
-    )
-    for t in inits:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    return None

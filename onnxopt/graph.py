@@ -222,8 +222,3 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
         os.replace(tmp_model, dest)
         written.insert(0, dest)
     return written
-
-
-def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes (what the file on disk takes, external data included)."""
-    return model.ByteSize()

@@ -94,11 +94,6 @@ class PassContext:
 
         return load
 
-    def constant(self, tensor: gs.Tensor) -> np.ndarray | None:
-        """The tensor's value if it is a constant initializer, else None."""
-        return constant_value(tensor) if isinstance(tensor, gs.Constant) else None
-
-    @property
     def local_tolerance(self) -> float:
         """The largest estimated error of one node's rewrite worth trying (see LOCAL_SLACK)."""
         return self.max_error * LOCAL_SLACK
