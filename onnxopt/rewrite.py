@@ -94,6 +94,7 @@ class PassContext:
 
         return load
 
+    @property
     def local_tolerance(self) -> float:
         """The largest estimated error of one node's rewrite worth trying (see LOCAL_SLACK)."""
         return self.max_error * LOCAL_SLACK
