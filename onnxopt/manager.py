@@ -222,19 +222,16 @@ def optimize(
         original = onnx.ModelProto()
         original.CopyFrom(model)
         normalize(original)
+    # Passes park large arrays in `scratch`; it must outlive every build of the budget loop.
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as scratch:
-        return _optimize(
-            original, model, passes, feeds, budget, max_error, settings, dims, progress, log, Path(scratch)
+        candidates, declined = plan(
+            original, passes, feeds, max_error, settings or {}, dims, progress, Path(scratch)
         )
-
-
-def _optimize(original, model, passes, feeds, budget, max_error, settings, dims, progress, log, scratch):
-    candidates, declined = plan(original, passes, feeds, max_error, settings or {}, dims, progress, scratch)
-    if not candidates:
-        msg = "nothing to rewrite: no node fits the selected methods; the model is returned unchanged"
-        return Result(model, declined, False, budget.baseline(), [msg])
-    log(f"{len(candidates)} rewrite candidates; verifying against the budget ({budget.describe()})")
-    optimized, summary, failures = _fit_budget(original, passes, candidates, budget, progress, log)
+        if not candidates:
+            msg = "nothing to rewrite: no node fits the selected methods; the model is returned unchanged"
+            return Result(model, declined, False, budget.baseline(), [msg])
+        log(f"{len(candidates)} rewrite candidates; verifying against the budget ({budget.describe()})")
+        optimized, summary, failures = _fit_budget(original, passes, candidates, budget, progress, log)
     if optimized is None:
         raise BudgetError(
             f"no rewrite fits the budget ({budget.describe()}): every one of {len(candidates)} candidate "
