@@ -143,9 +143,22 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
 }
 
 
-def node_stats(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> list[NodeStats]:
-    """Per node: op, constant parameter count, weight bytes, FLOPs (0 for ops without a rule)."""
-    shapes = tensor_shapes(model, dims)
+def unresolved(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Tensors that a FLOP rule needs and shape inference left unknown."""
+    names = {
+        t for n in model.graph.node if n.op_type in FLOP_RULES for t in [*n.input[:2], *n.output[:1]] if t
+    }
+    return sorted(t for t in names if t not in shapes)
+
+
+def node_stats(
+    model: onnx.ModelProto,
+    dims: dict[str, int] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> list[NodeStats]:
+    """Per node: op, constant parameter count, weight bytes, FLOPs (0 for ops without a rule). `shapes`
+    (e.g. from `verify.complete_shapes`) replaces shape inference."""
+    shapes = shapes if shapes is not None else tensor_shapes(model, dims)
     inits = {t.name: t for t in model.graph.initializer}
     counted: set[str] = set()
     stats = []

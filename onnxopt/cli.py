@@ -24,7 +24,7 @@ from onnxopt.library import LARGE_MODEL_BYTES
 from onnxopt.manager import optimize
 from onnxopt.ops import all_specs
 from onnxopt.report import human, records_table, summary_table, table, write_json
-from onnxopt.verify import compare_models, first_divergence
+from onnxopt.verify import compare_models, complete_shapes, first_divergence
 
 EXIT_OK, EXIT_ERROR, EXIT_BUDGET = 0, 1, 2
 
@@ -71,8 +71,8 @@ def _say(args, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _model_summary(model: onnx.ModelProto, dims: dict[str, int]) -> dict:
-    t = totals(node_stats(model, dims))
+def _model_summary(model: onnx.ModelProto, dims: dict[str, int], feeds: dict) -> dict:
+    t = totals(node_stats(model, shapes=complete_shapes(model, feeds, dims)))
     return {**t, "file_bytes": model.ByteSize()}
 
 
@@ -126,8 +126,8 @@ def cmd_optimize(args) -> int:
         return EXIT_BUDGET
     for m in result.messages:
         _say(args, m)
-    report["before"] = _model_summary(model, dims)
-    report["after"] = _model_summary(result.model, dims)
+    report["before"] = _model_summary(model, dims, feeds)
+    report["after"] = _model_summary(result.model, dims, feeds)
     report["verification"] = result.verification
     report["records"] = [r.as_dict() for r in result.records]
     report["status"] = "optimized" if result.changed else "unchanged"

@@ -24,13 +24,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from onnxopt.analysis import tensor_shapes
 from onnxopt.budget import Budget
 from onnxopt.data import Feeds
 from onnxopt.errors import BudgetError, OnnxoptError
 from onnxopt.graph import finish, is_normalized, normalize, tidy
 from onnxopt.rewrite import LOCAL_SLACK, Decline, Option, Pass, PassContext, Record, provenance
-from onnxopt.verify import extra_outputs, run_model
+from onnxopt.verify import complete_shapes, extra_outputs, run_model
 
 MAX_ACTIVATION_SAMPLES = 256
 
@@ -98,7 +97,7 @@ def plan(
     """Candidates (rewritable nodes with options) and records of the declined nodes. `scratch`: a directory
     that outlives the candidates, where passes may park large arrays."""
     graph = gs.import_onnx(model)
-    shapes = tensor_shapes(model, dims)
+    shapes = complete_shapes(model, feeds, dims)
     consumers = _consumers(graph)
     declined: list[Record] = []
     claimed: set[str] = set()

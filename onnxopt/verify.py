@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from onnxopt.data import Feeds, batches
+from onnxopt.analysis import tensor_shapes, unresolved
+from onnxopt.data import Feeds, batches, take
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import skeleton
 from onnxopt.library import session_for
@@ -130,3 +131,16 @@ def first_divergence(
                 node = produced[name]
                 return {"node": node.name, "op_type": node.op_type, "tensor": name, **err.as_dict()}
     return None
+
+
+def complete_shapes(model: onnx.ModelProto, feeds: Feeds, dims: dict[str, int] | None = None) -> dict:
+    """tensor_shapes, with the tensors FLOP counting needs and shape inference could not resolve (dynamic
+    reshapes) read off one onnxruntime run of the first sample."""
+    shapes = tensor_shapes(model, dims)
+    missing = unresolved(model, shapes)
+    if missing and feeds:
+        with extra_outputs(model, missing) as m:
+            present = [o.name for o in m.graph.output]
+            values = run_model(m, next(iter(batches(m, take(feeds, 1)))), outputs=present)
+        shapes.update({n: tuple(v.shape) for n, v in values.items() if n in missing})
+    return shapes

@@ -86,3 +86,22 @@ def test_shapes_flow_through_custom_ops():
     shapes = tensor_shapes(m, {"N": 2})
     assert shapes["c0"] == (2, 4, 9, 9) and shapes["y"] == (2, 4, 9, 9)
     assert all(s.flops > 0 for s in node_stats(m, {"N": 2}) if s.op_type in ("Conv", "WinogradConv"))
+
+
+def test_complete_shapes_reads_what_inference_cannot():
+    from onnx import TensorProto, helper
+
+    from onnxopt.verify import complete_shapes
+
+    # Reshape to a shape computed at run time: onnx shape inference cannot know the MatMul's input shape.
+    m = mlp([12, 5], use_gemm=False)
+    g = m.graph
+    g.node[0].input[0] = "r"
+    g.node.insert(0, helper.make_node("Shape", ["x"], ["s0"], name="shape"))
+    g.node.insert(1, helper.make_node("Abs", ["s0"], ["s"], name="abs"))  # no data propagation through Abs
+    g.node.insert(2, helper.make_node("Reshape", ["x", "s"], ["r"], name="reshape"))
+    g.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    feeds = synthetic_inputs(m, samples=3)
+    assert {s.name: s.flops for s in node_stats(m)}["fc0"] == 0  # inference alone gives up
+    stats = {s.name: s for s in node_stats(m, shapes=complete_shapes(m, feeds))}
+    assert stats["fc0"].flops == 2 * 1 * 12 * 5
