@@ -197,14 +197,21 @@ int64_t BlockTiles(const ConvGeometry& g) {
   return std::max<int64_t>(1, std::min(tb, total));
 }
 
+int64_t OutputChunk(const ConvGeometry& g, int64_t tile_blocks) {
+  const int64_t want = std::max<int64_t>(1, (8 + tile_blocks - 1) / tile_blocks);  // >= 8 tasks in all
+  int64_t chunk = (g.m + want - 1) / want;
+  chunk = (chunk + 3) / 4 * 4;
+  return std::clamp<int64_t>(chunk, std::min<int64_t>(g.m, 16), std::max<int64_t>(g.m, 1));
+}
+
 void ComputeTiles(const ConvGeometry& g, const float* x, const float* u, const float* bias, float* y,
-                  int64_t tile_begin, int64_t tile_end, float* scratch) {
+                  int64_t tile_begin, int64_t tile_end, int64_t m_begin, int64_t m_end, float* scratch) {
   const int64_t C = g.c, M = g.m, H = g.h, W = g.w, OH = g.oh, OW = g.ow;
   const int64_t per_image = g.TilesPerImage();
   for (int64_t begin = tile_begin; begin < tile_end; begin += kMaxBlockTiles) {
     const int64_t tb = std::min(kMaxBlockTiles, tile_end - begin);
     float* v = scratch;                    // [16][C][tb]
-    float* r = scratch + kElems * C * tb;  // [16][M][tb]
+    float* r = scratch + kElems * C * tb;  // [16][Mc][tb]
     int64_t img[kMaxBlockTiles], oy[kMaxBlockTiles], ox[kMaxBlockTiles];
     for (int64_t i = 0; i < tb; ++i) {
       const int64_t t = begin + i;
@@ -225,15 +232,18 @@ void ComputeTiles(const ConvGeometry& g, const float* x, const float* u, const f
       }
     }
 
-    // 2. Sixteen independent GEMMs: R[e] = U[e] [M x C] * V[e] [C x tb].
-    for (int e = 0; e < kElems; ++e) Gemm(u + e * M * C, v + e * C * tb, r + e * M * tb, M, C, tb);
+    // 2. Sixteen independent GEMMs over this task's output channels: R[e] = U[e][m_begin:m_end] * V[e].
+    const int64_t Mc = m_end - m_begin;
+    for (int e = 0; e < kElems; ++e) {
+      Gemm(u + (e * M + m_begin) * C, v + e * C * tb, r + e * Mc * tb, Mc, C, tb);
+    }
 
     // 3. Output transform and bias; partial tiles at the right and bottom edges write only what exists.
-    for (int64_t mm = 0; mm < M; ++mm) {
+    for (int64_t mm = m_begin; mm < m_end; ++mm) {
       const float b = bias ? bias[mm] : 0.0f;
       for (int64_t i = 0; i < tb; ++i) {
         float mt[16], yt[4];
-        for (int e = 0; e < kElems; ++e) mt[e] = r[(e * M + mm) * tb + i];
+        for (int e = 0; e < kElems; ++e) mt[e] = r[(e * Mc + (mm - m_begin)) * tb + i];
         OutputTransform(mt, yt);
         float* out = y + ((img[i] * M + mm) * OH + oy[i]) * OW + ox[i];
         const bool has_row1 = oy[i] + 1 < OH, has_col1 = ox[i] + 1 < OW;
@@ -323,6 +333,8 @@ struct ParallelTask {
   float* y;
   int64_t total_tiles;
   int64_t block_tiles;
+  int64_t m_chunk;   // output channels per task
+  int64_t m_chunks;  // tasks per block of tiles
   std::atomic<bool> failed{false};
 };
 
@@ -330,11 +342,16 @@ void RunBlock(void* data, size_t index) {
   auto* task = static_cast<ParallelTask*>(data);
   // Nothing may escape into onnxruntime's thread pool: an allocation failure is reported after the loop.
   try {
-    const int64_t begin = static_cast<int64_t>(index) * task->block_tiles;
+    const int64_t block = static_cast<int64_t>(index) / task->m_chunks;
+    const int64_t chunk = static_cast<int64_t>(index) % task->m_chunks;
+    const int64_t begin = block * task->block_tiles;
     const int64_t end = std::min(task->total_tiles, begin + task->block_tiles);
-    if (begin >= end) return;
+    const int64_t m_begin = chunk * task->m_chunk;
+    const int64_t m_end = std::min(task->g->m, m_begin + task->m_chunk);
+    if (begin >= end || m_begin >= m_end) return;
     std::unique_ptr<float[]> scratch(new float[winograd::ScratchFloats(*task->g, end - begin)]);
-    winograd::ComputeTiles(*task->g, task->x, task->u, task->bias, task->y, begin, end, scratch.get());
+    winograd::ComputeTiles(*task->g, task->x, task->u, task->bias, task->y, begin, end, m_begin, m_end,
+                           scratch.get());
   } catch (...) {
     task->failed.store(true);
   }
@@ -488,11 +505,14 @@ void WinogradConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, 
   task.total_tiles = total;
   task.block_tiles = winograd::BlockTiles(g);
   const int64_t blocks = (total + task.block_tiles - 1) / task.block_tiles;
-  if (blocks == 1) {
+  task.m_chunk = winograd::OutputChunk(g, blocks);
+  task.m_chunks = (g.m + task.m_chunk - 1) / task.m_chunk;
+  const int64_t tasks = blocks * task.m_chunks;
+  if (tasks == 1) {
     RunBlock(&task, 0);
   } else {
     Ort::KernelContext ctx{context};
-    ctx.ParallelFor(RunBlock, static_cast<size_t>(blocks), 0, &task);
+    ctx.ParallelFor(RunBlock, static_cast<size_t>(tasks), 0, &task);
   }
   if (task.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
 }

@@ -52,10 +52,14 @@ size_t ScratchFloats(const ConvGeometry& g, int64_t block_tiles);
 // Tiles per block: bounded so that the scratch of one block stays small whatever the image size.
 int64_t BlockTiles(const ConvGeometry& g);
 
-// Computes the tiles [tile_begin, tile_end) of the flattened (image, tile row, tile col) index into y.
-// bias may be null. scratch holds ScratchFloats(g, tile_end - tile_begin) floats.
+// Output channels per task: deep layers have few tiles, so their work is also split over output channels
+// (each task then reads only its slice of U). A multiple of 4 (the GEMM's row block), at least 16 or M.
+int64_t OutputChunk(const ConvGeometry& g, int64_t tile_blocks);
+
+// Computes output channels [m_begin, m_end) of the tiles [tile_begin, tile_end) of the flattened (image,
+// tile row, tile col) index into y. bias may be null. scratch holds ScratchFloats(g, tile_end - tile_begin).
 void ComputeTiles(const ConvGeometry& g, const float* x, const float* u, const float* bias, float* y,
-                  int64_t tile_begin, int64_t tile_end, float* scratch);
+                  int64_t tile_begin, int64_t tile_end, int64_t m_begin, int64_t m_end, float* scratch);
 
 }  // namespace winograd
 

@@ -138,10 +138,13 @@ def _cases():
         seed = len(cases)
         case_id = f"N{N}-C{C}-{H}x{Wd}-M{M}-p{''.join(map(str, pads))}-{'bias' if bias else 'nobias'}"
         cases.append(pytest.param(N, C, H, Wd, M, pads, bias, seed, id=case_id))
-    # M = 6 exercises the kernel's GEMM row tail (rows in blocks of 4); 40x6 gives several blocks of tiles.
+    # M = 6 exercises the kernel's GEMM row tail (rows in blocks of 4); 40x6 gives several blocks of tiles;
+    # M = 40 and 37 on few tiles split the work over output channels too, the last chunk partial.
     for N, C, H, Wd, M, pads, bias in [
         (1, 13, 9, 7, 6, (1, 1, 1, 1), True),
         (2, 15, 40, 6, 6, (0, 1, 2, 0), False),
+        (1, 13, 5, 5, 40, (1, 1, 1, 1), True),
+        (3, 15, 7, 9, 37, (0, 1, 2, 0), False),
     ]:
         seed = len(cases)
         case_id = f"N{N}-C{C}-{H}x{Wd}-M{M}-p{''.join(map(str, pads))}-{'bias' if bias else 'nobias'}"
