@@ -11,14 +11,14 @@ import time
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from onnxopt.data import Feeds, batches, take
-from onnxopt.graph import skeleton
+from onnxopt.data import Feeds, take
 from onnxopt.library import make_session, session_for
 
 
 def latency(
-    models: list[onnx.ModelProto],
+    models: list[onnx.ModelProto | str],
     feeds: Feeds,
     threads: int = 1,
     rounds: int = 30,
@@ -28,7 +28,7 @@ def latency(
     """Per model (a proto, or a path that onnxruntime loads itself): median, p10 and p90 latency in ms of one
     run on the first sample of `feeds` (or the model's fixed batch)."""
     sessions = [make_session(m, threads) if isinstance(m, str) else session_for(m, threads) for m in models]
-    feed = next(iter(batches(_first_proto(models), take(feeds, 1))))
+    feed = _one_run(sessions[0], feeds)
     for s in sessions:
         for _ in range(warmup):
             s.run(None, feed)
@@ -53,7 +53,9 @@ def latency(
     ]
 
 
-def _first_proto(models: list[onnx.ModelProto | str]) -> onnx.ModelProto:
-    """The first model's structure (for its input batch sizes), without loading a file's weights."""
-    m = models[0]
-    return skeleton(onnx.load(m, load_external_data=False)) if isinstance(m, str) else m
+def _one_run(session: ort.InferenceSession, feeds: Feeds) -> Feeds:
+    """The feed of one run: the first sample, or the model's fixed batch size of samples."""
+    fixed = (
+        session.get_inputs()[0].shape[0] if session.get_inputs() and session.get_inputs()[0].shape else None
+    )
+    return take(feeds, fixed if isinstance(fixed, int) and fixed > 0 else 1)

@@ -201,24 +201,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     data_name = dest.name + ".data"
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".onnxopt-") as tmp:
-        tmp_model = Path(tmp) / dest.name
-        if external:
-            onnx.save_model(
-                model,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            # The proto now points at the external file; the in-memory model stays whole for the caller.
-            onnx.load_external_data_for_model(model, tmp)
-        else:
-            onnx.save_model(model, str(tmp_model))
         written = []
-        if external:
+        if external:  # tensor by tensor, leaving the caller's proto untouched
+            write_with_external_data(model, tmp, dest.name, threshold=1024)
             os.replace(Path(tmp) / data_name, dest.parent / data_name)
             written.append(dest.parent / data_name)
-        os.replace(tmp_model, dest)
+        else:
+            onnx.save_model(model, str(Path(tmp) / dest.name))
+        os.replace(Path(tmp) / dest.name, dest)
         written.insert(0, dest)
     return written
