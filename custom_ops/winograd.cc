@@ -15,6 +15,7 @@
 #include <string>
 #include <utility>
 
+#include "kernel_util.h"
 #include "ops.h"
 
 namespace onnxopt {
@@ -264,67 +265,6 @@ namespace {
 
 using Ort::Custom::Tensor;
 
-[[noreturn]] void Fail(const std::string& where, const std::string& msg,
-                       OrtErrorCode code = ORT_INVALID_ARGUMENT) {
-  throw Ort::Exception(where + ": " + msg, code);
-}
-
-std::string ShapeStr(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-// Whether the node carries an attribute `name` of any of the types a kernel can read.
-bool HasAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
-  auto ok = [api](OrtStatus* st) {
-    if (st == nullptr) return true;
-    api->ReleaseStatus(st);
-    return false;
-  };
-  size_t n = 0;
-  int64_t i = 0;
-  float f = 0;
-  return ok(api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) ||
-         ok(api->KernelInfoGetAttribute_int64(info, name, &i)) ||
-         ok(api->KernelInfoGetAttributeArray_float(info, name, nullptr, &n)) ||
-         ok(api->KernelInfoGetAttribute_float(info, name, &f)) ||
-         ok(api->KernelInfoGetAttribute_string(info, name, nullptr, &n));
-}
-
-// The INTS attribute `name`; nullopt if absent; an error if present with another type.
-std::optional<std::vector<int64_t>> IntsAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
-                                                  const std::string& where) {
-  size_t n = 0;
-  OrtStatus* st = api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
-  if (st == nullptr) {
-    // onnxruntime reads a FLOATS attribute as an empty list of ints: tell the two apart.
-    size_t nf = 0;
-    if (n == 0) {
-      if (OrtStatus* fst = api->KernelInfoGetAttributeArray_float(info, name, nullptr, &nf)) {
-        api->ReleaseStatus(fst);
-        nf = 0;
-      }
-    }
-    if (nf > 0) Fail(where, std::string("attribute '") + name + "' must be a list of ints, got floats");
-    std::vector<int64_t> values(n);
-    if (n > 0) Ort::ThrowOnError(api->KernelInfoGetAttributeArray_int64(info, name, values.data(), &n));
-    return values;
-  }
-  api->ReleaseStatus(st);
-  if (HasAttribute(api, info, name)) Fail(where, std::string("attribute '") + name + "' must be a list of ints");
-  return std::nullopt;
-}
-
-// Guards against a node that asks for a convolution this op does not compute (it would silently differ).
-void RequireAllOnes(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& where) {
-  auto v = IntsAttribute(api, info, name, where);
-  if (!v) return;
-  for (int64_t x : *v) {
-    if (x != 1) Fail(where, std::string("only ") + name + " = 1 is supported, got " + ShapeStr(*v));
-  }
-}
-
 struct ParallelTask {
   const winograd::ConvGeometry* g;
   const float* x;
@@ -365,9 +305,7 @@ WinogradConvKernel::WinogradConvKernel(const OrtApi* api, const OrtKernelInfo* i
   const std::string where = Where();
 
   // Inputs actually present: a trailing optional input given as "" is absent.
-  const size_t declared = kinfo.GetInputCount();
-  present_inputs_ = declared;
-  while (present_inputs_ > 0 && kinfo.GetInputName(present_inputs_ - 1).empty()) --present_inputs_;
+  present_inputs_ = onnxopt::PresentInputs(kinfo);
   if (present_inputs_ < 2 || present_inputs_ > 3) {
     Fail(where, "expects inputs (X, W) or (X, W, B), got " + std::to_string(present_inputs_) + " inputs");
   }
@@ -386,70 +324,37 @@ WinogradConvKernel::WinogradConvKernel(const OrtApi* api, const OrtKernelInfo* i
   }
   RequireAllOnes(api, info, "strides", where);
   RequireAllOnes(api, info, "dilations", where);
-  int64_t group = 1;
-  if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, "group", &group)) {
-    api->ReleaseStatus(st);  // absent (or not an int, which Conv never has): group 1
-  } else if (group != 1) {
-    Fail(where, "only group = 1 is supported, got " + std::to_string(group));
-  }
+  const int64_t group = IntAttribute(api, info, "group", where).value_or(1);
+  if (group != 1) Fail(where, "only group = 1 is supported, got " + std::to_string(group));
   if (auto ks = IntsAttribute(api, info, "kernel_shape", where)) {
     if (*ks != std::vector<int64_t>{3, 3}) Fail(where, "kernel_shape must be [3, 3], got " + ShapeStr(*ks));
   }
 
   // W: constant [M, C, 3, 3], transformed once.
-  int is_constant = 0;
-  Ort::ConstValue w = kinfo.GetTensorConstantInput(1, &is_constant);
-  if (!is_constant || w == nullptr) {
-    Fail(where, "W (input 1, '" + kinfo.GetInputName(1) +
-                    "') must be a constant initializer: the Winograd transform of the weights is computed once "
-                    "at session creation");
+  const ConstantTensor w = ConstantFloatInput(kinfo, 1, "W", where);
+  if (w.shape.size() != 4 || w.shape[0] < 1 || w.shape[1] < 1 || w.shape[2] != 3 || w.shape[3] != 3) {
+    Fail(where, "W must have shape [M, C, 3, 3] with M, C >= 1, got " + ShapeStr(w.shape));
   }
-  auto w_info = w.GetTensorTypeAndShapeInfo();
-  if (w_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(where, "W must be float32");
-  const std::vector<int64_t> w_shape = w_info.GetShape();
-  if (w_shape.size() != 4 || w_shape[0] < 1 || w_shape[1] < 1 || w_shape[2] != 3 || w_shape[3] != 3) {
-    Fail(where, "W must have shape [M, C, 3, 3] with M, C >= 1, got " + ShapeStr(w_shape));
-  }
-  m_ = w_shape[0];
-  c_ = w_shape[1];
+  m_ = w.shape[0];
+  c_ = w.shape[1];
   u_.resize(static_cast<size_t>(winograd::kElems * m_ * c_));
-  winograd::TransformWeights(w.GetTensorData<float>(), m_, c_, u_.data());
+  winograd::TransformWeights(w.data.data(), m_, c_, u_.data());
 
   // B: optional constant [M].
   if (present_inputs_ == 3) {
-    Ort::ConstValue b = kinfo.GetTensorConstantInput(2, &is_constant);
-    if (!is_constant || b == nullptr) {
-      Fail(where, "B (input 2, '" + kinfo.GetInputName(2) + "') must be a constant initializer");
+    ConstantTensor b = ConstantFloatInput(kinfo, 2, "B", where);
+    if (b.shape.size() != 1 || b.shape[0] != m_) {
+      Fail(where, "B must have shape [M] = [" + std::to_string(m_) + "], got " + ShapeStr(b.shape));
     }
-    auto b_info = b.GetTensorTypeAndShapeInfo();
-    if (b_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(where, "B must be float32");
-    const std::vector<int64_t> b_shape = b_info.GetShape();
-    if (b_shape.size() != 1 || b_shape[0] != m_) {
-      Fail(where, "B must have shape [M] = [" + std::to_string(m_) + "], got " + ShapeStr(b_shape));
-    }
-    const float* bd = b.GetTensorData<float>();
-    bias_.assign(bd, bd + m_);
+    bias_ = std::move(b.data);
   }
 }
 
-std::string WinogradConvKernel::Where() const {
-  return "WinogradConv" + (node_name_.empty() ? std::string() : " node '" + node_name_ + "'");
-}
+std::string WinogradConvKernel::Where() const { return onnxopt::Where("WinogradConv", node_name_); }
 
 Ort::Status WinogradConvKernel::Compute(OrtKernelContext* context, const Tensor<float>& X, const Tensor<float>& W,
                                         std::optional<const Tensor<float>*> B, Tensor<float>& Y) {
-  try {
-    Run(context, X, W, B, Y);
-    return Ort::Status{nullptr};
-  } catch (const Ort::Exception& e) {
-    return Ort::Status{e};
-  } catch (const std::bad_alloc&) {
-    return Ort::Status{(Where() + ": out of memory").c_str(), ORT_FAIL};
-  } catch (const std::exception& e) {
-    return Ort::Status{(Where() + ": " + e.what()).c_str(), ORT_FAIL};
-  } catch (...) {
-    return Ort::Status{(Where() + ": unknown error").c_str(), ORT_FAIL};
-  }
+  return Guarded(Where(), [&] { Run(context, X, W, B, Y); });
 }
 
 void WinogradConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const Tensor<float>& W,
@@ -517,52 +422,6 @@ void WinogradConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, 
   if (task.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
 }
 
-namespace {
-
-// The lite-API struct op, with kernel creation and compute wrapped so that no exception crosses into
-// onnxruntime: every failure becomes an OrtStatus with the message.
-struct WinogradConvOp : Ort::Custom::OrtLiteCustomStruct<WinogradConvKernel> {
-  using Base = Ort::Custom::OrtLiteCustomStruct<WinogradConvKernel>;
-
-  WinogradConvOp() : Base("WinogradConv", "CPUExecutionProvider", kOpsetVersion) {
-    OrtCustomOp::CreateKernelV2 = [](const OrtCustomOp* this_, const OrtApi* api, const OrtKernelInfo* info,
-                                     void** kernel_out) -> OrtStatusPtr {
-      try {
-        auto kernel = std::make_unique<Base::Kernel>();
-        Ort::ThrowOnError(api->KernelInfo_GetOutputCount(info, &kernel->num_output_));
-        kernel->custom_op_ = std::make_unique<WinogradConvKernel>(api, info);
-        // Only present inputs: the lite API would otherwise read an absent trailing B.
-        kernel->num_input_ = kernel->custom_op_->PresentInputs();
-        kernel->ep_ = static_cast<const WinogradConvOp*>(this_)->execution_provider_;
-        *kernel_out = kernel.release();
-        return nullptr;
-      } catch (const Ort::Exception& e) {
-        return api->CreateStatus(e.GetOrtErrorCode(), e.what());
-      } catch (const std::exception& e) {
-        return api->CreateStatus(ORT_FAIL, (std::string("WinogradConv: ") + e.what()).c_str());
-      } catch (...) {
-        return api->CreateStatus(ORT_FAIL, "WinogradConv: unknown error while creating the kernel");
-      }
-    };
-    base_compute_ = OrtCustomOp::KernelComputeV2;
-    OrtCustomOp::KernelComputeV2 = [](void* kernel, OrtKernelContext* context) -> OrtStatusPtr {
-      try {
-        return base_compute_(kernel, context);  // reads the inputs, then WinogradConvKernel::Compute
-      } catch (const Ort::Exception& e) {
-        return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), (std::string("WinogradConv: ") + e.what()).c_str());
-      } catch (const std::exception& e) {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("WinogradConv: ") + e.what()).c_str());
-      } catch (...) {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, "WinogradConv: unknown error");
-      }
-    };
-  }
-
-  static inline OrtStatusPtr(ORT_API_CALL* base_compute_)(void*, OrtKernelContext*) = nullptr;
-};
-
-}  // namespace
-
-Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp() { return new WinogradConvOp(); }
+Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp() { return new SafeOp<WinogradConvKernel>("WinogradConv"); }
 
 }  // namespace onnxopt

@@ -117,6 +117,7 @@ def cmd_optimize(args) -> int:
             dims=dims,
             progress=_progress(args),
             log=lambda s: _say(args, s) if args.verbose else None,
+            threads=args.threads or 1,
         )
     except BudgetError as e:
         report.update(status="budget not met", reason=str(e))

@@ -93,6 +93,7 @@ def plan(
     dims: dict[str, int] | None = None,
     progress: bool = False,
     scratch: Path | None = None,
+    threads: int = 1,
 ) -> tuple[list[Candidate], list[Record]]:
     """Candidates (rewritable nodes with options) and records of the declined nodes. `scratch`: a directory
     that outlives the candidates, where passes may park large arrays."""
@@ -104,7 +105,13 @@ def plan(
     pending: list[tuple[int, Pass, gs.Node, PassContext]] = []
     for i, p in enumerate(passes):
         ctx = PassContext(
-            graph, shapes, max_error, settings.get(p.name, {}), consumers=consumers, scratch=scratch
+            graph,
+            shapes,
+            max_error,
+            settings.get(p.name, {}),
+            consumers=consumers,
+            scratch=scratch,
+            threads=threads,
         )
         for node in graph.nodes:
             if node.name in claimed or not p.match(node):
@@ -212,6 +219,7 @@ def optimize(
     dims: dict[str, int] | None = None,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    threads: int = 1,
 ) -> Result:
     """Optimize `model` with `passes` under `budget`. The input proto is not modified: it is copied if it
     needs normalizing (`graph.normalize` beforehand avoids that copy of a large model)."""
@@ -224,7 +232,7 @@ def optimize(
     # Passes park large arrays in `scratch`; it must outlive every build of the budget loop.
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as scratch:
         candidates, declined = plan(
-            original, passes, feeds, max_error, settings or {}, dims, progress, Path(scratch)
+            original, passes, feeds, max_error, settings or {}, dims, progress, Path(scratch), threads
         )
         if not candidates:
             msg = "nothing to rewrite: no node fits the selected methods; the model is returned unchanged"

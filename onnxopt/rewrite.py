@@ -79,6 +79,7 @@ class PassContext:
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     consumers: dict[str, int] = field(default_factory=dict)  # tensor name -> number of consuming nodes
     scratch: Path | None = None  # a directory that lives as long as the options: to park large arrays on disk
+    threads: int = 1  # intra-op threads the optimized model will run with (speed-only passes time at this)
 
     def park(self, *arrays: np.ndarray) -> Callable[[], tuple[np.ndarray, ...]]:
         """Keep `arrays` on disk (in `scratch`) rather than in memory; returns their loader. The options of a

@@ -3,7 +3,8 @@
 Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A per 4x4 input tile d and 2x2 output tile: 16 multiplications per
 (output channel, input channel, tile) instead of 36, 2.25x fewer. Exact up to fp32 round-off. The weights
 stay in the node as OIHW; the kernel transforms them once when the session creates it.
-Speed-only: not in the default set until a measurement decides where it pays off.
+Speed-only: each layer is timed in onnxruntime against the Conv it replaces (onnxopt.timing) and the rewrite
+is kept only where it is faster; not in the default set, since timing every layer takes a while.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import DOMAIN
 from onnxopt.analysis import FLOP_RULES
 from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node, weight_problem
+from onnxopt.timing import keep_faster
 
 
 class Winograd(Pass):
@@ -74,4 +76,5 @@ class Winograd(Pass):
             )
             return replace_node(graph, node, [new])
 
-        return [Option(0.0, params, 4 * params, flops, emit, {"tile": "F(2x2,3x3)", "pads": pads})]
+        option = Option(0.0, params, 4 * params, flops, emit, {"tile": "F(2x2,3x3)", "pads": pads})
+        return keep_faster(node, ctx, [option])

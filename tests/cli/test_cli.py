@@ -61,6 +61,8 @@ def test_optimize_with_calib_and_winograd(tmp_path):
             str(out),
             "--methods",
             "winograd",
+            "--set",
+            "winograd.measure=0",
             "--calib",
             str(calib),
             "--no-bench",

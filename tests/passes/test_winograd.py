@@ -14,9 +14,11 @@ from onnxopt.verify import compare_models
 from tolerances import REL_L2, tol
 
 
-def _run(model, samples=3):
+def _run(model, samples=3, measure=False):
+    """Optimize with winograd; by default without timing, so that every eligible layer is rewritten."""
     feeds = synthetic_inputs(model, samples=samples, seed=4)
-    return optimize(model, [Winograd()], feeds, OutputBudget(model, feeds, 1e-2)), feeds
+    settings = {} if measure else {"winograd": {"measure": "0"}}
+    return optimize(model, [Winograd()], feeds, OutputBudget(model, feeds, 1e-2), settings=settings), feeds
 
 
 @pytest.mark.parametrize("channels,size,pads", [([3, 13, 15], 9, 1), ([15, 16], 7, 0), ([4, 8, 8, 5], 12, 2)])
@@ -56,3 +58,14 @@ def test_not_in_default_set():
     from onnxopt.passes import default_methods
 
     assert "winograd" not in default_methods() and "lowrank" in default_methods()
+
+
+def test_measured_layers_record_their_times_or_decline_as_slower():
+    model = conv_net([8, 16, 16], size=12, pads=1)
+    result, _ = _run(model, measure=True)
+    assert len(result.records) == 2
+    for r in result.records:
+        if r.status == "applied":
+            assert r.detail["ms_before"] / r.detail["ms_after"] >= 1.05 and r.detail["threads"] == 1
+        else:
+            assert r.status == "declined" and r.reason.startswith("not faster:"), r.reason

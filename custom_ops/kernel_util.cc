@@ -1,0 +1,125 @@
+// Shared kernel helpers (see kernel_util.h).
+#include "kernel_util.h"
+
+#include <cstdlib>
+
+namespace onnxopt {
+
+void Fail(const std::string& where, const std::string& msg, OrtErrorCode code) {
+  throw Ort::Exception(where + ": " + msg, code);
+}
+
+std::string ShapeStr(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string Where(const char* op, const std::string& node_name) {
+  return std::string(op) + (node_name.empty() ? std::string() : " node '" + node_name + "'");
+}
+
+size_t PresentInputs(const Ort::ConstKernelInfo& info) {
+  size_t n = info.GetInputCount();
+  while (n > 0 && info.GetInputName(n - 1).empty()) --n;
+  return n;
+}
+
+namespace {
+
+// Whether the node carries an attribute `name` of any of the types a kernel can read.
+bool HasAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
+  auto ok = [api](OrtStatus* st) {
+    if (st == nullptr) return true;
+    api->ReleaseStatus(st);
+    return false;
+  };
+  size_t n = 0;
+  int64_t i = 0;
+  float f = 0;
+  return ok(api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) ||
+         ok(api->KernelInfoGetAttribute_int64(info, name, &i)) ||
+         ok(api->KernelInfoGetAttributeArray_float(info, name, nullptr, &n)) ||
+         ok(api->KernelInfoGetAttribute_float(info, name, &f)) ||
+         ok(api->KernelInfoGetAttribute_string(info, name, nullptr, &n));
+}
+
+}  // namespace
+
+std::optional<std::vector<int64_t>> IntsAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                                  const std::string& where) {
+  size_t n = 0;
+  OrtStatus* st = api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+  if (st == nullptr) {
+    // onnxruntime reads a FLOATS attribute as an empty list of ints: tell the two apart.
+    size_t nf = 0;
+    if (n == 0) {
+      if (OrtStatus* fst = api->KernelInfoGetAttributeArray_float(info, name, nullptr, &nf)) {
+        api->ReleaseStatus(fst);
+        nf = 0;
+      }
+    }
+    if (nf > 0) Fail(where, std::string("attribute '") + name + "' must be a list of ints, got floats");
+    std::vector<int64_t> values(n);
+    if (n > 0) Ort::ThrowOnError(api->KernelInfoGetAttributeArray_int64(info, name, values.data(), &n));
+    return values;
+  }
+  api->ReleaseStatus(st);
+  if (HasAttribute(api, info, name)) Fail(where, std::string("attribute '") + name + "' must be a list of ints");
+  return std::nullopt;
+}
+
+std::optional<int64_t> IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                    const std::string& where) {
+  int64_t value = 0;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &value);
+  if (st == nullptr) return value;
+  api->ReleaseStatus(st);
+  if (HasAttribute(api, info, name)) Fail(where, std::string("attribute '") + name + "' must be an int");
+  return std::nullopt;
+}
+
+void RequireAllOnes(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& where) {
+  auto v = IntsAttribute(api, info, name, where);
+  if (!v) return;
+  for (int64_t x : *v) {
+    if (x != 1) Fail(where, std::string("only ") + name + " = 1 is supported, got " + ShapeStr(*v));
+  }
+}
+
+ConstantTensor ConstantFloatInput(const Ort::ConstKernelInfo& info, size_t index, const char* what,
+                                  const std::string& where) {
+  int is_constant = 0;
+  Ort::ConstValue v = info.GetTensorConstantInput(index, &is_constant);
+  if (!is_constant || v == nullptr) {
+    Fail(where, std::string(what) + " (input " + std::to_string(index) + ", '" + info.GetInputName(index) +
+                    "') must be a constant initializer: the kernel prepares it once at session creation");
+  }
+  auto type_shape = v.GetTensorTypeAndShapeInfo();
+  if (type_shape.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    Fail(where, std::string(what) + " (input " + std::to_string(index) + ") must be float32");
+  }
+  ConstantTensor t;
+  t.shape = type_shape.GetShape();
+  const size_t count = type_shape.GetElementCount();
+  const float* p = v.GetTensorData<float>();
+  t.data.assign(p, p + count);
+  return t;
+}
+
+bool HasAvx2Fma() {
+  // ONNXOPT_DISABLE_AVX2=1 forces the portable paths (tests run both); read at each kernel creation.
+  const char* off = std::getenv("ONNXOPT_DISABLE_AVX2");
+  if (off != nullptr && off[0] != '\0' && std::string(off) != "0") return false;
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace onnxopt

@@ -1,0 +1,117 @@
+// What every onnxopt kernel shares: error helpers, attribute and constant-input readers that validate, CPU
+// feature detection for the AVX2 paths, and the op wrapper that keeps exceptions out of onnxruntime.
+#pragma once
+
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <new>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_lite_custom_op.h"
+
+namespace onnxopt {
+
+// Throws an Ort::Exception "<where>: <msg>"; the op wrapper turns it into an error status.
+[[noreturn]] void Fail(const std::string& where, const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT);
+
+// "[1, 2, 3]".
+std::string ShapeStr(const std::vector<int64_t>& shape);
+
+// "<Op> node '<name>'" (or just "<Op>" for an unnamed node): the prefix of every message of a kernel.
+std::string Where(const char* op, const std::string& node_name);
+
+// Number of inputs the node really has: a trailing absent optional input (named "") is not counted.
+size_t PresentInputs(const Ort::ConstKernelInfo& info);
+
+// The INTS attribute `name`; nullopt if absent; an error if present with another type.
+std::optional<std::vector<int64_t>> IntsAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                                  const std::string& where);
+
+// The INT attribute `name`; nullopt if absent; an error if present with another type.
+std::optional<int64_t> IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                    const std::string& where);
+
+// Fails unless the INTS attribute `name` is absent or all ones (strides, dilations of a stride-1 op).
+void RequireAllOnes(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& where);
+
+// A constant float32 input (an initializer), copied, with its shape; fails with a message naming the input
+// when it is not constant or not float32.
+struct ConstantTensor {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+};
+ConstantTensor ConstantFloatInput(const Ort::ConstKernelInfo& info, size_t index, const char* what,
+                                  const std::string& where);
+
+// Whether this CPU (and OS) runs AVX2 and FMA instructions; the AVX2 paths are chosen at run time with it, the
+// portable path is always compiled beside them. ONNXOPT_DISABLE_AVX2=1 in the environment (read when a kernel is
+// created) forces the portable path.
+bool HasAvx2Fma();
+
+// The lite-API struct op for Kernel, with kernel creation and compute wrapped so that no exception crosses into
+// onnxruntime: every failure becomes an OrtStatus with the message. Kernel needs a constructor
+// (const OrtApi*, const OrtKernelInfo*), PresentInputs() and the Compute of the lite API.
+template <typename Kernel>
+struct SafeOp : Ort::Custom::OrtLiteCustomStruct<Kernel> {
+  using Base = Ort::Custom::OrtLiteCustomStruct<Kernel>;
+
+  explicit SafeOp(const char* name) : Base(name, "CPUExecutionProvider", 1) {
+    op_name_ = name;
+    OrtCustomOp::CreateKernelV2 = [](const OrtCustomOp* this_, const OrtApi* api, const OrtKernelInfo* info,
+                                     void** kernel_out) -> OrtStatusPtr {
+      try {
+        auto kernel = std::make_unique<typename Base::Kernel>();
+        Ort::ThrowOnError(api->KernelInfo_GetOutputCount(info, &kernel->num_output_));
+        kernel->custom_op_ = std::make_unique<Kernel>(api, info);
+        // Only present inputs: the lite API would otherwise read an absent trailing optional input.
+        kernel->num_input_ = kernel->custom_op_->PresentInputs();
+        kernel->ep_ = static_cast<const SafeOp*>(this_)->execution_provider_;
+        *kernel_out = kernel.release();
+        return nullptr;
+      } catch (const Ort::Exception& e) {
+        return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+      } catch (const std::exception& e) {
+        return api->CreateStatus(ORT_FAIL, (op_name_ + ": " + e.what()).c_str());
+      } catch (...) {
+        return api->CreateStatus(ORT_FAIL, (op_name_ + ": unknown error while creating the kernel").c_str());
+      }
+    };
+    base_compute_ = OrtCustomOp::KernelComputeV2;
+    OrtCustomOp::KernelComputeV2 = [](void* kernel, OrtKernelContext* context) -> OrtStatusPtr {
+      try {
+        return base_compute_(kernel, context);  // reads the inputs, then Kernel::Compute
+      } catch (const Ort::Exception& e) {
+        return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), (op_name_ + ": " + e.what()).c_str());
+      } catch (const std::exception& e) {
+        return Ort::GetApi().CreateStatus(ORT_FAIL, (op_name_ + ": " + e.what()).c_str());
+      } catch (...) {
+        return Ort::GetApi().CreateStatus(ORT_FAIL, (op_name_ + ": unknown error").c_str());
+      }
+    };
+  }
+
+  static inline OrtStatusPtr(ORT_API_CALL* base_compute_)(void*, OrtKernelContext*) = nullptr;
+  static inline std::string op_name_;
+};
+
+// Runs f() and turns any exception into an error status (the body of every kernel's Compute).
+template <typename F>
+Ort::Status Guarded(const std::string& where, F&& f) {
+  try {
+    f();
+    return Ort::Status{nullptr};
+  } catch (const Ort::Exception& e) {
+    return Ort::Status{e};
+  } catch (const std::bad_alloc&) {
+    return Ort::Status{(where + ": out of memory").c_str(), ORT_FAIL};
+  } catch (const std::exception& e) {
+    return Ort::Status{(where + ": " + e.what()).c_str(), ORT_FAIL};
+  } catch (...) {
+    return Ort::Status{(where + ": unknown error").c_str(), ORT_FAIL};
+  }
+}
+
+}  // namespace onnxopt
