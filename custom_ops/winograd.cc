@@ -23,240 +23,61 @@ namespace winograd {
 
 namespace {
 
-// d (4x4, row-major) -> B^T d B.
-inline void InputTransform(const float* d, float* v) {
-  float t[16];  // B^T d
-  for (int j = 0; j < 4; ++j) {
-    const float d0 = d[0 * 4 + j], d1 = d[1 * 4 + j], d2 = d[2 * 4 + j], d3 = d[3 * 4 + j];
-    t[0 * 4 + j] = d0 - d2;
-    t[1 * 4 + j] = d1 + d2;
-    t[2 * 4 + j] = d2 - d1;
-    t[3 * 4 + j] = d1 - d3;
-  }
-  for (int i = 0; i < 4; ++i) {  // (B^T d) B: the same combination along each row
-    const float t0 = t[i * 4 + 0], t1 = t[i * 4 + 1], t2 = t[i * 4 + 2], t3 = t[i * 4 + 3];
-    v[i * 4 + 0] = t0 - t2;
-    v[i * 4 + 1] = t1 + t2;
-    v[i * 4 + 2] = t2 - t1;
-    v[i * 4 + 3] = t1 - t3;
-  }
-}
-
-// m (4x4, row-major) -> A^T m A (2x2, row-major).
-inline void OutputTransform(const float* m, float* y) {
-  float t[8];  // A^T m, 2x4
-  for (int j = 0; j < 4; ++j) {
-    const float m0 = m[0 * 4 + j], m1 = m[1 * 4 + j], m2 = m[2 * 4 + j], m3 = m[3 * 4 + j];
-    t[0 * 4 + j] = m0 + m1 + m2;
-    t[1 * 4 + j] = m1 - m2 - m3;
-  }
-  for (int i = 0; i < 2; ++i) {
-    const float t0 = t[i * 4 + 0], t1 = t[i * 4 + 1], t2 = t[i * 4 + 2], t3 = t[i * 4 + 3];
-    y[i * 2 + 0] = t0 + t1 + t2;
-    y[i * 2 + 1] = t1 - t2 - t3;
-  }
-}
-
-// The 4x4 input window whose top-left corner is (y0, x0) in an h x w plane; zero outside the plane.
-inline void LoadTile(const float* plane, int64_t h, int64_t w, int64_t y0, int64_t x0, float* d) {
-  if (y0 >= 0 && x0 >= 0 && y0 + kTileIn <= h && x0 + kTileIn <= w) {
-    const float* p = plane + y0 * w + x0;
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) d[i * 4 + j] = p[i * w + j];
-    }
-    return;
-  }
-  for (int i = 0; i < 4; ++i) {
-    const int64_t yy = y0 + i;
-    for (int j = 0; j < 4; ++j) {
-      const int64_t xx = x0 + j;
-      d[i * 4 + j] = (yy >= 0 && yy < h && xx >= 0 && xx < w) ? plane[yy * w + xx] : 0.0f;
-    }
-  }
-}
-
-// The GEMM stage: out[r][t] = sum_c a[r][c] * b[c][t] for t < nt; a is [rows x k], b is [k x nt], out is
-// [rows x nt]. Register-blocked: a 4-row x 8-column block of out is accumulated in eight 4-float registers over
-// the whole k loop, so each b element loaded serves four rows and out is written once.
-//
-// The 4-float values are GCC/Clang generic vectors (one SSE register on x86-64, NEON on ARM, plain scalars on
-// targets without SIMD): portable C++, no intrinsics. (g++ 12 left to itself spills fixed-size accumulator
-// arrays to the stack here, which measured 2.5x slower than this; a row-streaming loop it does vectorize
-// measured ~15% slower.)
-constexpr int kColBlock = 8;
-
-typedef float F4 __attribute__((vector_size(16)));
-
-inline F4 Load4(const float* p) {
-  F4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store4(float* p, F4 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// Four rows of out, columns [t0, t0 + 8): the 4 x 8 block is accumulated in registers over the whole k loop.
-inline void Gemm4x8(const float* __restrict a, const float* __restrict b, float* __restrict out, int64_t k,
-                    int64_t nt, int64_t t0) {
-  F4 c0l = {}, c0h = {}, c1l = {}, c1h = {}, c2l = {}, c2h = {}, c3l = {}, c3h = {};
-  const float* a0 = a;
-  const float* a1 = a + k;
-  const float* a2 = a + 2 * k;
-  const float* a3 = a + 3 * k;
-  for (int64_t c = 0; c < k; ++c) {
-    const float* bc = b + c * nt + t0;
-    const F4 vl = Load4(bc), vh = Load4(bc + 4);
-    const float s0 = a0[c], s1 = a1[c], s2 = a2[c], s3 = a3[c];
-    c0l += s0 * vl;
-    c0h += s0 * vh;
-    c1l += s1 * vl;
-    c1h += s1 * vh;
-    c2l += s2 * vl;
-    c2h += s2 * vh;
-    c3l += s3 * vl;
-    c3h += s3 * vh;
-  }
-  Store4(out + 0 * nt + t0, c0l);
-  Store4(out + 0 * nt + t0 + 4, c0h);
-  Store4(out + 1 * nt + t0, c1l);
-  Store4(out + 1 * nt + t0 + 4, c1h);
-  Store4(out + 2 * nt + t0, c2l);
-  Store4(out + 2 * nt + t0 + 4, c2h);
-  Store4(out + 3 * nt + t0, c3l);
-  Store4(out + 3 * nt + t0 + 4, c3h);
-}
-
-// Not inlined into ComputeTiles: there, register pressure made g++ spill the accumulators.
-__attribute__((noinline)) void Gemm(const float* __restrict a, const float* __restrict b, float* __restrict out,
-                                    int64_t rows, int64_t k, int64_t nt) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    int64_t t0 = 0;
-    for (; t0 + kColBlock <= nt; t0 += kColBlock) Gemm4x8(a + r * k, b, out + r * nt, k, nt, t0);
-    for (; t0 < nt; ++t0) {  // last columns
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-      for (int64_t c = 0; c < k; ++c) {
-        const float v = b[c * nt + t0];
-        s0 += a[(r + 0) * k + c] * v;
-        s1 += a[(r + 1) * k + c] * v;
-        s2 += a[(r + 2) * k + c] * v;
-        s3 += a[(r + 3) * k + c] * v;
-      }
-      out[(r + 0) * nt + t0] = s0;
-      out[(r + 1) * nt + t0] = s1;
-      out[(r + 2) * nt + t0] = s2;
-      out[(r + 3) * nt + t0] = s3;
-    }
-  }
-  for (; r < rows; ++r) {  // last rows, one at a time
-    float* __restrict o = out + r * nt;
-    const float* ar = a + r * k;
-    for (int64_t t = 0; t < nt; ++t) o[t] = 0.0f;
-    for (int64_t c = 0; c < k; ++c) {
-      const float s = ar[c];
-      const float* __restrict bc = b + c * nt;
-      for (int64_t t = 0; t < nt; ++t) o[t] += s * bc[t];
-    }
-  }
-}
+// G for F(2x2, 3x3) and F(4x4, 3x3), rows of 3 (see the reference module).
+constexpr double kG2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double kG4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                              {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
 
 }  // namespace
 
-void TransformWeights(const float* w, int64_t m, int64_t c, float* u) {
+std::vector<float> PackWeights(const float* w, int64_t m, int64_t c, int tile) {
+  const int a = tile + 2, elems = Elems(tile);
+  const double(*G)[3] = tile == 4 ? kG4 : kG2;
+  const int64_t mb = (m + kRowBlock - 1) / kRowBlock;
+  std::vector<float> u(static_cast<size_t>(elems * mb * c * kRowBlock), 0.0f);
   for (int64_t mi = 0; mi < m; ++mi) {
     for (int64_t ci = 0; ci < c; ++ci) {
       const float* g = w + (mi * c + ci) * 9;
-      double t[4][3];  // G g, in double so that U is g's exact transform rounded once
-      for (int j = 0; j < 3; ++j) {
-        const double g0 = g[0 * 3 + j], g1 = g[1 * 3 + j], g2 = g[2 * 3 + j];
-        t[0][j] = g0;
-        t[1][j] = 0.5 * (g0 + g1 + g2);
-        t[2][j] = 0.5 * (g0 - g1 + g2);
-        t[3][j] = g2;
+      double t[6][3];  // G g, in double so that U is g's exact transform rounded once
+      for (int i = 0; i < a; ++i) {
+        for (int j = 0; j < 3; ++j) t[i][j] = G[i][0] * g[j] + G[i][1] * g[3 + j] + G[i][2] * g[6 + j];
       }
-      for (int i = 0; i < 4; ++i) {  // (G g) G^T
-        const double r[4] = {t[i][0], 0.5 * (t[i][0] + t[i][1] + t[i][2]), 0.5 * (t[i][0] - t[i][1] + t[i][2]),
-                             t[i][2]};
-        for (int j = 0; j < 4; ++j) u[((i * 4 + j) * m + mi) * c + ci] = static_cast<float>(r[j]);
+      for (int i = 0; i < a; ++i) {
+        for (int j = 0; j < a; ++j) {  // (G g) G^T
+          const double v = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
+          const int64_t e = i * a + j;
+          u[static_cast<size_t>(((e * mb + mi / kRowBlock) * c + ci) * kRowBlock + mi % kRowBlock)] =
+              static_cast<float>(v);
+        }
       }
     }
   }
+  return u;
 }
 
-size_t ScratchFloats(const ConvGeometry& g, int64_t block_tiles) {
-  const int64_t tb = std::min(block_tiles, kMaxBlockTiles);
-  return static_cast<size_t>(kElems * (g.c + g.m) * tb);
+size_t RFloats(const ConvGeometry& g, int64_t tiles, int64_t m_chunk) {
+  const int64_t groups = (tiles + 7) / 8;
+  const int64_t rows = (m_chunk + kRowBlock - 1) / kRowBlock * kRowBlock;
+  return static_cast<size_t>(Elems(g.tile) * groups * 8 * rows);
 }
 
 int64_t BlockTiles(const ConvGeometry& g) {
-  const int64_t budget_floats = int64_t{1} << 17;  // 512 KiB of scratch per task where channels allow
-  int64_t tb = budget_floats / (kElems * (g.c + g.m));
-  tb = std::clamp<int64_t>(tb, 8, kMaxBlockTiles) / 8 * 8;  // a multiple of the GEMM's 8 columns
+  // About 384 KiB of scratch (V and R) per task, to stay in L2; at least 16 tiles, the micro-kernel's width.
+  const int64_t budget_floats = int64_t{96} << 10;
+  int64_t tb = budget_floats / (Elems(g.tile) * (g.c + std::min<int64_t>(g.m, 64)));
+  tb = std::clamp<int64_t>(tb, 16, kMaxBlockTiles) / 16 * 16;
   const int64_t total = g.n * g.TilesPerImage();
-  const int64_t for_8_tasks = ((total + 7) / 8 + 7) / 8 * 8;  // aim at >= 8 tasks when there are enough tiles
-  tb = std::min(tb, std::max<int64_t>(8, for_8_tasks));
+  const int64_t for_8_tasks = ((total + 7) / 8 + 15) / 16 * 16;  // aim at >= 8 tasks when there are enough tiles
+  tb = std::min(tb, std::max<int64_t>(16, for_8_tasks));
   return std::max<int64_t>(1, std::min(tb, total));
 }
 
 int64_t OutputChunk(const ConvGeometry& g, int64_t tile_blocks) {
   const int64_t want = std::max<int64_t>(1, (8 + tile_blocks - 1) / tile_blocks);  // >= 8 tasks in all
   int64_t chunk = (g.m + want - 1) / want;
-  chunk = (chunk + 3) / 4 * 4;
-  return std::clamp<int64_t>(chunk, std::min<int64_t>(g.m, 16), std::max<int64_t>(g.m, 1));
-}
-
-void ComputeTiles(const ConvGeometry& g, const float* x, const float* u, const float* bias, float* y,
-                  int64_t tile_begin, int64_t tile_end, int64_t m_begin, int64_t m_end, float* scratch) {
-  const int64_t C = g.c, M = g.m, H = g.h, W = g.w, OH = g.oh, OW = g.ow;
-  const int64_t per_image = g.TilesPerImage();
-  for (int64_t begin = tile_begin; begin < tile_end; begin += kMaxBlockTiles) {
-    const int64_t tb = std::min(kMaxBlockTiles, tile_end - begin);
-    float* v = scratch;                    // [16][C][tb]
-    float* r = scratch + kElems * C * tb;  // [16][Mc][tb]
-    int64_t img[kMaxBlockTiles], oy[kMaxBlockTiles], ox[kMaxBlockTiles];
-    for (int64_t i = 0; i < tb; ++i) {
-      const int64_t t = begin + i;
-      const int64_t rem = t % per_image;
-      img[i] = t / per_image;
-      oy[i] = (rem / g.tiles_w) * kTileOut;
-      ox[i] = (rem % g.tiles_w) * kTileOut;
-    }
-
-    // 1. Input transform: V[e][c][i] = (B^T d B)[e] of tile i, channel c.
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t i = 0; i < tb; ++i) {
-        const float* plane = x + (img[i] * C + c) * H * W;
-        float d[16], vt[16];
-        LoadTile(plane, H, W, oy[i] - g.pad_top, ox[i] - g.pad_left, d);
-        InputTransform(d, vt);
-        for (int e = 0; e < kElems; ++e) v[(e * C + c) * tb + i] = vt[e];
-      }
-    }
-
-    // 2. Sixteen independent GEMMs over this task's output channels: R[e] = U[e][m_begin:m_end] * V[e].
-    const int64_t Mc = m_end - m_begin;
-    for (int e = 0; e < kElems; ++e) {
-      Gemm(u + (e * M + m_begin) * C, v + e * C * tb, r + e * Mc * tb, Mc, C, tb);
-    }
-
-    // 3. Output transform and bias; partial tiles at the right and bottom edges write only what exists.
-    for (int64_t mm = m_begin; mm < m_end; ++mm) {
-      const float b = bias ? bias[mm] : 0.0f;
-      for (int64_t i = 0; i < tb; ++i) {
-        float mt[16], yt[4];
-        for (int e = 0; e < kElems; ++e) mt[e] = r[(e * Mc + (mm - m_begin)) * tb + i];
-        OutputTransform(mt, yt);
-        float* out = y + ((img[i] * M + mm) * OH + oy[i]) * OW + ox[i];
-        const bool has_row1 = oy[i] + 1 < OH, has_col1 = ox[i] + 1 < OW;
-        out[0] = yt[0] + b;
-        if (has_col1) out[1] = yt[1] + b;
-        if (has_row1) {
-          out[OW] = yt[2] + b;
-          if (has_col1) out[OW + 1] = yt[3] + b;
-        }
-      }
-    }
-  }
+  chunk = (chunk + kRowBlock - 1) / kRowBlock * kRowBlock;
+  // Chunks of at least 24 rows: below that the input transform, repeated per chunk, outweighs the GEMM.
+  return std::clamp<int64_t>(chunk, std::min<int64_t>(g.m, 24), std::max<int64_t>(g.m, 1));
 }
 
 }  // namespace winograd
@@ -265,35 +86,70 @@ namespace {
 
 using Ort::Custom::Tensor;
 
-struct ParallelTask {
+// One call's work: blocks of tiles x chunks of output channels. With one chunk per block (large images), a
+// task transforms its block's input into its own scratch and multiplies it; with several (few tiles, deep
+// layers), the blocks' inputs are first transformed once into `shared_v`, split over input channels, so that
+// the chunks of a block do not each redo it.
+struct Plan {
   const winograd::ConvGeometry* g;
   const float* x;
   const float* u;
   const float* bias;
   float* y;
-  int64_t total_tiles;
-  int64_t block_tiles;
-  int64_t m_chunk;   // output channels per task
-  int64_t m_chunks;  // tasks per block of tiles
+  winograd::Stages stages;
+  int64_t total_tiles, block_tiles, blocks;
+  int64_t m_chunk, m_chunks;  // output channels per task, and tasks per block
+  int64_t c_chunk, c_chunks;  // input channels per transform task, and transform tasks per block
+  float* shared_v = nullptr;  // blocks x VFloats(block_tiles), or null
   std::atomic<bool> failed{false};
+
+  int64_t Begin(int64_t block) const { return block * block_tiles; }
+  int64_t End(int64_t block) const { return std::min(total_tiles, Begin(block) + block_tiles); }
+  float* SharedV(int64_t block) const { return shared_v + block * winograd::VFloats(*g, block_tiles); }
 };
 
-void RunBlock(void* data, size_t index) {
-  auto* task = static_cast<ParallelTask*>(data);
-  // Nothing may escape into onnxruntime's thread pool: an allocation failure is reported after the loop.
+// Nothing may escape into onnxruntime's thread pool: an allocation failure is reported after the loop.
+void TransformTask(void* data, size_t index) {
+  auto* p = static_cast<Plan*>(data);
   try {
-    const int64_t block = static_cast<int64_t>(index) / task->m_chunks;
-    const int64_t chunk = static_cast<int64_t>(index) % task->m_chunks;
-    const int64_t begin = block * task->block_tiles;
-    const int64_t end = std::min(task->total_tiles, begin + task->block_tiles);
-    const int64_t m_begin = chunk * task->m_chunk;
-    const int64_t m_end = std::min(task->g->m, m_begin + task->m_chunk);
-    if (begin >= end || m_begin >= m_end) return;
-    std::unique_ptr<float[]> scratch(new float[winograd::ScratchFloats(*task->g, end - begin)]);
-    winograd::ComputeTiles(*task->g, task->x, task->u, task->bias, task->y, begin, end, m_begin, m_end,
-                           scratch.get());
+    const int64_t block = static_cast<int64_t>(index) / p->c_chunks;
+    const int64_t c_begin = static_cast<int64_t>(index) % p->c_chunks * p->c_chunk;
+    const int64_t c_end = std::min(p->g->c, c_begin + p->c_chunk);
+    if (c_begin >= c_end) return;
+    p->stages.transform(*p->g, p->x, p->Begin(block), p->End(block), c_begin, c_end, p->SharedV(block));
   } catch (...) {
-    task->failed.store(true);
+    p->failed.store(true);
+  }
+}
+
+void MultiplyTask(void* data, size_t index) {
+  auto* p = static_cast<Plan*>(data);
+  try {
+    const int64_t block = static_cast<int64_t>(index) / p->m_chunks;
+    const int64_t m_begin = static_cast<int64_t>(index) % p->m_chunks * p->m_chunk;
+    const int64_t m_end = std::min(p->g->m, m_begin + p->m_chunk);
+    const int64_t begin = p->Begin(block), end = p->End(block);
+    if (begin >= end || m_begin >= m_end) return;
+    std::unique_ptr<float[]> own_v;
+    const float* v = p->shared_v ? p->SharedV(block) : nullptr;
+    if (v == nullptr) {
+      own_v.reset(new float[winograd::VFloats(*p->g, end - begin)]);
+      p->stages.transform(*p->g, p->x, begin, end, 0, p->g->c, own_v.get());
+      v = own_v.get();
+    }
+    std::unique_ptr<float[]> r(new float[winograd::RFloats(*p->g, end - begin, m_end - m_begin)]);
+    p->stages.multiply(*p->g, v, p->u, p->bias, p->y, begin, end, m_begin, m_end, r.get());
+  } catch (...) {
+    p->failed.store(true);
+  }
+}
+
+void ParallelOrInline(OrtKernelContext* context, void (*fn)(void*, size_t), int64_t tasks, void* data) {
+  if (tasks == 1) {
+    fn(data, 0);
+  } else if (tasks > 1) {
+    Ort::KernelContext ctx{context};
+    ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, data);
   }
 }
 
@@ -326,6 +182,12 @@ WinogradConvKernel::WinogradConvKernel(const OrtApi* api, const OrtKernelInfo* i
   RequireAllOnes(api, info, "dilations", where);
   const int64_t group = IntAttribute(api, info, "group", where).value_or(1);
   if (group != 1) Fail(where, "only group = 1 is supported, got " + std::to_string(group));
+  tile_ = static_cast<int>(IntAttribute(api, info, "tile", where).value_or(2));
+  if (tile_ != 2 && tile_ != 4) {
+    Fail(where, "attribute 'tile' must be 2 or 4 (F(2x2,3x3) or F(4x4,3x3)), got " + std::to_string(tile_));
+  }
+  stages_ = HasAvx2Fma() ? winograd::Stages{winograd::avx2::TransformInput, winograd::avx2::MultiplyOutput}
+                        : winograd::Stages{winograd::portable::TransformInput, winograd::portable::MultiplyOutput};
   if (auto ks = IntsAttribute(api, info, "kernel_shape", where)) {
     if (*ks != std::vector<int64_t>{3, 3}) Fail(where, "kernel_shape must be [3, 3], got " + ShapeStr(*ks));
   }
@@ -337,8 +199,7 @@ WinogradConvKernel::WinogradConvKernel(const OrtApi* api, const OrtKernelInfo* i
   }
   m_ = w.shape[0];
   c_ = w.shape[1];
-  u_.resize(static_cast<size_t>(winograd::kElems * m_ * c_));
-  winograd::TransformWeights(w.data.data(), m_, c_, u_.data());
+  u_ = winograd::PackWeights(w.data.data(), m_, c_, tile_);
 
   // B: optional constant [M].
   if (present_inputs_ == 3) {
@@ -393,33 +254,38 @@ void WinogradConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, 
                     " gives output " + std::to_string(g.oh) + "x" + std::to_string(g.ow) +
                     " for a 3x3 kernel");
   }
-  g.tiles_h = (g.oh + 1) / 2;
-  g.tiles_w = (g.ow + 1) / 2;
+  g.tile = tile_;
+  g.tiles_h = (g.oh + tile_ - 1) / tile_;
+  g.tiles_w = (g.ow + tile_ - 1) / tile_;
 
   float* y = Y.Allocate({g.n, g.m, g.oh, g.ow});
   const int64_t total = g.n * g.TilesPerImage();
   if (total == 0) return;
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
 
-  ParallelTask task;
-  task.g = &g;
-  task.x = X.Data();
-  task.u = u_.data();
-  task.bias = bias_.empty() ? nullptr : bias_.data();
-  task.y = y;
-  task.total_tiles = total;
-  task.block_tiles = winograd::BlockTiles(g);
-  const int64_t blocks = (total + task.block_tiles - 1) / task.block_tiles;
-  task.m_chunk = winograd::OutputChunk(g, blocks);
-  task.m_chunks = (g.m + task.m_chunk - 1) / task.m_chunk;
-  const int64_t tasks = blocks * task.m_chunks;
-  if (tasks == 1) {
-    RunBlock(&task, 0);
-  } else {
-    Ort::KernelContext ctx{context};
-    ctx.ParallelFor(RunBlock, static_cast<size_t>(tasks), 0, &task);
+  Plan p;
+  p.g = &g;
+  p.x = X.Data();
+  p.u = u_.data();
+  p.bias = bias_.empty() ? nullptr : bias_.data();
+  p.y = y;
+  p.stages = stages_;
+  p.total_tiles = total;
+  p.block_tiles = winograd::BlockTiles(g);
+  p.blocks = (total + p.block_tiles - 1) / p.block_tiles;
+  p.m_chunk = winograd::OutputChunk(g, p.blocks);
+  p.m_chunks = (g.m + p.m_chunk - 1) / p.m_chunk;
+  std::unique_ptr<float[]> shared_v;
+  if (p.m_chunks > 1) {
+    shared_v.reset(new float[p.blocks * winograd::VFloats(g, p.block_tiles)]);
+    p.shared_v = shared_v.get();
+    const int64_t want = std::max<int64_t>(1, (8 + p.blocks - 1) / p.blocks);  // >= 8 tasks in all
+    p.c_chunk = std::max<int64_t>(8, (g.c + want - 1) / want);
+    p.c_chunks = (g.c + p.c_chunk - 1) / p.c_chunk;
+    ParallelOrInline(context, TransformTask, p.blocks * p.c_chunks, &p);
   }
-  if (task.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
+  if (!p.failed.load()) ParallelOrInline(context, MultiplyTask, p.blocks * p.m_chunks, &p);
+  if (p.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
 }
 
 Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp() { return new SafeOp<WinogradConvKernel>("WinogradConv"); }

@@ -1,20 +1,21 @@
-// WinogradConv: 3x3, stride-1 convolution computed with Winograd's minimal filtering F(2x2, 3x3).
+// WinogradConv: 3x3, stride-1 convolution computed with Winograd's minimal filtering F(2x2, 3x3) or F(4x4, 3x3).
 //
 // Semantics (the numpy reference is onnxopt/reference/winograd.py):
 //   inputs : X float32 [N, C, H, W]; W float32 [M, C, 3, 3], a constant initializer; B float32 [M], optional,
 //            a constant initializer
-//   attrs  : pads ints [top, left, bottom, right] (ONNX Conv order), default 0
+//   attrs  : pads ints [top, left, bottom, right] (ONNX Conv order), default 0; tile int 2 or 4, default 2
 //   output : Y float32 [N, M, H + top + bottom - 2, W + left + right - 2], equal to ONNX Conv(X, W, B, pads)
 //
-// Per output tile of 2x2 (input tile 4x4, tiles at stride 2):
-//   U = G g G^T            (4x4 per (m, c); once, in the kernel constructor)
-//   V = B^T d B            (4x4 per (c, tile))
-//   M[e] = U[e] V[e]       (16 independent GEMMs, e = 4 xi + nu: [M x C] x [C x tiles])
-//   Y = A^T M A            (2x2 per (m, tile)), plus bias
-// with
-//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
-//   G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
-//   A^T = [1 1 1 0; 0 1 -1 -1]
+// Per output tile of t x t (t = tile; input window a x a, a = t + 2, windows at stride t; E = a^2):
+//   U = G g G^T            (a x a per (m, c); once, in the kernel constructor)
+//   V = B^T d B            (a x a per (c, tile))
+//   M[e] = U[e] V[e]       (E independent GEMMs, e = a xi + nu: [M x C] x [C x tiles])
+//   Y = A^T M A            (t x t per (m, tile)), plus bias
+// F(2x2): 16 products per (m, c, tile) for 4 outputs (2.25x fewer than direct); F(4x4): 36 for 16 (4x fewer).
+// The matrices are in the reference module.
+//
+// Layouts: U packed [E][ceil(M/6)][C][6] (zero rows past M) for the 6-row GEMM micro-kernel; per block of
+// tiles, V [E][G][C][8] and R [M chunk][G][E][8] with G = groups of 8 tiles (one vector lane per tile).
 #pragma once
 
 #include <cstddef>
@@ -28,10 +29,11 @@
 namespace onnxopt {
 namespace winograd {
 
-constexpr int kTileIn = 4;    // input tile edge
-constexpr int kTileOut = 2;   // output tile edge
-constexpr int kElems = 16;    // elements of a transformed tile
-constexpr int64_t kMaxBlockTiles = 64;
+constexpr int64_t kMaxBlockTiles = 64;  // a multiple of 16 (two vector groups of the micro-kernel)
+constexpr int64_t kRowBlock = 6;        // rows of U per micro-kernel step
+
+// Elements of a transformed tile for output tile edge t: (t + 2)^2.
+constexpr int Elems(int tile) { return (tile + 2) * (tile + 2); }
 
 // Geometry of one call.
 struct ConvGeometry {
@@ -40,26 +42,52 @@ struct ConvGeometry {
   int64_t pad_top = 0, pad_left = 0;
   int64_t oh = 0, ow = 0;        // output spatial size
   int64_t tiles_h = 0, tiles_w = 0;  // tiles per image along each axis
+  int tile = 2;                      // output tile edge
   int64_t TilesPerImage() const { return tiles_h * tiles_w; }
 };
 
-// U[e][m][c] (layout [16, M, C]) from w [M, C, 3, 3].
-void TransformWeights(const float* w, int64_t m, int64_t c, float* u);
+// U = G g G^T for w [M, C, 3, 3], computed in double and packed as [E][ceil(M/6)][C][6].
+std::vector<float> PackWeights(const float* w, int64_t m, int64_t c, int tile);
 
-// Floats of scratch one block of `block_tiles` tiles needs (transformed input and the GEMM results).
-size_t ScratchFloats(const ConvGeometry& g, int64_t block_tiles);
+// Floats between V[e] and V[e + 1] of a block of `tiles` tiles: one cache line more than the data, so that the
+// E stores of one transformed tile do not all fall into the same L1 set (with power-of-two channel counts the
+// data alone is a multiple of 4 KiB).
+inline int64_t VStrideFloats(int64_t groups, int64_t c) { return groups * c * 8 + 16; }
+inline size_t VFloats(const ConvGeometry& g, int64_t tiles) {
+  return static_cast<size_t>(Elems(g.tile) * VStrideFloats((tiles + 7) / 8, g.c));
+}
+// Floats of the GEMM results R of a block of `tiles` tiles and `m_chunk` output channels.
+size_t RFloats(const ConvGeometry& g, int64_t tiles, int64_t m_chunk);
 
-// Tiles per block: bounded so that the scratch of one block stays small whatever the image size.
+// Tiles per block (<= kMaxBlockTiles): bounded so that V and R of one block stay in L2 whatever the image size.
 int64_t BlockTiles(const ConvGeometry& g);
 
 // Output channels per task: deep layers have few tiles, so their work is also split over output channels
-// (each task then reads only its slice of U). A multiple of 4 (the GEMM's row block), at least 16 or M.
+// (each task then reads only its slice of U). A multiple of 6 (the micro-kernel's rows), or M.
 int64_t OutputChunk(const ConvGeometry& g, int64_t tile_blocks);
 
-// Computes output channels [m_begin, m_end) of the tiles [tile_begin, tile_end) of the flattened (image,
-// tile row, tile col) index into y. bias may be null. scratch holds ScratchFloats(g, tile_end - tile_begin).
-void ComputeTiles(const ConvGeometry& g, const float* x, const float* u, const float* bias, float* y,
-                  int64_t tile_begin, int64_t tile_end, int64_t m_begin, int64_t m_end, float* scratch);
+// The two stages of a block of tiles [tile_begin, tile_end) of the flattened (image, tile row, tile col) index:
+//   TransformInput : V of input channels [c_begin, c_end) (v holds VFloats(g, tiles));
+//   MultiplyOutput : output channels [m_begin, m_end) (m_begin a multiple of 6) from the block's complete V;
+//                    r holds RFloats(g, tiles, m_end - m_begin); bias may be null.
+// One build per instruction set; the kernel picks one at creation.
+#define ONNXOPT_WINOGRAD_STAGES                                                                                \
+  void TransformInput(const ConvGeometry& g, const float* x, int64_t tile_begin, int64_t tile_end,              \
+                      int64_t c_begin, int64_t c_end, float* v);                                               \
+  void MultiplyOutput(const ConvGeometry& g, const float* v, const float* u, const float* bias, float* y,      \
+                      int64_t tile_begin, int64_t tile_end, int64_t m_begin, int64_t m_end, float* r);
+namespace avx2 {
+ONNXOPT_WINOGRAD_STAGES
+}
+namespace portable {
+ONNXOPT_WINOGRAD_STAGES
+}
+#undef ONNXOPT_WINOGRAD_STAGES
+
+struct Stages {
+  decltype(&avx2::TransformInput) transform;
+  decltype(&avx2::MultiplyOutput) multiply;
+};
 
 }  // namespace winograd
 
@@ -83,7 +111,9 @@ struct WinogradConvKernel {
   size_t present_inputs_ = 0;
   int64_t m_ = 0, c_ = 0;
   int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
-  std::vector<float> u_;            // [16, M, C]
+  int tile_ = 2;
+  winograd::Stages stages_{};
+  std::vector<float> u_;            // packed, see PackWeights
   std::vector<float> bias_;         // [M] or empty
 };
 

@@ -1,4 +1,5 @@
-"""Numpy reference of WinogradConv: a 3x3, stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3).
+"""Numpy reference of WinogradConv: a 3x3, stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3)
+or F(4x4, 3x3) (attribute `tile` = 2 or 4, the output tile edge).
 
 Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016). The output is cut into 2x2
 tiles; tile (ty, tx) reads the 4x4 window of the zero-padded input whose top-left corner is (2 ty, 2 tx), so
@@ -21,6 +22,10 @@ Summed over the C input channels, and because the transforms are linear, the ele
     Mt[xi, nu, m, t]   = sum_c U[xi, nu, m, c] V[xi, nu, c, t]      (16 GEMMs)
     Y[m, tile t]       = A^T Mt[:, :, m, t] A + B[m]
 
+F(4x4, 3x3) is the same with 6x6 input windows at stride 4, 36 GEMMs (4x fewer multiplications than direct
+convolution instead of 2.25x), and the matrices B4^T, G4, A4^T below (interpolation points 0, ±1, ±2, ∞). Its
+transforms have larger coefficients, so its round-off is about 10x that of F(2x2).
+
 Tiles that stick out of the output at the right or bottom edge (odd output sizes) are computed over zeros and
 cropped. The result equals ONNX Conv(X, W, B, pads, kernel_shape=[3, 3], strides=1, dilations=1, group=1).
 """
@@ -39,13 +44,50 @@ BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
 
+# F(4x4, 3x3).
+BT4 = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=np.float64,
+)
+G4 = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=np.float64,
+)
+AT4 = np.array(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64
+)
 
-def transform_weights(W: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """U = G g G^T for every filter g = W[m, c]: [M, C, 3, 3] -> [4, 4, M, C] (computed in float64)."""
+# Output tile edge -> (B^T, G, A^T).
+MATRICES = {2: (BT, G, AT), 4: (BT4, G4, AT4)}
+
+
+def _matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if tile not in MATRICES:
+        raise ValueError(f"tile must be 2 or 4 (F(2x2,3x3) or F(4x4,3x3)), got {tile}")
+    return MATRICES[tile]
+
+
+def transform_weights(W: np.ndarray, dtype: np.dtype | type = np.float32, tile: int = 2) -> np.ndarray:
+    """U = G g G^T for every filter g = W[m, c]: [M, C, 3, 3] -> [a, a, M, C], a = tile + 2 (in float64)."""
     W = np.asarray(W)
     if W.ndim != 4 or W.shape[2:] != (3, 3):
         raise ValueError(f"W must have shape [M, C, 3, 3], got {list(W.shape)}")
-    U = np.einsum("ij,mcjk,lk->ilmc", G, W.astype(np.float64), G, optimize=True)
+    g = _matrices(tile)[1]
+    U = np.einsum("ij,mcjk,lk->ilmc", g, W.astype(np.float64), g, optimize=True)
     return U.astype(dtype)
 
 
@@ -67,9 +109,13 @@ def _check(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, pads: Sequence[in
 
 
 def winograd_conv(
-    X: np.ndarray, W: np.ndarray, B: np.ndarray | None = None, pads: Sequence[int] = (0, 0, 0, 0)
+    X: np.ndarray,
+    W: np.ndarray,
+    B: np.ndarray | None = None,
+    pads: Sequence[int] = (0, 0, 0, 0),
+    tile: int = 2,
 ) -> np.ndarray:
-    """Y = Conv(X, W, B, pads) for 3x3 filters, stride 1, computed tile by tile with F(2x2, 3x3).
+    """Y = Conv(X, W, B, pads) for 3x3 filters, stride 1, computed tile by tile with F(tile x tile, 3x3).
 
     X [N, C, H, W], W [M, C, 3, 3], B [M] or None, pads [top, left, bottom, right].
     Returns Y [N, M, H + top + bottom - 2, W + left + right - 2] in X's dtype (arithmetic in float64).
@@ -82,19 +128,21 @@ def winograd_conv(
     OH, OW = H + top + bottom - 2, Wd + left + right - 2
     if OH <= 0 or OW <= 0:
         raise ValueError(f"output would be empty: X spatial {H}x{Wd} with pads {list(pads)} gives {OH}x{OW}")
-    TH, TW = (OH + 1) // 2, (OW + 1) // 2  # tiles per axis; the last may stick out
+    bt, _, at = _matrices(tile)
+    a = tile + 2  # input window edge
+    TH, TW = -(-OH // tile), -(-OW // tile)  # tiles per axis; the last may stick out
 
-    # Zero-padded input, large enough for every 4x4 window (2 TH + 2 >= OH + 2 = H + top + bottom).
-    Xp = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=np.float64)
+    # Zero-padded input, large enough for every window (tile TH + 2 >= OH + 2 = H + top + bottom).
+    Xp = np.zeros((N, C, tile * TH + 2, tile * TW + 2), dtype=np.float64)
     Xp[:, :, top : top + H, left : left + Wd] = X
-    # d[n, c, ty, tx] = the 4x4 window at (2 ty, 2 tx): shape [N, C, TH, TW, 4, 4].
-    d = np.lib.stride_tricks.sliding_window_view(Xp, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
+    # d[n, c, ty, tx] = the a x a window at (tile ty, tile tx): shape [N, C, TH, TW, a, a].
+    d = np.lib.stride_tricks.sliding_window_view(Xp, (a, a), axis=(2, 3))[:, :, ::tile, ::tile]
 
-    U = transform_weights(W, np.float64)  # [4, 4, M, C]
-    V = np.einsum("ij,nctujk,lk->ilnctu", BT, d, BT, optimize=True)  # B^T d B: [4, 4, N, C, TH, TW]
-    Mt = np.einsum("xymc,xynctu->xynmtu", U, V, optimize=True)  # 16 GEMMs over c: [4, 4, N, M, TH, TW]
-    Yt = np.einsum("ix,xynmtu,jy->nmtiuj", AT, Mt, AT, optimize=True)  # A^T Mt A: [N, M, TH, 2, TW, 2]
-    Y = Yt.reshape(N, M, 2 * TH, 2 * TW)[:, :, :OH, :OW]
+    U = transform_weights(W, np.float64, tile)  # [a, a, M, C]
+    V = np.einsum("ij,nctujk,lk->ilnctu", bt, d, bt, optimize=True)  # B^T d B: [a, a, N, C, TH, TW]
+    Mt = np.einsum("xymc,xynctu->xynmtu", U, V, optimize=True)  # a*a GEMMs over c: [a, a, N, M, TH, TW]
+    Yt = np.einsum("ix,xynmtu,jy->nmtiuj", at, Mt, at, optimize=True)  # A^T Mt A: [N, M, TH, t, TW, t]
+    Y = Yt.reshape(N, M, tile * TH, tile * TW)[:, :, :OH, :OW]
     if B is not None:
         Y = Y + B.astype(np.float64)[None, :, None, None]
     return np.ascontiguousarray(Y, dtype=X.dtype)
@@ -108,15 +156,15 @@ class WinogradConv(OpRun):
 
     op_domain = "onnxopt"
 
-    def _run(self, X, W, B=None, pads=None):
-        return (winograd_conv(X, W, B, (0, 0, 0, 0) if pads is None else pads),)
+    def _run(self, X, W, B=None, pads=None, tile=None):
+        return (winograd_conv(X, W, B, (0, 0, 0, 0) if pads is None else pads, 2 if tile is None else tile),)
 
 
 WinogradConvRef = WinogradConv  # the name other modules import
 
 SPEC = OpSpec(
     name="WinogradConv",
-    summary="3x3 stride-1 convolution by Winograd F(2x2, 3x3); equals ONNX Conv with those settings",
+    summary="3x3 stride-1 convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3); equals ONNX Conv with those",
     inputs=[
         ("X", "float32 [N, C, H, W]; input"),
         ("W", "float32 [M, C, 3, 3]; filters, a constant initializer (transformed once at session creation)"),
@@ -125,6 +173,7 @@ SPEC = OpSpec(
     outputs=[("Y", "float32 [N, M, H + top + bottom - 2, W + left + right - 2]")],
     attributes=[
         ("pads", "ints [top, left, bottom, right] (ONNX Conv order), non-negative; default [0, 0, 0, 0]"),
+        ("tile", "int, 2 or 4: output tile edge, F(2x2, 3x3) or F(4x4, 3x3); default 2"),
         ("strides, dilations", "ints, optional; only all-ones is accepted"),
         ("group", "int, optional; only 1 is accepted"),
         ("kernel_shape", "ints, optional; only [3, 3] is accepted"),
@@ -143,8 +192,25 @@ U[:, :, m, c] = G W[m, c] G^T                                  (4x4, once)
 V[:, :, c, t] = B^T d[c, t] B     d = 4x4 window of zero-padded X at (2 ty, 2 tx)
 M[xi, nu, m, t] = sum_c U[xi, nu, m, c] V[xi, nu, c, t]        (16 GEMMs)
 Y[n, m, 2 ty : 2 ty + 2, 2 tx : 2 tx + 2] = A^T M[:, :, m, t] A + B[m]   (cropped at the edges)
+tile = 4: 6x6 windows at stride 4, 36 GEMMs, with
+B4^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+G4   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+A4^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
 """,
     reference=winograd_conv,
 )
 
-__all__ = ["AT", "BT", "SPEC", "G", "WinogradConv", "WinogradConvRef", "transform_weights", "winograd_conv"]
+__all__ = [
+    "AT",
+    "AT4",
+    "BT",
+    "BT4",
+    "G4",
+    "MATRICES",
+    "SPEC",
+    "G",
+    "WinogradConv",
+    "WinogradConvRef",
+    "transform_weights",
+    "winograd_conv",
+]
