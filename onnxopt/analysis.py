@@ -1,8 +1,9 @@
 """Static analysis of a model: tensor shapes, and per node its parameters, weight bytes and FLOPs.
 
 FLOPs count a multiply-add as 2. Conv: 2·N·M·Ho·Wo·(C/g)·kh·kw; Gemm/MatMul: 2·M·K·N (times batch);
-WinogradConv F(2x2,3x3): per 2x2 output tile 16 products per (m, c) plus the input transform
-(32 adds per tile and input channel) and the output transform (24 adds per tile and output channel).
+WinogradConv F(t x t, 3x3), t = attribute tile (2 or 4), a = t + 2: per t x t output tile a^2 products per
+(m, c) plus the input transform (32 adds per tile and input channel for F(2x2), about 144 for F(4x4)) and the
+output transform (24 and about 110 per tile and output channel).
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -117,8 +118,10 @@ def _winograd_flops(inputs, outputs, attrs, shapes) -> int:
         return 0
     n, c = x[0], x[1]
     m = w[0]
-    tiles = n * math.ceil(y[2] / 2) * math.ceil(y[3] / 2)
-    return tiles * (2 * 16 * m * c + 32 * c + 24 * m)
+    t = int(attrs.get("tile", 2))
+    tiles = n * math.ceil(y[2] / t) * math.ceil(y[3] / t)
+    in_cost, out_cost = (144, 110) if t == 4 else (32, 24)
+    return tiles * (2 * (t + 2) ** 2 * m * c + in_cost * c + out_cost * m)
 
 
 FLOP_RULES: dict[str, Callable] = {

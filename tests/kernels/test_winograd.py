@@ -4,6 +4,7 @@ creation-time errors, the onnx reference evaluator, and the shape of the shared 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -21,7 +22,7 @@ from onnx.reference import ReferenceEvaluator
 import onnxopt
 from onnxopt.reference import REFERENCE_OPS, SPECS
 from onnxopt.reference.winograd import AT, BT, G, WinogradConv, transform_weights, winograd_conv
-from tolerances import REL_L2_REORDER, rel_l2, tol
+from tolerances import REL_L2_REORDER, WINOGRAD_F4, rel_l2, tol
 
 OPSET = 17
 IR_VERSION = 10
@@ -106,13 +107,28 @@ def weights(C: int, M: int, bias: bool, seed: int = 0):
     return W, B
 
 
+@contextlib.contextmanager
+def portable_path(on: bool):
+    """Kernels created inside take the portable build instead of the AVX2 one (read at kernel creation)."""
+    old = os.environ.get("ONNXOPT_DISABLE_AVX2")
+    if on:
+        os.environ["ONNXOPT_DISABLE_AVX2"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ONNXOPT_DISABLE_AVX2", None)
+        else:
+            os.environ["ONNXOPT_DISABLE_AVX2"] = old
+
+
 @functools.cache
-def sessions(C: int, M: int, pads: tuple[int, ...], bias: bool):
+def sessions(C: int, M: int, pads: tuple[int, ...], bias: bool, tile: int = 2, portable: bool = False):
     """(WinogradConv session, onnxruntime Conv session) over the same weights; cached across parameters."""
     W, B = weights(C, M, bias)
-    return winograd_session(make_model("WinogradConv", W, B, pads)), stock_session(
-        make_model("Conv", W, B, pads)
-    )
+    with portable_path(portable):
+        wino = winograd_session(make_model("WinogradConv", W, B, pads, tile=tile))
+    return wino, stock_session(make_model("Conv", W, B, pads))
 
 
 def out_size(H, Wd, pads):
@@ -162,21 +178,32 @@ def describe(N, C, H, Wd, M, pads, bias, seed):
 # ------------------------------------------------------------------------------------------------- tests
 
 
+# (tile, portable build): F(2x2) and F(4x4), each through the AVX2 build (where the CPU has it) and the
+# portable one.
+VARIANTS = [
+    pytest.param(2, False, id="F2"),
+    pytest.param(4, False, id="F4"),
+    pytest.param(2, True, id="F2-portable"),
+    pytest.param(4, True, id="F4-portable"),
+]
+
+
+@pytest.mark.parametrize(("tile", "portable"), VARIANTS)
 @pytest.mark.parametrize(("N", "C", "H", "Wd", "M", "pads", "bias", "seed"), CASES)
-def test_kernel_matches_reference_and_onnxruntime_conv(N, C, H, Wd, M, pads, bias, seed):
-    wino, conv = sessions(C, M, pads, bias)
+def test_kernel_matches_reference_and_onnxruntime_conv(N, C, H, Wd, M, pads, bias, seed, tile, portable):
+    wino, conv = sessions(C, M, pads, bias, tile, portable)
     W, B = weights(C, M, bias)
     X = np.random.default_rng(seed).standard_normal((N, C, H, Wd), dtype=F32)
-    what = describe(N, C, H, Wd, M, pads, bias, seed)
+    what = describe(N, C, H, Wd, M, pads, bias, seed) + f" tile={tile} portable={portable}"
 
     (Y,) = wino.run(None, {"X": X})
-    Y_ref = winograd_conv(X, W, B, pads)
+    Y_ref = winograd_conv(X, W, B, pads, tile=tile)
     (Y_ort,) = conv.run(None, {"X": X})
     oh, ow = out_size(H, Wd, pads)
     assert Y.shape == (N, M, oh, ow) == Y_ref.shape, f"{what}: shape {Y.shape}, expected {(N, M, oh, ow)}"
     assert Y.dtype == F32, f"{what}: dtype {Y.dtype}"
 
-    limit = tol(F32)
+    limit = tol(F32, WINOGRAD_F4) if tile == 4 else tol(F32)
     err_ref = rel_l2(Y, Y_ref)
     assert err_ref <= limit, f"{what}: kernel vs numpy reference: rel L2 {err_ref:.3e} > {limit:.1e}"
     err_ort = rel_l2(Y, Y_ort)
@@ -319,6 +346,8 @@ CREATION_ERRORS = [
     pytest.param(dict(dilations=[2, 2]), r"only dilations = 1", id="dilations-2"),
     pytest.param(dict(group=13), r"only group = 1", id="group-13"),
     pytest.param(dict(kernel_shape=[5, 5]), r"kernel_shape must be \[3, 3\]", id="kernel-5x5"),
+    pytest.param(dict(tile=3), r"'tile' must be 2 or 4", id="tile-3"),
+    pytest.param(dict(tile=[4]), r"'tile' must be an int", id="tile-list"),
     pytest.param(dict(W=np.ones((16, 13, 3, 2), F32)), r"W must have shape \[M, C, 3, 3\]", id="W-3x2"),
     pytest.param(dict(B=np.ones(5, F32)), r"B must have shape \[M\] = \[16\]", id="B-length-5"),
 ]

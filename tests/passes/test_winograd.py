@@ -11,13 +11,13 @@ from onnxopt.data import synthetic_inputs
 from onnxopt.manager import optimize
 from onnxopt.passes.winograd import Winograd
 from onnxopt.verify import compare_models
-from tolerances import REL_L2, tol
+from tolerances import REL_L2, WINOGRAD_F4, tol
 
 
-def _run(model, samples=3, measure=False):
+def _run(model, samples=3, measure=False, **extra):
     """Optimize with winograd; by default without timing, so that every eligible layer is rewritten."""
     feeds = synthetic_inputs(model, samples=samples, seed=4)
-    settings = {} if measure else {"winograd": {"measure": "0"}}
+    settings = {"winograd": {**({} if measure else {"measure": "0"}), **extra}}
     return optimize(model, [Winograd()], feeds, OutputBudget(model, feeds, 1e-2), settings=settings), feeds
 
 
@@ -69,3 +69,26 @@ def test_measured_layers_record_their_times_or_decline_as_slower():
             assert r.detail["ms_before"] / r.detail["ms_after"] >= 1.05 and r.detail["threads"] == 1
         else:
             assert r.status == "declined" and r.reason.startswith("not faster:"), r.reason
+
+
+@pytest.mark.parametrize("tile", ["2", "4"])
+def test_tile_setting_picks_the_variant(tile):
+    model = conv_net([8, 16], size=12, pads=1)
+    result, feeds = _run(model, tile=tile)
+    (node,) = [n for n in result.model.graph.node if n.op_type == "WinogradConv"]
+    assert onnx.helper.get_attribute_value(
+        node.attribute[[a.name for a in node.attribute].index("tile")]
+    ) == int(tile)
+    assert result.records[0].detail["tile"] == f"F({tile}x{tile},3x3)"
+    err = max(e.rel_l2 for e in compare_models(model, result.model, feeds))
+    assert err <= tol("float32", WINOGRAD_F4), f"tile={tile}: err={err}"
+
+
+def test_without_measurement_the_larger_tile_comes_first():
+    result, _ = _run(conv_net([8, 16], size=12, pads=1))
+    assert result.records[0].detail["tile"] == "F(4x4,3x3)"
+
+
+def test_bad_tile_setting_declines_with_reason():
+    result, _ = _run(conv_net([8, 16], size=12, pads=1), tile="3")
+    assert result.records[0].status == "declined" and "winograd.tile=3" in result.records[0].reason
