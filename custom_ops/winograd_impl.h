@@ -36,6 +36,30 @@ inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+typedef int V8i __attribute__((vector_size(32)));
+
+// In place: r[i][j] -> r[j][i] for an 8x8 block held in 8 vectors (unpack, 2-lane shuffle, 128-bit halves).
+inline void Transpose8(V8* r) {
+  const V8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const V8i even = {0, 1, 8, 9, 4, 5, 12, 13}, odd = {2, 3, 10, 11, 6, 7, 14, 15};
+  const V8i first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+  V8 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = __builtin_shuffle(t[k], t[k + 2], even);
+    u[k + 1] = __builtin_shuffle(t[k], t[k + 2], odd);
+    u[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], even);
+    u[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], odd);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = __builtin_shuffle(u[k], u[k + 4], first);
+    r[k + 4] = __builtin_shuffle(u[k], u[k + 4], second);
+  }
+}
+
 
 // 1-D transforms of one column (or row) of vectors, for each output tile edge.
 template <int kTile>
@@ -93,6 +117,37 @@ struct TileCoords {
   int64_t ox[kMaxBlockTiles + 8];
 };
 
+// d[r * kA + s] lane i = the window of lane i at (r, s), zero outside the image (the general path).
+template <int kA>
+void GatherWindows(const ConvGeometry& g, const float* x, const TileCoords& tc, int64_t t0, int64_t c,
+                   const bool* inside, V8* d) {
+  const int64_t C = g.c, H = g.h, W = g.w;
+  alignas(32) float buf[kA][kA][8];
+  for (int i = 0; i < 8; ++i) {
+    const int64_t n = tc.img[t0 + i];
+    const int64_t y0 = tc.oy[t0 + i] - g.pad_top, x0 = tc.ox[t0 + i] - g.pad_left;
+    if (inside[i]) {
+      const float* p = x + ((n * C + c) * H + y0) * W + x0;
+      for (int r = 0; r < kA; ++r) {
+        for (int s = 0; s < kA; ++s) buf[r][s][i] = p[r * W + s];
+      }
+      continue;
+    }
+    // A window at the border: zeros, then the rectangle that lies inside the image.
+    for (int r = 0; r < kA; ++r) {
+      for (int s = 0; s < kA; ++s) buf[r][s][i] = 0.0f;
+    }
+    if (n < 0) continue;
+    const float* plane = x + (n * C + c) * H * W;
+    const int64_t r0 = y0 < 0 ? -y0 : 0, r1 = Min(kA, H - y0);
+    const int64_t s0 = x0 < 0 ? -x0 : 0, s1 = Min(kA, W - x0);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t s = s0; s < s1; ++s) buf[r][s][i] = plane[(y0 + r) * W + x0 + s];
+    }
+  }
+  for (int k = 0; k < kA * kA; ++k) d[k] = Load(&buf[0][0][0] + k * 8);
+}
+
 template <int kTile>
 void InputTransform(const ConvGeometry& g, const float* x, const TileCoords& tc, int64_t groups, int64_t c_begin,
                     int64_t c_end, float* v) {
@@ -101,38 +156,32 @@ void InputTransform(const ConvGeometry& g, const float* x, const TileCoords& tc,
   const int64_t C = g.c, H = g.h, W = g.w;
   for (int64_t grp = 0; grp < groups; ++grp) {
     const int64_t t0 = grp * 8;
-    // Lanes whose whole window is inside the image are read without bounds checks.
-    bool inside[8];
+    // Lanes whose whole window is inside the image are read without bounds checks; when all 8 are, and
+    // reading 8 floats from each window row stays inside X, the windows are read as rows and transposed.
+    bool inside[8], rows_ok = true;
+    const int64_t x_floats = g.n * C * H * W;
     for (int i = 0; i < 8; ++i) {
       const int64_t y0 = tc.oy[t0 + i] - g.pad_top, x0 = tc.ox[t0 + i] - g.pad_left;
       inside[i] = tc.img[t0 + i] >= 0 && y0 >= 0 && x0 >= 0 && y0 + kA <= H && x0 + kA <= W;
+      const int64_t last = ((tc.img[t0 + i] * C + C - 1) * H + y0 + kA - 1) * W + x0 + 8;
+      rows_ok = rows_ok && inside[i] && last <= x_floats;
     }
     for (int64_t c = c_begin; c < c_end; ++c) {
-      alignas(32) float buf[kA][kA][8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t n = tc.img[t0 + i];
-        const int64_t y0 = tc.oy[t0 + i] - g.pad_top, x0 = tc.ox[t0 + i] - g.pad_left;
-        if (inside[i]) {
-          const float* p = x + ((n * C + c) * H + y0) * W + x0;
-          for (int r = 0; r < kA; ++r) {
-            for (int s = 0; s < kA; ++s) buf[r][s][i] = p[r * W + s];
-          }
-          continue;
-        }
-        // A window at the border: zeros, then the rectangle that lies inside the image.
-        for (int r = 0; r < kA; ++r) {
-          for (int s = 0; s < kA; ++s) buf[r][s][i] = 0.0f;
-        }
-        if (n < 0) continue;
-        const float* plane = x + (n * C + c) * H * W;
-        const int64_t r0 = y0 < 0 ? -y0 : 0, r1 = Min(kA, H - y0);
-        const int64_t s0 = x0 < 0 ? -x0 : 0, s1 = Min(kA, W - x0);
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t s = s0; s < s1; ++s) buf[r][s][i] = plane[(y0 + r) * W + x0 + s];
-        }
-      }
       V8 d[kA * kA], t[kA * kA];
-      for (int k = 0; k < kA * kA; ++k) d[k] = Load(&buf[0][0][0] + k * 8);
+      if (rows_ok) {
+        const float* p[8];
+        for (int i = 0; i < 8; ++i) {
+          p[i] = x + ((tc.img[t0 + i] * C + c) * H + tc.oy[t0 + i] - g.pad_top) * W + tc.ox[t0 + i] - g.pad_left;
+        }
+        for (int r = 0; r < kA; ++r) {
+          V8 rows[8];
+          for (int i = 0; i < 8; ++i) rows[i] = Load(p[i] + r * W);
+          Transpose8(rows);
+          for (int s = 0; s < kA; ++s) d[r * kA + s] = rows[s];
+        }
+      } else {
+        GatherWindows<kA>(g, x, tc, t0, c, inside, d);
+      }
       for (int s = 0; s < kA; ++s) Transform<kTile>::In(d + s, kA, t + s, kA);  // B^T d, column by column
       for (int r = 0; r < kA; ++r) Transform<kTile>::In(t + r * kA, 1, d + r * kA, 1);  // (B^T d) B
       for (int e = 0; e < kE; ++e) Store(v + e * VStrideFloats(groups, C) + (grp * C + c) * 8, d[e]);
@@ -211,6 +260,14 @@ void OutputTransform(const ConvGeometry& g, const float* r, const float* bias, c
   constexpr int kA = Transform<kTile>::kA;
   constexpr int kE = kA * kA;
   const int64_t M = g.m, OH = g.oh, OW = g.ow;
+  bool full[kMaxBlockTiles / 8];  // whether the 8 tiles of a group lie wholly inside the output
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    full[grp] = true;
+    for (int i = 0; i < 8; ++i) {
+      const int64_t t0 = grp * 8 + i;
+      full[grp] = full[grp] && tc.img[t0] >= 0 && tc.oy[t0] + kTile <= OH && tc.ox[t0] + kTile <= OW;
+    }
+  }
   for (int64_t m = m_begin; m < m_end; ++m) {
     const float b = bias ? bias[m] : 0.0f;
     for (int64_t grp = 0; grp < groups; ++grp) {
@@ -219,6 +276,19 @@ void OutputTransform(const ConvGeometry& g, const float* r, const float* bias, c
       for (int e = 0; e < kE; ++e) mt[e] = Load(rp + e * 8);
       for (int s = 0; s < kA; ++s) Transform<kTile>::Out(mt + s, kA, t + s, kA);  // A^T m, column by column
       for (int i = 0; i < kTile; ++i) Transform<kTile>::Out(t + i * kA, 1, yt + i * kTile, 1);  // (A^T m) A
+      if (full[grp]) {  // 8 whole tiles: each output row of a tile is one short store after a transpose
+        for (int ii = 0; ii < kTile; ++ii) {
+          V8 rows[8] = {};
+          for (int jj = 0; jj < kTile; ++jj) rows[jj] = yt[ii * kTile + jj] + b;
+          Transpose8(rows);
+          for (int i = 0; i < 8; ++i) {
+            const int64_t t0 = grp * 8 + i;
+            float* out = y + ((tc.img[t0] * M + m) * OH + tc.oy[t0] + ii) * OW + tc.ox[t0];
+            std::memcpy(out, &rows[i], kTile * sizeof(float));
+          }
+        }
+        continue;
+      }
       alignas(32) float buf[kTile * kTile][8];
       for (int k = 0; k < kTile * kTile; ++k) Store(buf[k], yt[k] + b);
       for (int i = 0; i < 8; ++i) {

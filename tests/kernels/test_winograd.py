@@ -161,6 +161,8 @@ def _cases():
         (2, 15, 40, 6, 6, (0, 1, 2, 0), False),
         (1, 13, 5, 5, 40, (1, 1, 1, 1), True),
         (3, 15, 7, 9, 37, (0, 1, 2, 0), False),
+        (2, 13, 30, 33, 16, (1, 1, 1, 1), True),  # whole groups of 8 inner tiles (the transposing paths)
+        (1, 15, 26, 26, 7, (0, 0, 0, 0), False),
     ]:
         seed = len(cases)
         case_id = f"N{N}-C{C}-{H}x{Wd}-M{M}-p{''.join(map(str, pads))}-{'bias' if bias else 'nobias'}"
