@@ -35,6 +35,7 @@ inline V8 Load(const float* p) {
 inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
 
 typedef int V8i __attribute__((vector_size(32)));
 
@@ -148,8 +149,15 @@ void GatherWindows(const ConvGeometry& g, const float* x, const TileCoords& tc, 
   for (int k = 0; k < kA * kA; ++k) d[k] = Load(&buf[0][0][0] + k * 8);
 }
 
+// Index of the last lane of the block that holds a tile.
+inline int64_t LastLane(const TileCoords& tc, int64_t groups) {
+  int64_t last = groups * 8 - 1;
+  while (last > 0 && tc.img[last] < 0) --last;
+  return last;
+}
+
 template <int kTile>
-void InputTransform(const ConvGeometry& g, const float* x, const TileCoords& tc, int64_t groups, int64_t c_begin,
+void InputTransformDirect(const ConvGeometry& g, const float* x, const TileCoords& tc, int64_t groups, int64_t c_begin,
                     int64_t c_end, float* v) {
   constexpr int kA = Transform<kTile>::kA;
   constexpr int kE = kA * kA;
@@ -186,6 +194,60 @@ void InputTransform(const ConvGeometry& g, const float* x, const TileCoords& tc,
       for (int r = 0; r < kA; ++r) Transform<kTile>::In(t + r * kA, 1, d + r * kA, 1);  // (B^T d) B
       for (int e = 0; e < kE; ++e) Store(v + e * VStrideFloats(groups, C) + (grp * C + c) * 8, d[e]);
     }
+  }
+}
+
+// Small images: their tiles are mostly at the border, so each channel plane of the block's images is first
+// copied into a zero-padded buffer (with 8 floats of slack at the right for the row reads), and every group
+// is then read as rows and transposed, with no bounds checks.
+template <int kTile>
+void InputTransformPadded(const ConvGeometry& g, const float* x, const TileCoords& tc, int64_t groups,
+                          int64_t c_begin, int64_t c_end, float* v) {
+  constexpr int kA = Transform<kTile>::kA;
+  constexpr int kE = kA * kA;
+  const int64_t C = g.c, H = g.h, W = g.w;
+  const int64_t PH = g.tiles_h * kTile + 2, PW = g.tiles_w * kTile + 2 + 8;
+  const int64_t n0 = tc.img[0], n1 = tc.img[Max(0, LastLane(tc, groups))] + 1;  // images of the block
+  float* planes = new float[(n1 - n0) * PH * PW];
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* P = planes + (n - n0) * PH * PW;
+      for (int64_t k = 0; k < PH * PW; ++k) P[k] = 0.0f;
+      const float* plane = x + (n * C + c) * H * W;
+      for (int64_t r = 0; r < H && g.pad_top + r < PH; ++r) {
+        const int64_t cols = Min(W, PW - 8 - g.pad_left);
+        for (int64_t s = 0; s < cols; ++s) P[(g.pad_top + r) * PW + g.pad_left + s] = plane[r * W + s];
+      }
+    }
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const float* p[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t t0 = grp * 8 + i;
+        const int64_t n = tc.img[t0] >= 0 ? tc.img[t0] : n0;  // lanes past the block read anything finite
+        p[i] = planes + (n - n0) * PH * PW + tc.oy[t0] * PW + tc.ox[t0];
+      }
+      V8 d[kA * kA], t[kA * kA];
+      for (int r = 0; r < kA; ++r) {
+        V8 rows[8];
+        for (int i = 0; i < 8; ++i) rows[i] = Load(p[i] + r * PW);
+        Transpose8(rows);
+        for (int s = 0; s < kA; ++s) d[r * kA + s] = rows[s];
+      }
+      for (int s = 0; s < kA; ++s) Transform<kTile>::In(d + s, kA, t + s, kA);
+      for (int r = 0; r < kA; ++r) Transform<kTile>::In(t + r * kA, 1, d + r * kA, 1);
+      for (int e = 0; e < kE; ++e) Store(v + e * VStrideFloats(groups, C) + (grp * C + c) * 8, d[e]);
+    }
+  }
+  delete[] planes;
+}
+
+template <int kTile>
+void InputTransform(const ConvGeometry& g, const float* x, const TileCoords& tc, int64_t groups, int64_t c_begin,
+                    int64_t c_end, float* v) {
+  if (g.TilesPerImage() <= kMaxBlockTiles) {
+    InputTransformPadded<kTile>(g, x, tc, groups, c_begin, c_end, v);
+  } else {
+    InputTransformDirect<kTile>(g, x, tc, groups, c_begin, c_end, v);
   }
 }
 
