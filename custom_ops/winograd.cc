@@ -46,8 +46,9 @@ std::vector<float> PackWeights(const float* w, int64_t m, int64_t c, int tile) {
         for (int j = 0; j < a; ++j) {  // (G g) G^T
           const double v = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
           const int64_t e = i * a + j;
-          u[static_cast<size_t>(((e * mb + mi / kRowBlock) * c + ci) * kRowBlock + mi % kRowBlock)] =
-              static_cast<float>(v);
+          const int64_t c0 = ci / kSliceC * kSliceC, kc = std::min(kSliceC, c - c0);
+          const int64_t offset = e * mb * c + c0 * mb + (mi / kRowBlock) * kc + (ci - c0);
+          u[static_cast<size_t>(offset * kRowBlock + mi % kRowBlock)] = static_cast<float>(v);
         }
       }
     }

@@ -14,7 +14,7 @@
 // F(2x2): 16 products per (m, c, tile) for 4 outputs (2.25x fewer than direct); F(4x4): 36 for 16 (4x fewer).
 // The matrices are in the reference module.
 //
-// Layouts: U packed [E][ceil(M/6)][C][6] (zero rows past M) for the 6-row GEMM micro-kernel; per block of
+// Layouts: U packed [E][C / 128][ceil(M/6)][128][6] (zero rows past M) for the 6-row GEMM micro-kernel; per block of
 // tiles, V [E][G][C][8] and R [M chunk][G][E][8] with G = groups of 8 tiles (one vector lane per tile).
 #pragma once
 
@@ -31,6 +31,7 @@ namespace winograd {
 
 constexpr int64_t kMaxBlockTiles = 64;  // a multiple of 16 (two vector groups of the micro-kernel)
 constexpr int64_t kRowBlock = 6;        // rows of U per micro-kernel step
+constexpr int64_t kSliceC = 128;        // input channels per pass of the micro-kernel (U is packed by slices)
 
 // Elements of a transformed tile for output tile edge t: (t + 2)^2.
 constexpr int Elems(int tile) { return (tile + 2) * (tile + 2); }
@@ -46,7 +47,8 @@ struct ConvGeometry {
   int64_t TilesPerImage() const { return tiles_h * tiles_w; }
 };
 
-// U = G g G^T for w [M, C, 3, 3], computed in double and packed as [E][ceil(M/6)][C][6].
+// U = G g G^T for w [M, C, 3, 3], computed in double and packed as [E][C slices][ceil(M/6)][slice][6]: the
+// GEMMs run slice by slice, and each slice of U is then one sequential stream.
 std::vector<float> PackWeights(const float* w, int64_t m, int64_t c, int tile);
 
 // Floats between V[e] and V[e + 1] of a block of `tiles` tiles: one cache line more than the data, so that the

@@ -254,9 +254,25 @@ void InputTransform(const ConvGeometry& g, const float* x, const TileCoords& tc,
 // R rows [6 x 8 * kNV] += U panel [C x 6] times V groups [C x 8] (kNV of them), stored into R's layout.
 template <int kNV>
 inline void Micro(const float* __restrict up, const float* __restrict v0, const float* __restrict v1, int64_t k,
-                  float* __restrict r, int64_t row_stride, int64_t group_stride) {
+                  float* __restrict r, int64_t row_stride, int64_t group_stride, bool accumulate) {
   V8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {};
   V8 b0 = {}, b1 = {}, b2 = {}, b3 = {}, b4 = {}, b5 = {};
+  if (accumulate) {  // a later slice of the channels: continue the sums of the previous ones
+    a0 = Load(r + 0 * row_stride);
+    a1 = Load(r + 1 * row_stride);
+    a2 = Load(r + 2 * row_stride);
+    a3 = Load(r + 3 * row_stride);
+    a4 = Load(r + 4 * row_stride);
+    a5 = Load(r + 5 * row_stride);
+    if (kNV == 2) {
+      b0 = Load(r + group_stride + 0 * row_stride);
+      b1 = Load(r + group_stride + 1 * row_stride);
+      b2 = Load(r + group_stride + 2 * row_stride);
+      b3 = Load(r + group_stride + 3 * row_stride);
+      b4 = Load(r + group_stride + 4 * row_stride);
+      b5 = Load(r + group_stride + 5 * row_stride);
+    }
+  }
   // Both columns' FMAs of a row follow its broadcast at once: each broadcast then lives in one register
   // briefly, and the 12 accumulators, 2 columns and 1 broadcast fit the 16 vector registers without spills.
   for (int64_t c = 0; c < k; ++c) {
@@ -301,17 +317,25 @@ __attribute__((noinline)) void Gemms(const ConvGeometry& g, const float* u, cons
   constexpr int kE = kA * kA;
   const int64_t C = g.c, MB = (g.m + 5) / 6;
   const int64_t row_stride = groups * kE * 8, group_stride = kE * 8;
+  // Channels in slices of kSliceC (U is packed slice by slice, see PackWeights), so that the slice of V[e] the
+  // micro-kernel streams stays in L1 across the row blocks of U; deep layers would otherwise stream it from L2.
   for (int e = 0; e < kE; ++e) {
     const float* ve = v + e * VStrideFloats(groups, C);
-    for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
-      const float* up = u + (e * MB + mb) * C * 6;
-      float* rm = r + (mb - mb_begin) * 6 * row_stride + e * 8;
-      int64_t grp = 0;
-      for (; grp + 2 <= groups; grp += 2) {
-        Micro<2>(up, ve + grp * C * 8, ve + (grp + 1) * C * 8, C, rm + grp * group_stride, row_stride,
-                 group_stride);
+    for (int64_t c0 = 0; c0 < C; c0 += kSliceC) {
+      const int64_t kc = Min(kSliceC, C - c0);
+      const float* us = u + (e * MB * C + c0 * MB) * kRowBlock;  // this slice: [MB][kc][6]
+      for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
+        const float* up = us + mb * kc * kRowBlock;
+        float* rm = r + (mb - mb_begin) * kRowBlock * row_stride + e * 8;
+        int64_t grp = 0;
+        for (; grp + 2 <= groups; grp += 2) {
+          Micro<2>(up, ve + (grp * C + c0) * 8, ve + ((grp + 1) * C + c0) * 8, kc, rm + grp * group_stride,
+                   row_stride, group_stride, c0 > 0);
+        }
+        if (grp < groups) {
+          Micro<1>(up, ve + (grp * C + c0) * 8, nullptr, kc, rm + grp * group_stride, row_stride, 0, c0 > 0);
+        }
       }
-      if (grp < groups) Micro<1>(up, ve + grp * C * 8, nullptr, C, rm + grp * group_stride, row_stride, 0);
     }
   }
 }

@@ -163,6 +163,8 @@ def _cases():
         (3, 15, 7, 9, 37, (0, 1, 2, 0), False),
         (2, 13, 30, 33, 16, (1, 1, 1, 1), True),  # whole groups of 8 inner tiles (the transposing paths)
         (1, 15, 26, 26, 7, (0, 0, 0, 0), False),
+        (1, 130, 5, 6, 13, (1, 1, 1, 1), True),  # channels in two slices, the last of 2
+        (2, 257, 4, 3, 7, (1, 0, 1, 2), False),  # three slices
     ]:
         seed = len(cases)
         case_id = f"N{N}-C{C}-{H}x{Wd}-M{M}-p{''.join(map(str, pads))}-{'bias' if bias else 'nobias'}"
