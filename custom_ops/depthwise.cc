@@ -34,7 +34,8 @@ void Finish(Geometry& g) {
 
 size_t ScratchFloats(const Geometry& g) {
   const int64_t padded = g.stride == 1 ? 0 : 2 * (g.ow_vec + kLanes);  // the unsplit row, stride 2 only
-  return static_cast<size_t>(kRingRows * g.row_floats + padded);
+  const int64_t zero_row = g.w + kLanes;  // the AVX2 stride-1 path reads padding rows from it
+  return static_cast<size_t>(kRingRows * g.row_floats + std::max(padded, zero_row));
 }
 
 namespace {
@@ -56,22 +57,8 @@ void SplitPortable(const float* __restrict src, float* __restrict even, float* _
   }
 }
 
-// The same with AVX2; half is a multiple of 8. shuffle_ps picks lanes within each 128-bit half, permute4x64
-// then puts the four 64-bit pairs in order.
-__attribute__((target("avx2,fma"))) void SplitAvx2(const float* src, float* even, float* odd, int64_t half) {
-  for (int64_t k = 0; k < half; k += kLanes) {
-    const __m256 a = _mm256_loadu_ps(src + 2 * k);
-    const __m256 b = _mm256_loadu_ps(src + 2 * k + kLanes);
-    const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 | a4 a6 b4 b6
-    const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-    constexpr int kOrder = _MM_SHUFFLE(3, 1, 2, 0);
-    _mm256_storeu_ps(even + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), kOrder)));
-    _mm256_storeu_ps(odd + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), kOrder)));
-  }
-}
-
 // Input row r of the plane, prepared into dst (row_floats); `padded` is scratch for the unsplit stride-2 row.
-void PrepareRow(const Geometry& g, const float* x, int64_t r, float* dst, float* padded, bool avx2) {
+void PrepareRow(const Geometry& g, const float* x, int64_t r, float* dst, float* padded) {
   if (r < 0 || r >= g.h) {  // a padding row
     std::memset(dst, 0, static_cast<size_t>(g.row_floats) * sizeof(float));
     return;
@@ -83,11 +70,7 @@ void PrepareRow(const Geometry& g, const float* x, int64_t r, float* dst, float*
   }
   const int64_t half = g.ow_vec + kLanes;
   PadRow(row, g.w, g.pad_left, padded, 2 * half);
-  if (avx2) {
-    SplitAvx2(padded, dst, dst + half, half);
-  } else {
-    SplitPortable(padded, dst, dst + half, half);
-  }
+  SplitPortable(padded, dst, dst + half, half);
 }
 
 // One output row: out[x] = act(bias + sum_k w9[k] a[k][x]) for x < ow; a[k] readable up to ow_vec.
@@ -107,57 +90,13 @@ void RowPortable(const float* const* a, const float* w9, float bias, const Activ
   }
 }
 
-// Eight outputs from column x: three accumulators (one per filter row) keep the FMA chains short.
-__attribute__((target("avx2,fma"))) inline __m256 Taps8(const float* const* a, const __m256* w, __m256 vb,
-                                                         int64_t x) {
-  __m256 r0 = _mm256_fmadd_ps(_mm256_loadu_ps(a[0] + x), w[0], vb);
-  __m256 r1 = _mm256_mul_ps(_mm256_loadu_ps(a[3] + x), w[3]);
-  __m256 r2 = _mm256_mul_ps(_mm256_loadu_ps(a[6] + x), w[6]);
-  r0 = _mm256_fmadd_ps(_mm256_loadu_ps(a[1] + x), w[1], r0);
-  r1 = _mm256_fmadd_ps(_mm256_loadu_ps(a[4] + x), w[4], r1);
-  r2 = _mm256_fmadd_ps(_mm256_loadu_ps(a[7] + x), w[7], r2);
-  r0 = _mm256_fmadd_ps(_mm256_loadu_ps(a[2] + x), w[2], r0);
-  r1 = _mm256_fmadd_ps(_mm256_loadu_ps(a[5] + x), w[5], r1);
-  r2 = _mm256_fmadd_ps(_mm256_loadu_ps(a[8] + x), w[8], r2);
-  return _mm256_add_ps(_mm256_add_ps(r0, r1), r2);
+void Row(const float* const* a, const float* w9, float bias, const Activation& act, float* out, int64_t ow) {
+  act.clamp ? RowPortable<true>(a, w9, bias, act, out, ow) : RowPortable<false>(a, w9, bias, act, out, ow);
 }
 
-template <bool kClamp>
-__attribute__((target("avx2,fma"))) inline __m256 Activate(__m256 v, __m256 lo, __m256 hi) {
-  // max_ps/min_ps return their second operand when one is NaN: this order lets a NaN through, like Clip.
-  return kClamp ? _mm256_min_ps(hi, _mm256_max_ps(lo, v)) : v;
-}
-
-template <bool kClamp>
-__attribute__((target("avx2,fma"))) void RowAvx2(const float* const* a, const float* w9, float bias,
-                                                 const Activation& act, float* out, int64_t ow) {
-  __m256 w[9];
-  for (int k = 0; k < 9; ++k) w[k] = _mm256_set1_ps(w9[k]);
-  const __m256 vb = _mm256_set1_ps(bias), lo = _mm256_set1_ps(act.lo), hi = _mm256_set1_ps(act.hi);
-  int64_t x = 0;
-  for (; x + kLanes <= ow; x += kLanes) {
-    _mm256_storeu_ps(out + x, Activate<kClamp>(Taps8(a, w, vb, x), lo, hi));
-  }
-  if (x < ow) {  // the last partial register: the prepared rows are readable up to ow_vec, the output is not
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ow - x)), lanes);
-    _mm256_maskstore_ps(out + x, mask, Activate<kClamp>(Taps8(a, w, vb, x), lo, hi));
-  }
-}
-
-void Row(const float* const* a, const float* w9, float bias, const Activation& act, float* out, int64_t ow,
-         bool avx2) {
-  if (avx2) {
-    act.clamp ? RowAvx2<true>(a, w9, bias, act, out, ow) : RowAvx2<false>(a, w9, bias, act, out, ow);
-  } else {
-    act.clamp ? RowPortable<true>(a, w9, bias, act, out, ow) : RowPortable<false>(a, w9, bias, act, out, ow);
-  }
-}
-
-}  // namespace
-
-void ComputeRows(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act, float* y,
-                 int64_t r0, int64_t r1, float* scratch, bool avx2) {
+// The portable path: the ring of prepared rows for both strides, the row loop left to the compiler.
+void RowsPortable(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act, float* y,
+                  int64_t r0, int64_t r1, float* scratch) {
   const int64_t s = g.stride;
   const int64_t first_input_row = r0 * s - g.pad_top;  // the input row of prepared row 0
   const int64_t half = g.ow_vec + kLanes;              // stride 2: offset of the odd columns in a row
@@ -167,7 +106,7 @@ void ComputeRows(const Geometry& g, const float* x, const float* w9, float bias,
   for (int64_t oy = r0; oy < r1; ++oy) {
     const int64_t top = (oy - r0) * s;  // prepared row of filter row 0
     for (; prepared <= top + 2; ++prepared) {
-      PrepareRow(g, x, first_input_row + prepared, ring + (prepared % kRingRows) * g.row_floats, padded, avx2);
+      PrepareRow(g, x, first_input_row + prepared, ring + (prepared % kRingRows) * g.row_floats, padded);
     }
     const float* a[9];
     for (int i = 0; i < 3; ++i) {
@@ -178,7 +117,181 @@ void ComputeRows(const Geometry& g, const float* x, const float* w9, float bias,
         a[3 * i] = row, a[3 * i + 1] = row + half, a[3 * i + 2] = row + 1;
       }
     }
-    Row(a, w9, bias, act, y + oy * g.ow, g.ow, avx2);
+    Row(a, w9, bias, act, y + oy * g.ow, g.ow);
+  }
+}
+
+// ---- AVX2 + FMA path. Every function that uses AVX2 intrinsics carries the target attribute (lambdas would
+// not inherit it); the weights are broadcast once per task, not per row.
+
+#define ONNXOPT_AVX2 __attribute__((target("avx2,fma")))
+
+// Lanes l of a register with begin <= l < end, as a load/store mask.
+ONNXOPT_AVX2 inline __m256i LaneMask(int64_t begin, int64_t end) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int b = static_cast<int>(std::clamp<int64_t>(begin, -1, kLanes));
+  const int e = static_cast<int>(std::clamp<int64_t>(end, -1, kLanes));
+  return _mm256_and_si256(_mm256_cmpgt_epi32(lanes, _mm256_set1_epi32(b - 1)),
+                          _mm256_cmpgt_epi32(_mm256_set1_epi32(e), lanes));
+}
+
+template <bool kMasked>
+ONNXOPT_AVX2 inline __m256 Load(const float* p, __m256i mask) {
+  return kMasked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+}
+
+struct VecWeights {
+  __m256 w[9];
+  __m256 bias, lo, hi;
+};
+
+ONNXOPT_AVX2 inline VecWeights Broadcast(const float* w9, float bias, const Activation& act) {
+  VecWeights v;
+  for (int k = 0; k < 9; ++k) v.w[k] = _mm256_set1_ps(w9[k]);
+  v.bias = _mm256_set1_ps(bias);
+  v.lo = _mm256_set1_ps(act.lo);
+  v.hi = _mm256_set1_ps(act.hi);
+  return v;
+}
+
+// The activation, then a store of the first n (1..8) lanes.
+template <bool kClamp>
+ONNXOPT_AVX2 inline void Store(float* out, __m256 v, const VecWeights& vw, int64_t n) {
+  // max_ps/min_ps return their second operand when one is NaN: this order lets a NaN through, like Clip.
+  if (kClamp) v = _mm256_min_ps(vw.hi, _mm256_max_ps(vw.lo, v));
+  if (n >= kLanes) {
+    _mm256_storeu_ps(out, v);
+  } else {
+    _mm256_maskstore_ps(out, LaneMask(0, n), v);
+  }
+}
+
+// Stride 1, two output rows from the four input rows p[0..3] (each already offset by -pad_left, so that tap j
+// of output column x reads p[k][x + j]). 12 loads and 18 FMAs give 16 outputs. Masked: the block touches
+// the left or right padding; mask[j] selects the lanes of tap j that fall inside the input row.
+template <bool kMasked>
+ONNXOPT_AVX2 inline void TwoRowsS1(const float* const* p, int64_t x, const __m256i* mask, const VecWeights& vw,
+                                   __m256& top, __m256& bottom) {
+  top = vw.bias;
+  bottom = vw.bias;
+  for (int j = 0; j < 3; ++j) {
+    const __m256 a0 = Load<kMasked>(p[0] + x + j, mask[j]);
+    const __m256 a1 = Load<kMasked>(p[1] + x + j, mask[j]);
+    const __m256 a2 = Load<kMasked>(p[2] + x + j, mask[j]);
+    const __m256 a3 = Load<kMasked>(p[3] + x + j, mask[j]);
+    top = _mm256_fmadd_ps(a0, vw.w[j], top);
+    bottom = _mm256_fmadd_ps(a1, vw.w[j], bottom);
+    top = _mm256_fmadd_ps(a1, vw.w[3 + j], top);
+    bottom = _mm256_fmadd_ps(a2, vw.w[3 + j], bottom);
+    top = _mm256_fmadd_ps(a2, vw.w[6 + j], top);
+    bottom = _mm256_fmadd_ps(a3, vw.w[6 + j], bottom);
+  }
+}
+
+// Stride 1 reads the input rows in place (no copy): blocks of 8 columns inside the row use plain loads, the
+// blocks at the borders masked loads, and rows outside the input point at a row of zeros.
+template <bool kClamp>
+ONNXOPT_AVX2 void RowsS1Avx2(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act,
+                             float* y, int64_t r0, int64_t r1, float* scratch) {
+  const VecWeights vw = Broadcast(w9, bias, act);
+  float* zero = scratch;
+  std::memset(zero, 0, static_cast<size_t>(g.w + kLanes) * sizeof(float));
+  const int64_t w = g.w, pl = g.pad_left, ow = g.ow;
+  for (int64_t oy = r0; oy < r1; oy += 2) {
+    const bool pair = oy + 1 < r1;
+    const float* p[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t iy = oy - g.pad_top + k;
+      // Pointer arithmetic before the row's start: only lanes at column >= 0 are ever read through it.
+      p[k] = (iy >= 0 && iy < g.h && (k < 3 || pair) ? x + iy * w : zero) - pl;
+    }
+    float* out0 = y + oy * ow;
+    float* out1 = out0 + ow;
+    for (int64_t c = 0; c < ow; c += kLanes) {
+      __m256 top, bottom;
+      if (c >= pl && c + kLanes + 2 <= w + pl) {  // every tap inside the row
+        TwoRowsS1<false>(p, c, nullptr, vw, top, bottom);
+      } else {
+        // Tap j, lane l reads input column c + j + l - pl, inside when 0 <= that < w.
+        const __m256i mask[3] = {LaneMask(pl - c, w + pl - c), LaneMask(pl - c - 1, w + pl - c - 1),
+                                 LaneMask(pl - c - 2, w + pl - c - 2)};
+        TwoRowsS1<true>(p, c, mask, vw, top, bottom);
+      }
+      Store<kClamp>(out0 + c, top, vw, ow - c);
+      if (pair) Store<kClamp>(out1 + c, bottom, vw, ow - c);
+    }
+  }
+}
+
+// Stride 2: input row r prepared as its padded even columns then its odd columns (half floats each).
+ONNXOPT_AVX2 void PrepareRowS2Avx2(const Geometry& g, const float* x, int64_t r, float* dst) {
+  const int64_t half = g.ow_vec + kLanes;
+  if (r < 0 || r >= g.h) {
+    std::memset(dst, 0, static_cast<size_t>(2 * half) * sizeof(float));
+    return;
+  }
+  const float* row = x + r * g.w - g.pad_left;  // padded column q is row[q] where inside the input
+  const int64_t pl = g.pad_left, w = g.w;
+  constexpr int kOrder = _MM_SHUFFLE(3, 1, 2, 0);
+  for (int64_t k = 0; k < half; k += kLanes) {
+    const int64_t q = 2 * k;  // padded columns q .. q + 15
+    __m256 a, b;
+    if (q >= pl && q + 2 * kLanes <= w + pl) {
+      a = _mm256_loadu_ps(row + q);
+      b = _mm256_loadu_ps(row + q + kLanes);
+    } else {
+      a = _mm256_maskload_ps(row + q, LaneMask(pl - q, w + pl - q));
+      b = _mm256_maskload_ps(row + q + kLanes, LaneMask(pl - q - kLanes, w + pl - q - kLanes));
+    }
+    // shuffle_ps picks lanes within each 128-bit half (a0 a2 b0 b2 | a4 a6 b4 b6); permute4x64 orders them.
+    const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    _mm256_storeu_ps(dst + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), kOrder)));
+    _mm256_storeu_ps(dst + half + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), kOrder)));
+  }
+}
+
+// Stride 2: a ring of prepared rows; tap (i, j) of output column x reads even_i[x], odd_i[x], even_i[x + 1].
+template <bool kClamp>
+ONNXOPT_AVX2 void RowsS2Avx2(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act,
+                             float* y, int64_t r0, int64_t r1, float* scratch) {
+  const VecWeights vw = Broadcast(w9, bias, act);
+  const int64_t half = g.ow_vec + kLanes, first_input_row = 2 * r0 - g.pad_top;
+  int64_t prepared = 0;
+  for (int64_t oy = r0; oy < r1; ++oy) {
+    const int64_t top = 2 * (oy - r0);
+    for (; prepared <= top + 2; ++prepared) {
+      PrepareRowS2Avx2(g, x, first_input_row + prepared, scratch + (prepared % kRingRows) * g.row_floats);
+    }
+    const float* e[3];
+    for (int i = 0; i < 3; ++i) e[i] = scratch + ((top + i) % kRingRows) * g.row_floats;
+    float* out = y + oy * g.ow;
+    for (int64_t c = 0; c < g.ow; c += kLanes) {
+      __m256 acc = vw.bias;
+      for (int i = 0; i < 3; ++i) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(e[i] + c), vw.w[3 * i], acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(e[i] + half + c), vw.w[3 * i + 1], acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(e[i] + c + 1), vw.w[3 * i + 2], acc);
+      }
+      Store<kClamp>(out + c, acc, vw, g.ow - c);
+    }
+  }
+}
+
+#undef ONNXOPT_AVX2
+
+}  // namespace
+
+void ComputeRows(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act, float* y,
+                 int64_t r0, int64_t r1, float* scratch, bool avx2) {
+  if (!avx2) {
+    RowsPortable(g, x, w9, bias, act, y, r0, r1, scratch);
+  } else if (g.stride == 1) {
+    act.clamp ? RowsS1Avx2<true>(g, x, w9, bias, act, y, r0, r1, scratch)
+              : RowsS1Avx2<false>(g, x, w9, bias, act, y, r0, r1, scratch);
+  } else {
+    act.clamp ? RowsS2Avx2<true>(g, x, w9, bias, act, y, r0, r1, scratch)
+              : RowsS2Avx2<false>(g, x, w9, bias, act, y, r0, r1, scratch);
   }
 }
 
