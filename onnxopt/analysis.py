@@ -2,7 +2,8 @@
 
 FLOPs count a multiply-add as 2. Conv: 2·N·M·Ho·Wo·(C/g)·kh·kw; Gemm/MatMul: 2·M·K·N (times batch);
 WinogradConv F(2x2,3x3): per 2x2 output tile 16 products per (m, c) plus the input transform
-(32 adds per tile and input channel) and the output transform (24 adds per tile and output channel).
+(32 adds per tile and input channel) and the output transform (24 adds per tile and output channel);
+DepthwiseConv (3x3, one filter per channel): 2·N·C·Ho·Wo·9, as the Conv group=C it replaces.
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -121,12 +122,18 @@ def _winograd_flops(inputs, outputs, attrs, shapes) -> int:
     return tiles * (2 * 16 * m * c + 32 * c + 24 * m)
 
 
+def _depthwise_flops(inputs, outputs, attrs, shapes) -> int:
+    # W is [C, 1, 3, 3]: each output element meets 9 weights, as in the Conv group=C it stands for.
+    return _conv_flops(inputs, outputs, attrs, shapes)
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
     "Gemm": _gemm_flops,
     "MatMul": _matmul_flops,
     "WinogradConv": _winograd_flops,
+    "DepthwiseConv": _depthwise_flops,
 }
 
 
@@ -139,6 +146,18 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
         name=n.name,
         kernel_shape=[3, 3],
         pads=attributes(n).get("pads", [0, 0, 0, 0]),
+    ),
+    # Conv group=C; the pass writes group=C on the node (onnx's Conv inference reads only the output
+    # channels from W, so a node without it still gets its shape). The fused activation keeps the shape.
+    "DepthwiseConv": lambda n: helper.make_node(
+        "Conv",
+        list(n.input),
+        list(n.output),
+        name=n.name,
+        kernel_shape=[3, 3],
+        pads=attributes(n).get("pads", [0, 0, 0, 0]),
+        strides=attributes(n).get("strides", [1, 1]),
+        group=attributes(n).get("group", 1),
     ),
 }
 
