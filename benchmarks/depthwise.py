@@ -12,8 +12,12 @@ Run from the repo root after scripts/setup.sh:  .venv/bin/python benchmarks/dept
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# numpy's OpenBLAS threads spin after use and would take the second of the two cores from the timed runs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import onnx
