@@ -5,8 +5,8 @@
 // row bands of single planes when there are few planes for their size. A task keeps a ring of kRingRows
 // prepared input rows (zero-padded; for stride 2 split into even and odd columns); each output row reads the
 // last three of them through nine pointers, one per tap, so the inner loop is nine loads and nine FMAs per
-// 8 outputs with no border test. The AVX2+FMA path and the portable path share everything but that loop and
-// the even/odd split.
+// 8 outputs with no border test. The AVX2 stride-1 path skips the ring and reads the input in place (masked
+// loads at the borders): a copy there would cost as much memory traffic as the convolution itself.
 #include "depthwise.h"
 
 #include <immintrin.h>

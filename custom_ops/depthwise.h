@@ -12,10 +12,11 @@
 //            with Xp the input zero-padded by the pads; equal to ONNX Conv(X, W, B, group = C) then act.
 //
 // How it is computed: a depthwise 3x3 convolution does 9 multiply-adds per output and reads each input once,
-// so it is bound by loads and memory, not by arithmetic. Each output row reads three input rows. Those are
-// first copied into a small ring of "prepared" rows that already hold the zero padding (and, for stride 2,
-// are split into even and odd columns), so that the inner loop has no border cases: every one of the nine
-// taps is a plain contiguous read a_k[x], 8 outputs per AVX2 register. The ring stays in L1.
+// so it is bound by loads and memory, not by arithmetic. Each output row reads three input rows, 8 outputs
+// per AVX2 register. Stride 1 (AVX2) reads the input rows in place, two output rows per pass (four input
+// rows serve 16 outputs), with masked loads only in the blocks that touch the padding. Stride 2, and the
+// portable path, first copy each input row into a small ring of "prepared" rows that hold the zero padding
+// (for stride 2 split into even and odd columns), so every tap is a plain contiguous read; the ring stays in L1.
 #pragma once
 
 #include <cstddef>
