@@ -118,3 +118,67 @@ def conv_net(
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def mobilenet_block(
+    channels: int = 8,
+    expand: int = 3,
+    size: int = 12,
+    stride: int = 1,
+    activation: str = "clip",
+    out_channels: int | None = None,
+    seed: int = 0,
+    batch: int | str = "N",
+) -> onnx.ModelProto:
+    """MobileNetV2's inverted residual without the residual: x -> 1x1 Conv (channels -> channels * expand) ->
+    act -> depthwise 3x3 Conv (group = channels * expand, pads 1, `stride`) -> act -> 1x1 Conv -> y, with act
+    Clip(0, 6) ("clip"), Relu ("relu") or nothing ("none")."""
+    rng = np.random.default_rng(seed)
+    hidden, out_channels = channels * expand, out_channels or channels
+    out_size = (size - 1) // stride + 1
+
+    def weight(shape: tuple[int, ...]) -> np.ndarray:
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(weight((hidden, channels, 1, 1)), "W_expand"),
+        numpy_helper.from_array(weight((hidden, 1, 3, 3)), "W_dw"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(hidden)).astype(np.float32), "b_dw"),
+        numpy_helper.from_array(weight((out_channels, hidden, 1, 1)), "W_project"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "clip_lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "clip_hi"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "W_expand"], ["e"], name="expand", kernel_shape=[1, 1])]
+
+    def act(src: str, dst: str, name: str) -> str:
+        if activation == "none":
+            return src
+        if activation == "relu":
+            nodes.append(helper.make_node("Relu", [src], [dst], name=name))
+        else:
+            nodes.append(helper.make_node("Clip", [src, "clip_lo", "clip_hi"], [dst], name=name))
+        return dst
+
+    h = act("e", "e_act", "expand_act")
+    nodes.append(
+        helper.make_node(
+            "Conv",
+            [h, "W_dw", "b_dw"],
+            ["d"],
+            name="depthwise",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[stride, stride],
+            group=hidden,
+        )
+    )
+    h = act("d", "d_act", "depthwise_act")
+    nodes.append(helper.make_node("Conv", [h, "W_project"], ["y"], name="project", kernel_shape=[1, 1]))
+    graph = helper.make_graph(
+        nodes,
+        "mobilenet_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, out_channels, out_size, out_size])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

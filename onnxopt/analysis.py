@@ -3,7 +3,8 @@
 FLOPs count a multiply-add as 2. Conv: 2·N·M·Ho·Wo·(C/g)·kh·kw; Gemm/MatMul: 2·M·K·N (times batch);
 WinogradConv F(t x t, 3x3), t = attribute tile (2 or 4), a = t + 2: per t x t output tile a^2 products per
 (m, c) plus the input transform (32 adds per tile and input channel for F(2x2), about 144 for F(4x4)) and the
-output transform (24 and about 110 per tile and output channel).
+output transform (24 and about 110 per tile and output channel);
+DepthwiseConv (3x3, one filter per channel): 2·N·C·Ho·Wo·9, as the Conv group=C it replaces.
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -124,12 +125,18 @@ def _winograd_flops(inputs, outputs, attrs, shapes) -> int:
     return tiles * (2 * (t + 2) ** 2 * m * c + in_cost * c + out_cost * m)
 
 
+def _depthwise_flops(inputs, outputs, attrs, shapes) -> int:
+    # W is [C, 1, 3, 3]: each output element meets 9 weights, as in the Conv group=C it stands for.
+    return _conv_flops(inputs, outputs, attrs, shapes)
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
     "Gemm": _gemm_flops,
     "MatMul": _matmul_flops,
     "WinogradConv": _winograd_flops,
+    "DepthwiseConv": _depthwise_flops,
 }
 
 
@@ -142,6 +149,18 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
         name=n.name,
         kernel_shape=[3, 3],
         pads=attributes(n).get("pads", [0, 0, 0, 0]),
+    ),
+    # Conv group=C; the pass writes group=C on the node (onnx's Conv inference reads only the output
+    # channels from W, so a node without it still gets its shape). The fused activation keeps the shape.
+    "DepthwiseConv": lambda n: helper.make_node(
+        "Conv",
+        list(n.input),
+        list(n.output),
+        name=n.name,
+        kernel_shape=[3, 3],
+        pads=attributes(n).get("pads", [0, 0, 0, 0]),
+        strides=attributes(n).get("strides", [1, 1]),
+        group=attributes(n).get("group", 1),
     ),
 }
 
