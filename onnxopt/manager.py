@@ -239,21 +239,62 @@ def optimize(
             return Result(model, declined, False, budget.baseline(), [msg])
         log(f"{len(candidates)} rewrite candidates; verifying against the budget ({budget.describe()})")
         optimized, summary, failures = _fit_budget(original, passes, candidates, budget, progress, log)
+        if optimized is not None:
+            optimized, summary = _keep_if_faster(
+                original, optimized, summary, passes, candidates, budget, feeds, threads, settings or {}, log
+            )
     if optimized is None:
         raise BudgetError(
             f"no rewrite fits the budget ({budget.describe()}): every one of {len(candidates)} candidate "
             f"rewrites had to be undone; {failures[-1][1] if failures else ''}"
         )
     for c in candidates:
-        if c.choice:
+        if c.choice and failures and not c.steps:  # (undone as slower: its step is already said)
             tau, why = min(failures)  # the tightest threshold that still failed
             what = f"stepped back to option {c.choice + 1} of {len(c.options)}" if c.active else "undone"
             c.steps.append(
                 f"{what}: with rewrites of estimated error up to {tau:.3g} the model was over budget ({why})"
             )
     records = [_finalise(c) for c in candidates]
+    if not any(c.active for c in candidates):  # everything undone as slower: the input, unchanged
+        return Result(model, records + declined, False, summary)
     provenance(optimized, records)
     return Result(optimized, records + declined, True, summary)
+
+
+def _keep_if_faster(original, optimized, summary, passes, candidates, budget, feeds, threads, settings, log):
+    """The speed-only passes' rewrites were each timed faster alone; the whole model must be faster too, or
+    they are undone (layers can interact: a custom op may keep onnxruntime from fusing its neighbours)."""
+    from onnxopt.bench import latency
+
+    def timed(p: Pass) -> bool:
+        return p.measured and settings.get(p.name, {}).get("measure", "1") not in ("0", "false", "no")
+
+    speed = [c for c in candidates if c.active and timed(passes[c.pass_index])]
+    if not speed:
+        return optimized, summary
+    before, after = (
+        r["median_ms"] for r in latency([original, optimized], feeds, threads=threads, rounds=20)
+    )
+    log(f"whole model: {before:.3f} ms before, {after:.3f} ms after, at {threads} thread(s)")
+    if after < before:
+        return optimized, summary
+    why = (
+        f"undone: the whole model ran {after:.3f} ms with the speed-only rewrites against {before:.3f} ms "
+        f"without, at {threads} thread(s)"
+    )
+    for c in speed:
+        c.choice = len(c.options)
+        c.steps.append(why)
+    if not any(c.active for c in candidates):
+        return original, budget.baseline()
+    rebuilt = build(original, passes, candidates)
+    ok, rebuilt_summary = budget.check(rebuilt)
+    if not ok:  # cannot happen with exact rewrites removed, but never return a model over budget
+        raise OnnxoptError(
+            f"undoing the speed-only rewrites broke the budget: {budget.summarise(rebuilt_summary)}"
+        )
+    return rebuilt, rebuilt_summary
 
 
 def _choose(candidates: list[Candidate], tau: float) -> None:

@@ -129,6 +129,9 @@ class Pass(ABC):
     default: bool = True  # part of the default method set
     summary: str = ""
     custom_ops: tuple[str, ...] = ()
+    # Speed-only (exact) passes keep a rewrite only where it is timed faster (onnxopt.timing); the pass
+    # manager then also times the whole model and undoes their rewrites if it is not faster as a whole.
+    measured: bool = False
 
     def match(self, node: gs.Node) -> bool:
         return node.op in self.op_types

@@ -56,6 +56,7 @@ class Depthwise(Pass):
     op_types = ("Conv",)
     lossy = False
     default = False
+    measured = True
     summary = "Conv 3x3 group=C stride 1/2 (+Relu/Clip) -> DepthwiseConv custom op (exact; faster than ORT's)"
     custom_ops = ("DepthwiseConv",)
 

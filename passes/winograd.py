@@ -24,6 +24,7 @@ class Winograd(Pass):
     op_types = ("Conv",)
     lossy = False
     default = False
+    measured = True
     summary = "Conv 3x3 stride 1 -> WinogradConv F(4x4) or F(2x2) custom op (exact; 4x/2.25x fewer products)"
     custom_ops = ("WinogradConv",)
 
