@@ -149,4 +149,5 @@ def test_measured_layers_record_their_times_or_decline_as_slower():
         if r.status == "applied":
             assert r.detail["ms_before"] > 0 and r.detail["ms_after"] > 0 and r.detail["threads"] == 1
         else:
-            assert r.status == "declined" and r.reason.startswith("not faster:"), r.reason
+            assert r.status in ("declined", "undone"), r
+            assert r.reason.startswith(("not faster:", "undone: the whole model")), r.reason

@@ -68,7 +68,8 @@ def test_measured_layers_record_their_times_or_decline_as_slower():
         if r.status == "applied":
             assert r.detail["ms_before"] / r.detail["ms_after"] >= 1.05 and r.detail["threads"] == 1
         else:
-            assert r.status == "declined" and r.reason.startswith("not faster:"), r.reason
+            assert r.status in ("declined", "undone"), r
+            assert r.reason.startswith(("not faster:", "undone: the whole model")), r.reason
 
 
 @pytest.mark.parametrize("tile", ["2", "4"])
