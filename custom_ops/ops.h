@@ -11,5 +11,6 @@ constexpr const char* kDomain = "onnxopt";
 constexpr int kOpsetVersion = 1;
 
 Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp();
+Ort::Custom::OrtLiteCustomOp* MakeFFTConvOp();
 
 }  // namespace onnxopt
