@@ -52,6 +52,10 @@ struct Kernels {
   // y_t = y + t * y_stride: re [bins] V8 followed by im [bins] V8.
   void (*product)(const float* w, const float* x, int64_t x_stride, int nt, int bins, int64_t channels,
                   int64_t cgroups, float* y, int64_t y_stride);
+  // out [rows][tw] V8 -> dst[l][a * row_step + c] = out[a][c][l] + bias[l], a < rows, c < cols, l < lanes:
+  // the crop of a tile into lanes (<= 8) output planes whose columns are contiguous.
+  void (*scatter)(const float* out, int rows, int cols, int tw, float* const* dst, int64_t row_step,
+                  const float* bias, int lanes);
 };
 
 const Kernels& PortableKernels();

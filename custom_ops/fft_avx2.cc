@@ -13,7 +13,7 @@ namespace fft {
 
 const Kernels& Avx2Kernels() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const Kernels k{avx2::Forward, avx2::Inverse, avx2::Product};
+  static const Kernels k{avx2::Forward, avx2::Inverse, avx2::Product, avx2::Scatter};
   return k;
 #else
   return PortableKernels();  // never chosen: HasAvx2Fma() is false off x86

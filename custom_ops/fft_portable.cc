@@ -8,7 +8,7 @@ namespace onnxopt {
 namespace fft {
 
 const Kernels& PortableKernels() {
-  static const Kernels k{portable::Forward, portable::Inverse, portable::Product};
+  static const Kernels k{portable::Forward, portable::Inverse, portable::Product, portable::Scatter};
   return k;
 }
 

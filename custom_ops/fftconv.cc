@@ -14,6 +14,7 @@
 #include <cmath>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -147,8 +148,10 @@ void ForwardTask(void* data, size_t index) {
     const fft::Plan& p = call->s->plan;
     const int64_t local = static_cast<int64_t>(index) / g.cgroups;
     const int64_t cg = static_cast<int64_t>(index) % g.cgroups;
-    std::vector<float> buf(static_cast<size_t>((static_cast<int64_t>(p.th) * p.tw + 2 * p.bins) * kLanes));
-    float* tile = buf.data();
+    // Scratch left uninitialised: every float is written before it is read (a zero fill cost as much as
+    // the transforms on large tiles).
+    std::unique_ptr<float[]> buf(new float[(static_cast<int64_t>(p.th) * p.tw + 2 * p.bins) * kLanes]);
+    float* tile = buf.get();
     float* re = tile + static_cast<int64_t>(p.th) * p.tw * kLanes;
     float* im = re + p.bins * kLanes;
     GatherTile(*call, call->tile_begin + local, cg, tile);
@@ -172,14 +175,22 @@ void ScatterTile(const Call& call, int64_t t, int64_t mg, const float* out, int 
   TileCoords(g, t, n, tu, tv);
   const int64_t cols = std::min(g.v.tile_out, g.v.out - tv * g.v.tile_out);
   const int64_t ou0 = tu * g.u.tile_out, ov0 = tv * g.v.tile_out;
-  for (int64_t l = 0; l < kLanes && mg * kLanes + l < g.m; ++l) {
+  const int lanes = static_cast<int>(std::min<int64_t>(kLanes, g.m - mg * kLanes));
+  float bias[kLanes] = {};
+  float* dst[kLanes] = {};
+  for (int l = 0; l < lanes; ++l) {
     const int64_t m = mg * kLanes + l;
-    const float b = call.bias ? call.bias[m] : 0.0f;
-    float* plane = call.y + (n * g.m + m) * g.u.out * g.v.out;
+    if (call.bias) bias[l] = call.bias[m];
+    dst[l] = call.y + (n * g.m + m) * g.u.out * g.v.out + ou0 * g.u.y_step + ov0 * g.v.y_step;
+  }
+  if (g.v.y_step == 1) {  // output rows contiguous: the vector path
+    call.k->scatter(out, rows, static_cast<int>(cols), tw, dst, g.u.y_step, bias, lanes);
+    return;
+  }
+  for (int l = 0; l < lanes; ++l) {  // transposed problem: output rows are the tile's columns
     for (int a = 0; a < rows; ++a) {
-      float* dst = plane + (ou0 + a) * g.u.y_step + ov0 * g.v.y_step;
       const float* src = out + static_cast<int64_t>(a) * tw * kLanes + l;
-      for (int64_t c = 0; c < cols; ++c) dst[c * g.v.y_step] = src[c * kLanes] + b;
+      for (int64_t c = 0; c < cols; ++c) dst[l][a * g.u.y_step + c * g.v.y_step] = src[c * kLanes] + bias[l];
     }
   }
 }
@@ -194,8 +205,8 @@ void InverseTask(void* data, size_t index) {
     const int64_t first = quad * kMaxTilesPerTask;
     const int nt = static_cast<int>(std::min<int64_t>(kMaxTilesPerTask, call->tile_count - first));
     const int64_t ys = 2 * p.bins * kLanes;  // one tile's re and im planes
-    std::vector<float> buf(static_cast<size_t>(nt * ys + static_cast<int64_t>(p.th) * p.tw * kLanes));
-    float* y = buf.data();
+    std::unique_ptr<float[]> buf(new float[nt * ys + static_cast<int64_t>(p.th) * p.tw * kLanes]);
+    float* y = buf.get();
     float* out = y + nt * ys;
     const int64_t xs = p.bins * g.cgroups * 2 * kLanes;
     call->k->product(call->s->w.data() + mg * p.bins * g.cp * 2 * kLanes, call->xspec + first * xs, xs, nt,
