@@ -3,6 +3,9 @@
 FLOPs count a multiply-add as 2. Conv: 2·N·M·Ho·Wo·(C/g)·kh·kw; Gemm/MatMul: 2·M·K·N (times batch);
 WinogradConv F(2x2,3x3): per 2x2 output tile 16 products per (m, c) plus the input transform
 (32 adds per tile and input channel) and the output transform (24 adds per tile and output channel).
+FFTConv: per th x tw tile (C' = C sh sw phase channels, kh' = ceil(kh / sh)) one real 2-D FFT per phase
+channel and one inverse per output channel, ~2.5 th tw log2(th tw) each, plus the products summed over
+channels, 8 per complex multiply-add: 8 M C' th (tw / 2 + 1) per tile (tile size as the reference picks it).
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -121,12 +124,28 @@ def _winograd_flops(inputs, outputs, attrs, shapes) -> int:
     return tiles * (2 * 16 * m * c + 32 * c + 24 * m)
 
 
+def _fftconv_flops(inputs, outputs, attrs, shapes) -> int:
+    from onnxopt.reference.fftconv import default_tile
+
+    x, w, y = (shapes.get(n) for n in (inputs[0], inputs[1], outputs[0]))
+    if not x or not w or not y:
+        return 0
+    sh, sw = attrs.get("strides", [1, 1])
+    n, m, c = x[0], w[0], w[1] * sh * sw
+    kh, kw = -(-w[2] // sh), -(-w[3] // sw)
+    th, tw = default_tile(kh, y[2]), max(2, default_tile(kw, y[3]))
+    tiles = n * math.ceil(y[2] / (th - kh + 1)) * math.ceil(y[3] / (tw - kw + 1))
+    fft = 2.5 * th * tw * math.log2(th * tw)
+    return int(tiles * ((c + m) * fft + 8 * m * c * th * (tw // 2 + 1)))
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
     "Gemm": _gemm_flops,
     "MatMul": _matmul_flops,
     "WinogradConv": _winograd_flops,
+    "FFTConv": _fftconv_flops,
 }
 
 
@@ -139,6 +158,15 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
         name=n.name,
         kernel_shape=[3, 3],
         pads=attributes(n).get("pads", [0, 0, 0, 0]),
+    ),
+    # FFTConv reads its kernel shape off W, which a twin Conv infers as well.
+    "FFTConv": lambda n: helper.make_node(
+        "Conv",
+        list(n.input),
+        list(n.output),
+        name=n.name,
+        pads=attributes(n).get("pads", [0, 0, 0, 0]),
+        strides=attributes(n).get("strides", [1, 1]),
     ),
 }
 

@@ -7,11 +7,11 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import winograd
+from onnxopt.reference import fftconv, winograd
 
-SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (winograd.SPEC,)}
+SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC)}
 
 # OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
-REFERENCE_OPS = [winograd.WinogradConv]
+REFERENCE_OPS = [winograd.WinogradConv, fftconv.FFTConv]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]
