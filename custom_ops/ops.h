@@ -12,5 +12,6 @@ constexpr int kOpsetVersion = 1;
 
 Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeDepthwiseConvOp();
+Ort::Custom::OrtLiteCustomOp* MakeFFTConvOp();
 
 }  // namespace onnxopt

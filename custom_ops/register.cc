@@ -41,6 +41,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     if (ops.empty()) {
       ops.emplace_back(onnxopt::MakeWinogradConvOp());
       ops.emplace_back(onnxopt::MakeDepthwiseConvOp());
+      ops.emplace_back(onnxopt::MakeFFTConvOp());
     }
     Ort::CustomOpDomain domain{onnxopt::kDomain};
     for (auto& op : ops) domain.Add(op.get());

@@ -4,7 +4,10 @@ FLOPs count a multiply-add as 2. Conv: 2·N·M·Ho·Wo·(C/g)·kh·kw; Gemm/MatM
 WinogradConv F(t x t, 3x3), t = attribute tile (2 or 4), a = t + 2: per t x t output tile a^2 products per
 (m, c) plus the input transform (32 adds per tile and input channel for F(2x2), about 144 for F(4x4)) and the
 output transform (24 and about 110 per tile and output channel);
-DepthwiseConv (3x3, one filter per channel): 2·N·C·Ho·Wo·9, as the Conv group=C it replaces.
+DepthwiseConv (3x3, one filter per channel): 2·N·C·Ho·Wo·9, as the Conv group=C it replaces;
+FFTConv: per th x tw tile (C' = C sh sw phase channels, kh' = ceil(kh / sh)) one real 2-D FFT per phase
+channel and one inverse per output channel, ~2.5 th tw log2(th tw) each, plus the products summed over
+channels, 8 per complex multiply-add: 8 M C' th (tw / 2 + 1) per tile (tile size as the reference picks it).
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -130,6 +133,21 @@ def _depthwise_flops(inputs, outputs, attrs, shapes) -> int:
     return _conv_flops(inputs, outputs, attrs, shapes)
 
 
+def _fftconv_flops(inputs, outputs, attrs, shapes) -> int:
+    from onnxopt.reference.fftconv import default_tile
+
+    x, w, y = (shapes.get(n) for n in (inputs[0], inputs[1], outputs[0]))
+    if not x or not w or not y:
+        return 0
+    sh, sw = attrs.get("strides", [1, 1])
+    n, m, c = x[0], w[0], w[1] * sh * sw
+    kh, kw = -(-w[2] // sh), -(-w[3] // sw)
+    th, tw = default_tile(kh, y[2]), max(2, default_tile(kw, y[3]))
+    tiles = n * math.ceil(y[2] / (th - kh + 1)) * math.ceil(y[3] / (tw - kw + 1))
+    fft = 2.5 * th * tw * math.log2(th * tw)
+    return int(tiles * ((c + m) * fft + 8 * m * c * th * (tw // 2 + 1)))
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
@@ -137,6 +155,7 @@ FLOP_RULES: dict[str, Callable] = {
     "MatMul": _matmul_flops,
     "WinogradConv": _winograd_flops,
     "DepthwiseConv": _depthwise_flops,
+    "FFTConv": _fftconv_flops,
 }
 
 
@@ -161,6 +180,15 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
         pads=attributes(n).get("pads", [0, 0, 0, 0]),
         strides=attributes(n).get("strides", [1, 1]),
         group=attributes(n).get("group", 1),
+    ),
+    # FFTConv reads its kernel shape off W, which a twin Conv infers as well.
+    "FFTConv": lambda n: helper.make_node(
+        "Conv",
+        list(n.input),
+        list(n.output),
+        name=n.name,
+        pads=attributes(n).get("pads", [0, 0, 0, 0]),
+        strides=attributes(n).get("strides", [1, 1]),
     ),
 }
 

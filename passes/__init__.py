@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from onnxopt.errors import UserError
 from onnxopt.passes.depthwise import Depthwise
+from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
 
-METHODS: dict[str, type[Pass]] = {cls.name: cls for cls in (LowRank, Winograd, Depthwise)}
+METHODS: dict[str, type[Pass]] = {cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise)}
 
 
 def default_methods() -> list[str]:

@@ -7,11 +7,11 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import depthwise, winograd
+from onnxopt.reference import depthwise, fftconv, winograd
 
-SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (winograd.SPEC, depthwise.SPEC)}
+SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC)}
 
 # OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
-REFERENCE_OPS = [winograd.WinogradConv, depthwise.DepthwiseConv]
+REFERENCE_OPS = [winograd.WinogradConv, fftconv.FFTConv, depthwise.DepthwiseConv]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]
