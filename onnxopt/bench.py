@@ -27,7 +27,10 @@ def latency(
 ) -> list[dict]:
     """Per model (a proto, or a path that onnxruntime loads itself): median, p10 and p90 latency in ms of one
     run on the first sample of `feeds` (or the model's fixed batch)."""
-    sessions = [make_session(m, threads) if isinstance(m, str) else session_for(m, threads) for m in models]
+    sessions = [
+        make_session(m, threads, spin=False) if isinstance(m, str) else session_for(m, threads, spin=False)
+        for m in models
+    ]
     feed = _one_run(sessions[0], feeds)
     for s in sessions:
         for _ in range(warmup):

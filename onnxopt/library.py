@@ -47,9 +47,13 @@ def get_library_path() -> str:
 
 
 def session_options(
-    threads: int | None = None, optimized: bool = True, lean: bool = False
+    threads: int | None = None, optimized: bool = True, lean: bool = False, spin: bool = True
 ) -> ort.SessionOptions:
-    """SessionOptions with the library registered; `threads`: intra-op threads (None: ORT default)."""
+    """SessionOptions with the library registered; `threads`: intra-op threads (None: ORT default).
+
+    `spin=False` stops the session's pool threads from spinning after a run: A/B timing holds several sessions
+    in one process, and on a 2-core machine the idle sessions' spinning threads would take the cores from the
+    one being timed."""
     so = ort.SessionOptions()
     so.register_custom_ops_library(get_library_path())
     if threads:
@@ -61,6 +65,8 @@ def session_options(
     so.log_severity_level = 3
     if lean:  # prepacked weight copies double a large model's memory; correctness checks need no such speed
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -70,6 +76,7 @@ def make_session(
     optimized: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     lean: bool = False,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session over `model` (path or bytes) with onnxopt's operators registered.
 
@@ -78,7 +85,7 @@ def make_session(
         model = os.fspath(model)
     try:
         return ort.InferenceSession(
-            model, sess_options=session_options(threads, optimized, lean), providers=list(providers)
+            model, sess_options=session_options(threads, optimized, lean, spin), providers=list(providers)
         )
     except Exception as e:  # onnxruntime's own error types (Fail, InvalidGraph, ...) share no useful base
         raise OnnxoptError(f"onnxruntime cannot load the model: {e}") from e
@@ -90,7 +97,11 @@ LARGE_MODEL_BYTES = 64 * 2**20
 
 
 def session_for(
-    model: onnx.ModelProto, threads: int | None = None, optimized: bool = True, verify: bool = False
+    model: onnx.ModelProto,
+    threads: int | None = None,
+    optimized: bool = True,
+    verify: bool = False,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """A session (library registered) over an in-memory model, without tripling the memory of a large one.
 
@@ -98,9 +109,10 @@ def session_for(
     onnxruntime loads that: no serialized copy of the whole model, and the proto itself is left untouched
     (clearing and reloading its tensors would not free memory: protobuf keeps it in the message's arena).
     `verify`: the session only checks numbers, so a large model's session skips prepacked weight copies.
+    `spin`: see session_options.
     """
     if model.ByteSize() < LARGE_MODEL_BYTES:
-        return make_session(model.SerializeToString(), threads, optimized)
+        return make_session(model.SerializeToString(), threads, optimized, spin=spin)
     with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
         path = write_with_external_data(model, tmp)
-        return make_session(path, threads, optimized, lean=verify)
+        return make_session(path, threads, optimized, lean=verify, spin=spin)

@@ -4,7 +4,9 @@ only where onnxruntime runs it faster than the node it replaces.
 Each candidate layer is cut out as a one-node model with its real weights and its input shape from the
 model (batch `ctx.setting("batch")`, default 1). The original node and every rewrite run in onnxruntime at
 the target thread count, A/B interleaved in one process, with a 64 MiB buffer touched before every run so
-that no variant finds its weights warm from the previous one; the figure is the median over rounds. A
+that no variant finds its weights warm from the previous one; the figure is the median over rounds. The
+sessions' pool threads do not spin between runs (see onnxopt.library.session_options), so that the idle
+sessions do not take the cores of the timed one. A
 rewrite is kept only if its median beats the original's by at least MIN_GAIN.
 """
 
@@ -64,7 +66,7 @@ def median_times(models: list[onnx.ModelProto], threads: int, rounds: int = ROUN
     """Median ms of one run of each model (all take the same single input), interleaved, cache flushed."""
     from onnxopt.library import session_for
 
-    sessions = [session_for(m, threads) for m in models]
+    sessions = [session_for(m, threads, spin=False) for m in models]
     inp = sessions[0].get_inputs()[0]
     x = np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)
     feed = {inp.name: x}
