@@ -3,30 +3,40 @@
 1. Real models x methods: each model is optimized under the default budget (relative L2 error of every
    output <= 1e-2 on its calibration data), then size, FLOPs and latency are compared with the original in
    the same process (A/B interleaved, median, at 1 and 2 threads) and the task metric is measured.
-2. WinogradConv against onnxruntime's Conv (ORT_ENABLE_ALL) on single 3x3 layers, batch 1, interleaved,
-   with a 64 MiB buffer touched between runs so neither kernel reads its weights from a warm cache.
+2. Fast convolution (benchmarks/conv.py, depthwise.py, fftconv.py): WinogradConv, DepthwiseConv and FFTConv
+   against onnxruntime's Conv (ORT_ENABLE_ALL) on single layers, batch 1, interleaved, with a 64 MiB buffer
+   touched between runs so neither kernel reads its weights from a warm cache; and whole models optimized by
+   the speed-only passes.
 
-Run from the repo root after scripts/setup.sh:  .venv/bin/python benchmarks/run.py [--quick]
+Each section replaces its own part of BENCHMARKS.md and leaves the others (and the memory section, from
+benchmarks/memory.py) as they are.
+
+Run from the repo root after scripts/setup.sh:
+    .venv/bin/python benchmarks/run.py [--quick] [--sections models conv]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
+
+# numpy's OpenBLAS threads spin after use and would take the second of the two cores from the timed runs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import conv as conv_bench  # noqa: E402
 from models import fashion_mnist, ocr  # noqa: E402
-from onnxopt import DOMAIN, make_session  # noqa: E402
+from onnxopt import make_session  # noqa: E402
 from onnxopt.analysis import node_stats, totals  # noqa: E402
 from onnxopt.bench import latency  # noqa: E402
 from onnxopt.budget import OutputBudget  # noqa: E402
@@ -36,7 +46,6 @@ from onnxopt.manager import optimize  # noqa: E402
 from onnxopt.passes import make_passes  # noqa: E402
 
 DATA = ROOT / "models" / "data"
-FLUSH = np.ones(64 * 2**20 // 8)
 MEMORY_SECTION = "## Memory on a large model"
 
 
@@ -126,63 +135,46 @@ def model_rows(quick: bool) -> list[list[str]]:
     return rows
 
 
-def conv_model(c: int, hw: int, winograd: bool) -> bytes:
-    rng = np.random.default_rng(c)
-    W = (rng.standard_normal((c, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
-    B = rng.standard_normal(c).astype(np.float32)
-    node = helper.make_node(
-        "WinogradConv" if winograd else "Conv",
-        ["x", "W", "B"],
-        ["y"],
-        pads=[1, 1, 1, 1],
-        **({"domain": DOMAIN} if winograd else {"kernel_shape": [3, 3]}),
-    )
-    g = helper.make_graph(
-        [node],
-        "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, hw, hw])],
-        [onnx.numpy_helper.from_array(W, "W"), onnx.numpy_helper.from_array(B, "B")],
-    )
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(DOMAIN, 1)] if winograd else [])
-    return helper.make_model(g, opset_imports=opsets).SerializeToString()
+def conv_section(quick: bool) -> str:
+    rounds = 7 if quick else 21
+    wino = md_table(conv_bench.WINOGRAD_HEADER, conv_bench.winograd_rows(rounds))
+    depthwise, fft = (_script_table(name, "--rounds", str(rounds)) for name in ("depthwise.py", "fftconv.py"))
+    e2e = md_table(conv_bench.E2E_HEADER, conv_bench.e2e_rows(["winograd", "fftconv", "depthwise"], quick))
+    return f"""## Fast convolution
+
+Single layers: onnxruntime's Conv (ORT_ENABLE_ALL) against the custom op as one-node models, batch 1, A/B
+interleaved, median of {rounds} runs with a 64 MiB buffer touched before each run; speedup = ORT ms / custom
+op ms. Sessions do not spin between runs (on 2 cores an idle session's spinning threads would steal the
+timed one's cores).
+
+### WinogradConv, 3x3 pad 1 (ResNet layers)
+
+{wino}
+
+### DepthwiseConv, 3x3 pad 1 (MobileNetV2 layers): `benchmarks/depthwise.py`
+
+{depthwise}
+
+### FFTConv: `benchmarks/fftconv.py`
+
+{fft}
+
+### Whole models, optimized with `--methods winograd,fftconv,depthwise` at the thread count shown
+
+Every candidate layer is timed alone against onnxruntime and rewritten only if faster; then the whole model
+is timed and the rewrites are undone if it is not faster. Budget: relative L2 <= 1e-3 (exact methods; the
+error is fp32 round-off). Latency: whole model, original vs optimized, interleaved, median.
+
+{e2e}
+"""
 
 
-def interleaved(sessions, feed: dict, rounds: int) -> list[float]:
-    """Median ms per session; runs alternate and a 64 MiB buffer is touched before each one."""
-    times = [[] for _ in sessions]
-    for s in sessions:
-        s.run(None, feed)
-    for _ in range(rounds):
-        for s, t in zip(sessions, times, strict=True):
-            FLUSH.sum()
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            t.append(time.perf_counter() - t0)
-    return [float(np.median(t)) * 1e3 for t in times]
-
-
-def winograd_rows(quick: bool) -> list[list[str]]:
-    rows = []
-    for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7)):
-        x = {"x": np.random.default_rng(0).standard_normal((1, c, hw, hw)).astype(np.float32)}
-        for threads in (1, 2):
-            ref, win = (make_session(conv_model(c, hw, w), threads=threads) for w in (False, True))
-            t_ref, t_win = interleaved([ref, win], x, 10 if quick else 40)
-            y_ref, y_win = ref.run(None, x)[0], win.run(None, x)[0]
-            err = np.linalg.norm(y_win - y_ref) / np.linalg.norm(y_ref)
-            rows.append(
-                [
-                    f"{c}@{hw}x{hw}",
-                    str(threads),
-                    f"{t_ref:.3f}",
-                    f"{t_win:.3f}",
-                    f"{t_ref / t_win:.2f}x",
-                    f"{err:.1e}",
-                ]
-            )
-            print(" | ".join(rows[-1]), flush=True)
-    return rows
+def _script_table(name: str, *args: str) -> str:
+    """The markdown table a benchmark script prints on stdout."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], check=True, capture_output=True, text=True
+    ).stdout
+    return "\n".join(line for line in out.splitlines() if line.startswith("|"))
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -190,37 +182,51 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds and smaller evaluation sets")
-    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    args = ap.parse_args()
-    conv = winograd_rows(args.quick)
-    models = model_rows(args.quick)
-    cmd = "bash scripts/setup.sh && .venv/bin/python benchmarks/run.py" + (" --quick" if args.quick else "")
-    text = f"""# Benchmarks
-
-Produced by `{cmd}` on {date.today()} ({platform.machine()}, {platform.processor() or "CPU"},
-onnxruntime {__import__("onnxruntime").__version__}). Every ratio is original / optimized measured in the
-same process, A/B interleaved, median of many runs; above 1 means onnxopt is better.
-
-## Real models, default budget (relative L2 error of every output <= 1e-2 on calibration data)
+def models_section(quick: bool) -> str:
+    models = model_rows(quick)
+    return f"""## Real models, default budget (relative L2 error of every output <= 1e-2 on calibration data)
 
 Latency is whole-model, batch of the calibration file's first sample, onnxruntime ORT_ENABLE_ALL with the
 onnxopt library registered for both models.
 
 {md_table(["model", "method", "size", "FLOPs", "latency 1 thread", "latency 2 threads", "accuracy"], models)}
+"""
 
-## WinogradConv F(2x2,3x3) against onnxruntime Conv, 3x3 pad 1, batch 1, cache flushed between runs
 
-{md_table(["layer", "threads", "ORT Conv ms", "WinogradConv ms", "speedup", "rel L2 error"], conv)}
+SECTIONS = {"models": models_section, "conv": conv_section}
+
+
+def _split(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """(preamble, [(title line, whole section text)]) of a markdown file, by level-2 headings."""
+    parts = text.split("\n## ")
+    return parts[0], [(p.splitlines()[0], "## " + p.rstrip() + "\n") for p in parts[1:]]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and smaller evaluation sets")
+    ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    new = {name: SECTIONS[name](args.quick) for name in args.sections}
+    cmd = "bash scripts/setup.sh && .venv/bin/python benchmarks/run.py" + (" --quick" if args.quick else "")
+    ort_version = __import__("onnxruntime").__version__
+    head = f"""# Benchmarks
+
+Sections are produced by `{cmd} --sections <name>` (names: {", ".join(SECTIONS)}; the memory section by
+benchmarks/memory.py) on this machine ({platform.machine()}, onnxruntime {ort_version}); each section says
+when it was last run. Every ratio is original / optimized measured in the same process, A/B
+interleaved, median of many runs; above 1 means onnxopt is better.
 """
     out = Path(args.out)
-    # The memory section comes from benchmarks/memory.py, run separately: keep it.
-    old = out.read_text() if out.exists() else ""
-    if MEMORY_SECTION in old:
-        text += "\n" + old[old.index(MEMORY_SECTION) :]
-    out.write_text(text)
+    _, old = _split(out.read_text()) if out.exists() else ("", [])
+    stamp = f"\n_Last run: {date.today()}, `--sections {{name}}`{' --quick' if args.quick else ''}._\n"
+    generated = {  # title line (without "## ") -> section text
+        text.splitlines()[0][3:]: text.rstrip() + "\n" + stamp.format(name=name) for name, text in new.items()
+    }
+    sections = [generated.pop(title, text) for title, text in old]  # in place, where the file has them
+    sections += list(generated.values())  # new ones at the end
+    out.write_text(head + "\n" + "\n".join(sections))
     print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,1 @@
+"""Benchmark scripts: ratios against stock onnxruntime, written to BENCHMARKS.md by run.py."""
