@@ -73,12 +73,19 @@ int64_t BlockTiles(const ConvGeometry& g) {
   return std::max<int64_t>(1, std::min(tb, total));
 }
 
-int64_t OutputChunk(const ConvGeometry& g, int64_t tile_blocks) {
+int64_t OutputChunks(const ConvGeometry& g, int64_t tile_blocks) {
   const int64_t want = std::max<int64_t>(1, (8 + tile_blocks - 1) / tile_blocks);  // >= 8 tasks in all
-  int64_t chunk = (g.m + want - 1) / want;
-  chunk = (chunk + kRowBlock - 1) / kRowBlock * kRowBlock;
-  // Chunks of at least 24 rows: below that the input transform, repeated per chunk, outweighs the GEMM.
-  return std::clamp<int64_t>(chunk, std::min<int64_t>(g.m, 24), std::max<int64_t>(g.m, 1));
+  const int64_t row_blocks = (g.m + kRowBlock - 1) / kRowBlock;
+  // At least 4 row blocks (24 rows) per chunk: below that the per-task overhead outweighs the GEMM.
+  return std::max<int64_t>(1, std::min(want, row_blocks / 4));
+}
+
+void OutputChunkRange(const ConvGeometry& g, int64_t chunks, int64_t chunk, int64_t* m_begin, int64_t* m_end) {
+  // Row blocks shared out as evenly as possible: chunk sizes differ by at most one block of 6 rows, so that
+  // no thread waits long on the last, larger task.
+  const int64_t row_blocks = (g.m + kRowBlock - 1) / kRowBlock;
+  *m_begin = std::min(g.m, row_blocks * chunk / chunks * kRowBlock);
+  *m_end = std::min(g.m, row_blocks * (chunk + 1) / chunks * kRowBlock);
 }
 
 }  // namespace winograd
@@ -99,7 +106,7 @@ struct Plan {
   float* y;
   winograd::Stages stages;
   int64_t total_tiles, block_tiles, blocks;
-  int64_t m_chunk, m_chunks;  // output channels per task, and tasks per block
+  int64_t m_chunks;           // tasks per block: chunks of output channels
   int64_t c_chunk, c_chunks;  // input channels per transform task, and transform tasks per block
   float* shared_v = nullptr;  // blocks x VFloats(block_tiles), or null
   std::atomic<bool> failed{false};
@@ -127,8 +134,8 @@ void MultiplyTask(void* data, size_t index) {
   auto* p = static_cast<Plan*>(data);
   try {
     const int64_t block = static_cast<int64_t>(index) / p->m_chunks;
-    const int64_t m_begin = static_cast<int64_t>(index) % p->m_chunks * p->m_chunk;
-    const int64_t m_end = std::min(p->g->m, m_begin + p->m_chunk);
+    int64_t m_begin = 0, m_end = 0;
+    winograd::OutputChunkRange(*p->g, p->m_chunks, static_cast<int64_t>(index) % p->m_chunks, &m_begin, &m_end);
     const int64_t begin = p->Begin(block), end = p->End(block);
     if (begin >= end || m_begin >= m_end) return;
     std::unique_ptr<float[]> own_v;
@@ -274,8 +281,7 @@ void WinogradConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, 
   p.total_tiles = total;
   p.block_tiles = winograd::BlockTiles(g);
   p.blocks = (total + p.block_tiles - 1) / p.block_tiles;
-  p.m_chunk = winograd::OutputChunk(g, p.blocks);
-  p.m_chunks = (g.m + p.m_chunk - 1) / p.m_chunk;
+  p.m_chunks = winograd::OutputChunks(g, p.blocks);
   std::unique_ptr<float[]> shared_v;
   if (p.m_chunks > 1) {
     shared_v.reset(new float[p.blocks * winograd::VFloats(g, p.block_tiles)]);

@@ -64,9 +64,11 @@ size_t RFloats(const ConvGeometry& g, int64_t tiles, int64_t m_chunk);
 // Tiles per block (<= kMaxBlockTiles): bounded so that V and R of one block stay in L2 whatever the image size.
 int64_t BlockTiles(const ConvGeometry& g);
 
-// Output channels per task: deep layers have few tiles, so their work is also split over output channels
-// (each task then reads only its slice of U). A multiple of 6 (the micro-kernel's rows), or M.
-int64_t OutputChunk(const ConvGeometry& g, int64_t tile_blocks);
+// Chunks of output channels per block of tiles: deep layers have few tiles, so their work is also split over
+// output channels (each task then reads only its slice of U). OutputChunkRange gives chunk `chunk`'s channels
+// [m_begin, m_end), m_begin a multiple of 6 (the micro-kernel's rows).
+int64_t OutputChunks(const ConvGeometry& g, int64_t tile_blocks);
+void OutputChunkRange(const ConvGeometry& g, int64_t chunks, int64_t chunk, int64_t* m_begin, int64_t* m_end);
 
 // The two stages of a block of tiles [tile_begin, tile_end) of the flattened (image, tile row, tile col) index:
 //   TransformInput : V of input channels [c_begin, c_end) (v holds VFloats(g, tiles));
