@@ -64,11 +64,17 @@ def records_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         if r["status"] == "applied":
-            what = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k in ("rank", "fit", "tile"))
+            d = r["detail"]
+            what = ", ".join(f"{k}={v}" for k, v in d.items() if k in ("rank", "fit", "tile", "activation"))
             cost = (
                 f"{_ratio(r['bytes_before'], r['bytes_after'])} bytes, "
                 f"{_ratio(r['flops_before'], r['flops_after'])} FLOPs"
             )
+            if "ms_before" in d:  # a speed-only rewrite: its measured layer times say why it was kept
+                cost += (
+                    f", {d['ms_before']:.3f} -> {d['ms_after']:.3f} ms ({d['speedup']:.2f}x at "
+                    f"{d['threads']} thread(s))"
+                )
             rows.append([r["node"], r["method"], "applied", f"{cost}, est.err {r['est_error']:.2e} {what}"])
         else:
             rows.append([r["node"], r["method"], r["status"], r["reason"]])
