@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
 from onnxopt.analysis import FLOP_RULES
+from onnxopt.passes.convolution import conv_params, conv_problem, explicit_pads
 from onnxopt.rewrite import Option, Pass, PassContext, constant_value, new_name, replace_node, weight_problem
 from onnxopt.timing import keep_faster
 
@@ -73,27 +74,16 @@ class Depthwise(Pass):
         x = ctx.shapes.get(node.inputs[0].name)
         if x is not None and (len(x) != 4 or x[1] != C):
             return f"input shape {list(x)} is not [N, {C}, H, W]"
-        if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-            return "bias is not constant"
         strides = list(a.get("strides", [1, 1]))
         if len(set(strides)) != 1 or strides[0] not in (1, 2):
             return f"strides={strides}: only stride 1 or 2, equal on both axes, is supported"
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
-            return f"dilations={list(a['dilations'])}: only dilation 1 is supported"
-        if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return f"auto_pad={a['auto_pad']} is not supported (explicit pads only)"
-        return None
+        return conv_problem(node, ctx)
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
         C = node.inputs[1].shape[0]
         stride = int(node.attrs.get("strides", [1, 1])[0])
-        pads = (
-            [0, 0, 0, 0]
-            if node.attrs.get("auto_pad", "NOTSET") == "VALID"
-            else [int(p) for p in node.attrs.get("pads", [0, 0, 0, 0])]
-        )
-        has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
-        params = 9 * C + (C if has_bias else 0)
+        pads = explicit_pads(node)
+        params = conv_params(node)
         names = [t.name for t in node.inputs], [node.outputs[0].name]
         flops = FLOP_RULES["DepthwiseConv"](*names, {}, ctx.shapes)
         attrs = {"pads": pads, "strides": [stride, stride], "group": C}

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
 from onnxopt.analysis import FLOP_RULES
+from onnxopt.passes.convolution import conv_params, conv_problem, explicit_pads
 from onnxopt.rewrite import Option, Pass, PassContext, new_name, replace_node, weight_problem
 from onnxopt.timing import keep_faster
 
@@ -43,27 +44,14 @@ class FFTConv(Pass):
                 f"kernel {kh}x{kw} is too small for FFTs "
                 f"(needs kh*kw >= {MIN_TAPS_2D} or 1-D >= {MIN_TAPS_1D} taps)"
             )
-        if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-            return "bias is not constant"
-        a = node.attrs
-        if a.get("group", 1) != 1:
-            return f"group={a['group']}: grouped convolution is not supported"
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
-            return f"dilations={list(a['dilations'])}: only dilation 1 is supported"
-        if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return f"auto_pad={a['auto_pad']} is not supported (explicit pads only)"
-        x = ctx.shapes.get(node.inputs[0].name)
-        if x is not None and len(x) != 4:
-            return f"input has rank {len(x)}, not 4"
-        return None
+        if node.attrs.get("group", 1) != 1:
+            return f"group={node.attrs['group']}: grouped convolution is not supported"
+        return conv_problem(node, ctx)
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        M, C, kh, kw = node.inputs[1].shape  # OIHW; the kernel computes the spectra itself
-        a = node.attrs
-        pads = [0, 0, 0, 0] if a.get("auto_pad", "NOTSET") == "VALID" else list(a.get("pads", [0, 0, 0, 0]))
-        strides = list(a.get("strides", [1, 1]))
-        has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
-        params = M * C * kh * kw + (M if has_bias else 0)
+        pads = explicit_pads(node)
+        strides = list(node.attrs.get("strides", [1, 1]))
+        params = conv_params(node)
         names = ([t.name for t in node.inputs], [node.outputs[0].name])
         flops = FLOP_RULES["FFTConv"](*names, {"strides": strides}, ctx.shapes)
 

@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
 from onnxopt.analysis import FLOP_RULES
+from onnxopt.passes.convolution import conv_params, conv_problem, explicit_pads
 from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node, weight_problem
 from onnxopt.timing import keep_faster
 
@@ -34,31 +35,17 @@ class Winograd(Pass):
         shape = tuple(node.inputs[1].shape)
         if len(shape) != 4 or shape[2:] != (3, 3):
             return f"kernel shape {shape[2:]} is not 3x3 2-D"
-        if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-            return "bias is not constant"
         a = node.attrs
         if a.get("group", 1) != 1:
             return f"group={a['group']}: grouped convolution is not supported"
         if any(s != 1 for s in a.get("strides", [1, 1])):
             return f"strides={list(a['strides'])}: only stride 1 is supported"
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
-            return f"dilations={list(a['dilations'])}: only dilation 1 is supported"
-        if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return f"auto_pad={a['auto_pad']} is not supported (explicit pads only)"
-        x = ctx.shapes.get(node.inputs[0].name)
-        if x is not None and len(x) != 4:
-            return f"input has rank {len(x)}, not 4"
-        return None
+        return conv_problem(node, ctx)
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
         M, C = node.inputs[1].shape[:2]  # OIHW; the kernel reads and transforms the weights itself
-        pads = (
-            [0, 0, 0, 0]
-            if node.attrs.get("auto_pad", "NOTSET") == "VALID"
-            else list(node.attrs.get("pads", [0, 0, 0, 0]))
-        )
-        has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
-        params = M * C * 9 + (M if has_bias else 0)
+        pads = explicit_pads(node)
+        params = conv_params(node)
         names = [t.name for t in node.inputs], [node.outputs[0].name]
         before = FLOP_RULES["Conv"](*names, {}, ctx.shapes)
         options = []
