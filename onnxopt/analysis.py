@@ -159,37 +159,21 @@ FLOP_RULES: dict[str, Callable] = {
 }
 
 
+def _conv_twin(node: onnx.NodeProto, **fixed) -> onnx.NodeProto:
+    """The standard Conv of equal output shape as a custom conv node: its pads, strides and group, plus
+    `fixed` attributes (the kernel shape where the op implies it)."""
+    a = attributes(node)
+    kept = {k: a[k] for k in ("pads", "strides", "group") if k in a}
+    return helper.make_node("Conv", list(node.input), list(node.output), name=node.name, **kept, **fixed)
+
+
 # onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape.
+# DepthwiseConv carries group=C (onnx's Conv inference reads only the output channels from W, so a node
+# without it would still get its shape; a fused activation keeps the shape); FFTConv's kernel shape is W's.
 SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
-    "WinogradConv": lambda n: helper.make_node(
-        "Conv",
-        list(n.input),
-        list(n.output),
-        name=n.name,
-        kernel_shape=[3, 3],
-        pads=attributes(n).get("pads", [0, 0, 0, 0]),
-    ),
-    # Conv group=C; the pass writes group=C on the node (onnx's Conv inference reads only the output
-    # channels from W, so a node without it still gets its shape). The fused activation keeps the shape.
-    "DepthwiseConv": lambda n: helper.make_node(
-        "Conv",
-        list(n.input),
-        list(n.output),
-        name=n.name,
-        kernel_shape=[3, 3],
-        pads=attributes(n).get("pads", [0, 0, 0, 0]),
-        strides=attributes(n).get("strides", [1, 1]),
-        group=attributes(n).get("group", 1),
-    ),
-    # FFTConv reads its kernel shape off W, which a twin Conv infers as well.
-    "FFTConv": lambda n: helper.make_node(
-        "Conv",
-        list(n.input),
-        list(n.output),
-        name=n.name,
-        pads=attributes(n).get("pads", [0, 0, 0, 0]),
-        strides=attributes(n).get("strides", [1, 1]),
-    ),
+    "WinogradConv": lambda n: _conv_twin(n, kernel_shape=[3, 3]),
+    "DepthwiseConv": lambda n: _conv_twin(n, kernel_shape=[3, 3]),
+    "FFTConv": _conv_twin,
 }
 
 
