@@ -164,7 +164,7 @@ WinogradConvRef = WinogradConv  # the name other modules import
 
 SPEC = OpSpec(
     name="WinogradConv",
-    summary="3x3 stride-1 convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3); equals ONNX Conv with those",
+    summary="3x3 stride-1 convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3); equals ONNX Conv",
     inputs=[
         ("X", "float32 [N, C, H, W]; input"),
         ("W", "float32 [M, C, 3, 3]; filters, a constant initializer (transformed once at session creation)"),
