@@ -1,11 +1,13 @@
 """FFTConv against onnxruntime's Conv on one-node models: the two goal shapes (7x7 3->64 at 224x224, and the
-first conv of torchcrepe's pitch model, 512x1 stride 4) and crepe's second conv (64x1, 'same' padding).
+first conv of torchcrepe's pitch model, 512x1 stride 4), crepe's second conv (64x1, 'same' padding), and for
+reference the 7x7 layer at batch 4 and a 5x5 64->64 layer at 56x56.
 
 Times are medians of A/B interleaved runs with the cache flushed (onnxopt.timing.median_times), at 1 and 2
-threads, batch 1; the table also gives the relative L2 error of FFTConv against onnxruntime's Conv. Weights
+threads, batch 1 unless the label says otherwise; the table also gives the relative L2 error of FFTConv
+against onnxruntime's Conv. Weights
 are random of the real shapes (crepe 'full' sizes; `--tiny` for the tiny model's).
 
-    .venv/bin/python benchmarks/fftconv.py [--tiny] [--rounds 15]
+    .venv/bin/python benchmarks/fftconv.py [--tiny] [--rounds 15] [--only TEXT] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def shapes(tiny: bool) -> list[tuple[str, list[int], tuple[int, ...], tuple[int,
     f1, f2 = (128, 16) if tiny else (1024, 128)
     return [
         ("7x7 3->64 224x224 s1 p3", [1, 3, 224, 224], (64, 3, 7, 7), (3, 3, 3, 3), (1, 1)),
+        ("7x7 3->64 224x224 s1 p3 batch 4", [4, 3, 224, 224], (64, 3, 7, 7), (3, 3, 3, 3), (1, 1)),
+        ("5x5 64->64 56x56 s1 p2", [1, 64, 56, 56], (64, 64, 5, 5), (2, 2, 2, 2), (1, 1)),
         (
             f"crepe conv1 512x1 1->{f1} s4 on 1532",
             [1, 1, 1024 + 2 * 254, 1],
@@ -68,11 +72,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="crepe 'tiny' channel counts instead of 'full'")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--only", default="", help="run only the shapes whose label contains this text")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print("| shape | threads | ORT ms | FFTConv ms | ratio | rel L2 |")
     print("|---|---|---|---|---|---|")
     for label, x_shape, w_shape, pads, strides in shapes(args.tiny):
+        if args.only not in label:
+            continue
         fan_in = int(np.prod(w_shape[1:]))
         W = (rng.standard_normal(w_shape) / np.sqrt(fan_in)).astype(np.float32)
         B = (0.1 * rng.standard_normal(w_shape[0])).astype(np.float32)
@@ -80,7 +88,7 @@ def main() -> None:
         X = rng.standard_normal(x_shape).astype(np.float32)
         ys = [session_for(m, 1).run(None, {"X": X})[0] for m in models]
         err = rel_l2(ys[1], ys[0])
-        for threads in (1, 2):
+        for threads in args.threads:
             ort_ms, fft_ms = median_times(models, threads, rounds=args.rounds)
             print(
                 f"| {label} | {threads} | {ort_ms:.3f} | {fft_ms:.3f} | {ort_ms / fft_ms:.2f}x | {err:.1e} |"
