@@ -34,7 +34,7 @@ void Finish(Geometry& g) {
   const int64_t copied = g.pad_left + (g.w + kLanes - 1) / kLanes * kLanes;
   g.padded_stride = (std::max(g.ow_vec + 2, copied) + kLanes - 1) / kLanes * kLanes;
   g.padded_rows = g.oh + 3;
-  g.small = g.stride == 1 && g.w <= kSmallWidth && g.padded_stride * g.padded_rows <= kSmallPlaneFloats;
+  g.small = g.stride == 1 && g.w <= kSmallWidth && g.ow_vec <= kSmallWidth && g.padded_stride * g.padded_rows <= kSmallPlaneFloats;
 }
 
 size_t ScratchFloats(const Geometry& g) {
@@ -277,6 +277,8 @@ ONNXOPT_AVX2 void RowsS1SmallAvx2(const Geometry& g, const float* x, const float
     if (k < w) _mm256_storeu_ps(dst + k, _mm256_maskload_ps(src + k, tail_mask));
   }
   const VecWeights vw = Broadcast(w9, bias, act);
+  const int64_t tail = ow - (g.ow_vec - kLanes);  // valid lanes of a row's last block, 1..8
+  const int64_t last = g.ow_vec - kLanes;         // column of a row's last block
   for (int64_t oy = r0; oy < r1; oy += 2) {
     const bool pair = oy + 1 < r1;
     // Padded row oy + k; a single last row reads one row past the band, which the buffer holds (as zeros or
@@ -285,11 +287,19 @@ ONNXOPT_AVX2 void RowsS1SmallAvx2(const Geometry& g, const float* x, const float
     for (int k = 0; k < 4; ++k) p[k] = padded + (oy + k) * stride;
     float* out0 = y + oy * ow;
     float* out1 = out0 + ow;
-    for (int64_t c = 0; c < ow; c += kLanes) {
-      __m256 top, bottom;
-      TwoRowsS1<false>(p, 0, c, vw, top, bottom);
-      Store<kClamp>(out0 + c, top, vw, ow - c);
-      if (pair) Store<kClamp>(out1 + c, bottom, vw, ow - c);
+    // A row's last block is stored whole when a later store of this task rewrites the lanes past the row's
+    // end (the start of the next row): the top row's before the bottom row is stored, the bottom row's unless
+    // it is the band's last. Only the band's last row ends in a piecewise store: nothing past it is ours.
+    __m256 bottoms[kSmallWidth / kLanes];
+    for (int64_t c = 0, b = 0; c < ow; c += kLanes, ++b) {
+      __m256 top;
+      TwoRowsS1<false>(p, 0, c, vw, top, bottoms[b]);
+      Store<kClamp>(out0 + c, top, vw, pair ? kLanes : ow - c);
+    }
+    if (!pair) continue;
+    const bool band_end = oy + 2 >= r1;
+    for (int64_t c = 0, b = 0; c < ow; c += kLanes, ++b) {
+      Store<kClamp>(out1 + c, bottoms[b], vw, c == last && band_end ? tail : kLanes);
     }
   }
 }

@@ -35,7 +35,7 @@ namespace depthwise {
 
 constexpr int64_t kLanes = 8;     // floats per AVX2 register: output columns are computed in blocks of 8
 constexpr int64_t kRingRows = 8;  // prepared input rows kept per task (3 are live; a power of two)
-// Stride-1 planes at most this wide take the small-plane path (AVX2), when their padded copy has at most
+// Stride-1 planes at most this wide (input and output) take the small-plane path (AVX2), when their padded copy has at most
 // kSmallPlaneFloats floats (it should stay in L1 beside the output rows).
 constexpr int64_t kSmallWidth = 32;
 constexpr int64_t kSmallPlaneFloats = 4096;
