@@ -5,8 +5,10 @@
 // row bands of single planes when there are few planes for their size. A task keeps a ring of kRingRows
 // prepared input rows (zero-padded; for stride 2 split into even and odd columns); each output row reads the
 // last three of them through nine pointers, one per tap, so the inner loop is nine loads and nine FMAs per
-// 8 outputs with no border test. The AVX2 stride-1 path skips the ring and reads the input in place (masked
-// loads at the borders): a copy there would cost as much memory traffic as the convolution itself.
+// 8 outputs with no border test. The AVX2 stride-1 path skips the ring: on large planes it reads the input in
+// place (windowed loads at the borders), since a copy there would cost as much memory traffic as the
+// convolution itself (measured: copying 56x56 planes made them ~1.4x slower); planes up to 32 wide are copied
+// whole into a zero-padded buffer in L1, because there nearly every block touches a border.
 #include "depthwise.h"
 
 #include <immintrin.h>
@@ -30,12 +32,18 @@ void Finish(Geometry& g) {
   // Stride 1: one padded row, read at x + j for x < ow_vec, j <= 2. Stride 2: even columns (read at x and x + 1)
   // then odd columns (read at x), each ow_vec + kLanes long.
   g.row_floats = g.stride == 1 ? g.ow_vec + kLanes : 2 * (g.ow_vec + kLanes);
+  // The copy writes whole registers from column pad_left on; the taps read up to column ow_vec + 1.
+  const int64_t copied = g.pad_left + (g.w + kLanes - 1) / kLanes * kLanes;
+  g.padded_stride = (std::max(g.ow_vec + 2, copied) + kLanes - 1) / kLanes * kLanes;
+  g.padded_rows = g.oh + 3;
+  g.small = g.stride == 1 && g.w <= kSmallWidth && g.ow_vec <= kSmallWidth && g.padded_stride * g.padded_rows <= kSmallPlaneFloats;
 }
 
 size_t ScratchFloats(const Geometry& g) {
   const int64_t padded = g.stride == 1 ? 0 : 2 * (g.ow_vec + kLanes);  // the unsplit row, stride 2 only
   const int64_t zero_row = g.w + kLanes;  // the AVX2 stride-1 path reads padding rows from it
-  return static_cast<size_t>(kRingRows * g.row_floats + std::max(padded, zero_row));
+  const int64_t rows = kRingRows * g.row_floats + std::max(padded, zero_row);
+  return static_cast<size_t>(g.small ? std::max(rows, g.padded_stride * g.padded_rows) : rows);
 }
 
 namespace {
@@ -126,7 +134,7 @@ void RowsPortable(const Geometry& g, const float* x, const float* w9, float bias
 
 #define ONNXOPT_AVX2 __attribute__((target("avx2,fma")))
 
-// Lanes l of a register with begin <= l < end, as a load/store mask.
+// Lanes l of a register with begin <= l < end, as a load mask.
 ONNXOPT_AVX2 inline __m256i LaneMask(int64_t begin, int64_t end) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const int b = static_cast<int>(std::clamp<int64_t>(begin, -1, kLanes));
@@ -135,9 +143,17 @@ ONNXOPT_AVX2 inline __m256i LaneMask(int64_t begin, int64_t end) {
                           _mm256_cmpgt_epi32(_mm256_set1_epi32(e), lanes));
 }
 
-template <bool kMasked>
-ONNXOPT_AVX2 inline __m256 Load(const float* p, __m256i mask) {
-  return kMasked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+// Lane l = row[start + l] where 0 <= start + l < w, else 0, for a block that crosses a border of the row. Every
+// pointer formed stays inside [row, row + w]: a block that starts left of the row is loaded from row[0] and
+// its lanes moved right by -start (a lane permute), rather than read through a pointer before the row.
+ONNXOPT_AVX2 inline __m256 LoadWindow(const float* row, int64_t w, int64_t start) {
+  if (start >= w || start + kLanes <= 0) return _mm256_setzero_ps();
+  if (start >= 0) return _mm256_maskload_ps(row + start, LaneMask(0, w - start));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int shift = static_cast<int>(-start);  // 1..7
+  const __m256 v = _mm256_maskload_ps(row, LaneMask(0, w));
+  const __m256 moved = _mm256_permutevar8x32_ps(v, _mm256_sub_epi32(lanes, _mm256_set1_epi32(shift)));
+  return _mm256_and_ps(moved, _mm256_castsi256_ps(LaneMask(shift, kLanes)));
 }
 
 struct VecWeights {
@@ -154,6 +170,23 @@ ONNXOPT_AVX2 inline VecWeights Broadcast(const float* w9, float bias, const Acti
   return v;
 }
 
+// The first n (1..7) lanes of v to out, with plain 4-, 2- and 1-float stores: a masked store (vmaskmovps) is
+// microcoded and slow on AMD, and on a 7- or 14-wide row every row ends in such a partial block.
+ONNXOPT_AVX2 inline void StorePartial(float* out, __m256 v, int64_t n) {
+  __m128 part = _mm256_castps256_ps128(v);
+  if (n & 4) {
+    _mm_storeu_ps(out, part);
+    out += 4;
+    part = _mm256_extractf128_ps(v, 1);
+  }
+  if (n & 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(out), part);
+    out += 2;
+    part = _mm_movehl_ps(part, part);
+  }
+  if (n & 1) _mm_store_ss(out, part);
+}
+
 // The activation, then a store of the first n (1..8) lanes.
 template <bool kClamp>
 ONNXOPT_AVX2 inline void Store(float* out, __m256 v, const VecWeights& vw, int64_t n) {
@@ -162,23 +195,31 @@ ONNXOPT_AVX2 inline void Store(float* out, __m256 v, const VecWeights& vw, int64
   if (n >= kLanes) {
     _mm256_storeu_ps(out, v);
   } else {
-    _mm256_maskstore_ps(out, LaneMask(0, n), v);
+    StorePartial(out, v, n);
   }
 }
 
-// Stride 1, two output rows from the four input rows p[0..3] (each already offset by -pad_left, so that tap j
-// of output column x reads p[k][x + j]). 12 loads and 18 FMAs give 16 outputs. Masked: the block touches
-// the left or right padding; mask[j] selects the lanes of tap j that fall inside the input row.
-template <bool kMasked>
-ONNXOPT_AVX2 inline void TwoRowsS1(const float* const* p, int64_t x, const __m256i* mask, const VecWeights& vw,
+// Stride 1, two output rows from the four input rows p[0..3]: tap j of output column x + l reads
+// p[k][x + j + l - pl]. 12 loads and 18 FMAs give 16 outputs. Windowed: the block touches the left or right
+// padding, so each load goes through LoadWindow (w: the rows' width); otherwise plain loads.
+template <bool kWindowed>
+ONNXOPT_AVX2 inline void TwoRowsS1(const float* const* p, int64_t w, int64_t start, const VecWeights& vw,
                                    __m256& top, __m256& bottom) {
   top = vw.bias;
   bottom = vw.bias;
   for (int j = 0; j < 3; ++j) {
-    const __m256 a0 = Load<kMasked>(p[0] + x + j, mask[j]);
-    const __m256 a1 = Load<kMasked>(p[1] + x + j, mask[j]);
-    const __m256 a2 = Load<kMasked>(p[2] + x + j, mask[j]);
-    const __m256 a3 = Load<kMasked>(p[3] + x + j, mask[j]);
+    __m256 a0, a1, a2, a3;
+    if (kWindowed) {
+      a0 = LoadWindow(p[0], w, start + j);
+      a1 = LoadWindow(p[1], w, start + j);
+      a2 = LoadWindow(p[2], w, start + j);
+      a3 = LoadWindow(p[3], w, start + j);
+    } else {
+      a0 = _mm256_loadu_ps(p[0] + start + j);
+      a1 = _mm256_loadu_ps(p[1] + start + j);
+      a2 = _mm256_loadu_ps(p[2] + start + j);
+      a3 = _mm256_loadu_ps(p[3] + start + j);
+    }
     top = _mm256_fmadd_ps(a0, vw.w[j], top);
     bottom = _mm256_fmadd_ps(a1, vw.w[j], bottom);
     top = _mm256_fmadd_ps(a1, vw.w[3 + j], top);
@@ -188,37 +229,79 @@ ONNXOPT_AVX2 inline void TwoRowsS1(const float* const* p, int64_t x, const __m25
   }
 }
 
-// Stride 1 reads the input rows in place (no copy): blocks of 8 columns inside the row use plain loads, the
-// blocks at the borders masked loads, and rows outside the input point at a row of zeros.
+// Stride 1, large planes: the input rows are read in place (no copy, which would cost as much memory traffic
+// as the convolution): blocks of 8 columns inside the row use plain loads, the blocks at the borders
+// LoadWindow, and rows outside the input point at a row of zeros (zeroed once per task).
 template <bool kClamp>
 ONNXOPT_AVX2 void RowsS1Avx2(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act,
-                             float* y, int64_t r0, int64_t r1, float* scratch) {
+                             float* y, int64_t r0, int64_t r1, const float* zero) {
   const VecWeights vw = Broadcast(w9, bias, act);
-  float* zero = scratch;
-  std::memset(zero, 0, static_cast<size_t>(g.w + kLanes) * sizeof(float));
   const int64_t w = g.w, pl = g.pad_left, ow = g.ow;
   for (int64_t oy = r0; oy < r1; oy += 2) {
     const bool pair = oy + 1 < r1;
     const float* p[4];
     for (int k = 0; k < 4; ++k) {
       const int64_t iy = oy - g.pad_top + k;
-      // Pointer arithmetic before the row's start: only lanes at column >= 0 are ever read through it.
-      p[k] = (iy >= 0 && iy < g.h && (k < 3 || pair) ? x + iy * w : zero) - pl;
+      p[k] = iy >= 0 && iy < g.h && (k < 3 || pair) ? x + iy * w : zero;
     }
     float* out0 = y + oy * ow;
     float* out1 = out0 + ow;
     for (int64_t c = 0; c < ow; c += kLanes) {
       __m256 top, bottom;
       if (c >= pl && c + kLanes + 2 <= w + pl) {  // every tap inside the row
-        TwoRowsS1<false>(p, c, nullptr, vw, top, bottom);
+        TwoRowsS1<false>(p, w, c - pl, vw, top, bottom);
       } else {
-        // Tap j, lane l reads input column c + j + l - pl, inside when 0 <= that < w.
-        const __m256i mask[3] = {LaneMask(pl - c, w + pl - c), LaneMask(pl - c - 1, w + pl - c - 1),
-                                 LaneMask(pl - c - 2, w + pl - c - 2)};
-        TwoRowsS1<true>(p, c, mask, vw, top, bottom);
+        TwoRowsS1<true>(p, w, c - pl, vw, top, bottom);
       }
       Store<kClamp>(out0 + c, top, vw, ow - c);
       if (pair) Store<kClamp>(out1 + c, bottom, vw, ow - c);
+    }
+  }
+}
+
+// Stride 1, small planes (see SmallPlane): the rows [r0, r1 + 2) of the zero-padded plane are copied into
+// `padded` (stride g.padded_stride; its padding columns and rows are zero from the task's start and never
+// written), so that every tap is a plain full-width load with no border test. The copy is one load and one
+// store per 8 input floats, all in L1.
+template <bool kClamp>
+ONNXOPT_AVX2 void RowsS1SmallAvx2(const Geometry& g, const float* x, const float* w9, float bias,
+                                  const Activation& act, float* y, int64_t r0, int64_t r1, float* padded) {
+  const int64_t w = g.w, stride = g.padded_stride, ow = g.ow;
+  const int64_t in0 = std::max<int64_t>(r0 - g.pad_top, 0), in1 = std::min(r1 + 2 - g.pad_top, g.h);
+  const int64_t full = w / kLanes * kLanes;
+  const __m256i tail_mask = LaneMask(0, w - full);
+  for (int64_t iy = in0; iy < in1; ++iy) {
+    const float* src = x + iy * w;
+    float* dst = padded + (iy + g.pad_top) * stride + g.pad_left;
+    int64_t k = 0;
+    for (; k < full; k += kLanes) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+    // The lanes past the row's end load as zeros and land in the right padding, which must stay zero.
+    if (k < w) _mm256_storeu_ps(dst + k, _mm256_maskload_ps(src + k, tail_mask));
+  }
+  const VecWeights vw = Broadcast(w9, bias, act);
+  const int64_t tail = ow - (g.ow_vec - kLanes);  // valid lanes of a row's last block, 1..8
+  const int64_t last = g.ow_vec - kLanes;         // column of a row's last block
+  for (int64_t oy = r0; oy < r1; oy += 2) {
+    const bool pair = oy + 1 < r1;
+    // Padded row oy + k; a single last row reads one row past the band, which the buffer holds (as zeros or
+    // as a copied row: either way its output is not stored).
+    const float* p[4];
+    for (int k = 0; k < 4; ++k) p[k] = padded + (oy + k) * stride;
+    float* out0 = y + oy * ow;
+    float* out1 = out0 + ow;
+    // A row's last block is stored whole when a later store of this task rewrites the lanes past the row's
+    // end (the start of the next row): the top row's before the bottom row is stored, the bottom row's unless
+    // it is the band's last. Only the band's last row ends in a piecewise store: nothing past it is ours.
+    __m256 bottoms[kSmallWidth / kLanes];
+    for (int64_t c = 0, b = 0; c < ow; c += kLanes, ++b) {
+      __m256 top;
+      TwoRowsS1<false>(p, 0, c, vw, top, bottoms[b]);
+      Store<kClamp>(out0 + c, top, vw, pair ? kLanes : ow - c);
+    }
+    if (!pair) continue;
+    const bool band_end = oy + 2 >= r1;
+    for (int64_t c = 0, b = 0; c < ow; c += kLanes, ++b) {
+      Store<kClamp>(out1 + c, bottoms[b], vw, c == last && band_end ? tail : kLanes);
     }
   }
 }
@@ -230,18 +313,18 @@ ONNXOPT_AVX2 void PrepareRowS2Avx2(const Geometry& g, const float* x, int64_t r,
     std::memset(dst, 0, static_cast<size_t>(2 * half) * sizeof(float));
     return;
   }
-  const float* row = x + r * g.w - g.pad_left;  // padded column q is row[q] where inside the input
+  const float* row = x + r * g.w;  // padded column q is row[q - pad_left] where inside the input
   const int64_t pl = g.pad_left, w = g.w;
   constexpr int kOrder = _MM_SHUFFLE(3, 1, 2, 0);
   for (int64_t k = 0; k < half; k += kLanes) {
-    const int64_t q = 2 * k;  // padded columns q .. q + 15
+    const int64_t q = 2 * k - pl;  // input columns q .. q + 15
     __m256 a, b;
-    if (q >= pl && q + 2 * kLanes <= w + pl) {
+    if (q >= 0 && q + 2 * kLanes <= w) {
       a = _mm256_loadu_ps(row + q);
       b = _mm256_loadu_ps(row + q + kLanes);
     } else {
-      a = _mm256_maskload_ps(row + q, LaneMask(pl - q, w + pl - q));
-      b = _mm256_maskload_ps(row + q + kLanes, LaneMask(pl - q - kLanes, w + pl - q - kLanes));
+      a = LoadWindow(row, w, q);
+      b = LoadWindow(row, w, q + kLanes);
     }
     // shuffle_ps picks lanes within each 128-bit half (a0 a2 b0 b2 | a4 a6 b4 b6); permute4x64 orders them.
     const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
@@ -286,6 +369,9 @@ void ComputeRows(const Geometry& g, const float* x, const float* w9, float bias,
                  int64_t r0, int64_t r1, float* scratch, bool avx2) {
   if (!avx2) {
     RowsPortable(g, x, w9, bias, act, y, r0, r1, scratch);
+  } else if (g.small) {
+    act.clamp ? RowsS1SmallAvx2<true>(g, x, w9, bias, act, y, r0, r1, scratch)
+              : RowsS1SmallAvx2<false>(g, x, w9, bias, act, y, r0, r1, scratch);
   } else if (g.stride == 1) {
     act.clamp ? RowsS1Avx2<true>(g, x, w9, bias, act, y, r0, r1, scratch)
               : RowsS1Avx2<false>(g, x, w9, bias, act, y, r0, r1, scratch);
@@ -333,7 +419,8 @@ void RunTask(void* data, size_t index) {
   try {
     const depthwise::Geometry& g = *t->g;
     const int64_t i = static_cast<int64_t>(index);
-    std::unique_ptr<float[]> scratch(new float[depthwise::ScratchFloats(g)]);
+    // Zeroed once: the padding it holds for the stride-1 paths is never written afterwards.
+    std::unique_ptr<float[]> scratch(new float[depthwise::ScratchFloats(g)]());
     if (t->parts > 1) {
       const int64_t p = i / t->parts, part = i % t->parts;
       RunPlanes(*t, p, p + 1, part * g.oh / t->parts, (part + 1) * g.oh / t->parts, scratch.get());

@@ -13,8 +13,11 @@
 //
 // How it is computed: a depthwise 3x3 convolution does 9 multiply-adds per output and reads each input once,
 // so it is bound by loads and memory, not by arithmetic. Each output row reads three input rows, 8 outputs
-// per AVX2 register. Stride 1 (AVX2) reads the input rows in place, two output rows per pass (four input
-// rows serve 16 outputs), with masked loads only in the blocks that touch the padding. Stride 2, and the
+// per AVX2 register. Stride 1 (AVX2) computes two output rows per pass (four input rows serve 16 outputs).
+// On large planes it reads the input rows in place, with windowed loads only in the blocks that touch the
+// padding. On small planes (7x7 .. 32x32) nearly every block touches the padding and per-row costs dominate,
+// so each plane is first copied into a zero-padded buffer whose rows are a whole number of registers wide:
+// every tap is then a plain load, and only a row's last block is stored in pieces. Stride 2, and the
 // portable path, first copy each input row into a small ring of "prepared" rows that hold the zero padding
 // (for stride 2 split into even and odd columns), so every tap is a plain contiguous read; the ring stays in L1.
 #pragma once
@@ -32,6 +35,10 @@ namespace depthwise {
 
 constexpr int64_t kLanes = 8;     // floats per AVX2 register: output columns are computed in blocks of 8
 constexpr int64_t kRingRows = 8;  // prepared input rows kept per task (3 are live; a power of two)
+// Stride-1 planes at most this wide (input and output) take the small-plane path (AVX2), when their padded copy has at most
+// kSmallPlaneFloats floats (it should stay in L1 beside the output rows).
+constexpr int64_t kSmallWidth = 32;
+constexpr int64_t kSmallPlaneFloats = 4096;
 
 // Geometry of one call.
 struct Geometry {
@@ -41,6 +48,10 @@ struct Geometry {
   int64_t stride = 1;
   int64_t ow_vec = 0;      // ow rounded up to a multiple of kLanes: the inner loop computes whole registers
   int64_t row_floats = 0;  // floats of one prepared input row
+  // Small-plane path: row stride of the zero-padded copy (>= ow_vec + 2 and >= pad_left + w rounded up to
+  // whole registers, a multiple of kLanes) and its rows (oh + 3: a lone last output row reads one row more).
+  bool small = false;
+  int64_t padded_stride = 0, padded_rows = 0;
 };
 
 // Fills ow_vec and row_floats from the other fields.
@@ -52,11 +63,14 @@ struct Activation {
   float lo = 0.0f, hi = 0.0f;
 };
 
-// Floats of scratch one task needs (its ring of prepared rows and one padded row).
+// Floats of scratch one task needs (its ring of prepared rows and one padded row, or the padded plane). The
+// task zeroes it once before its first ComputeRows: the padding of the small-plane copy and the zero row of
+// the in-place stride-1 path are never written after that.
 size_t ScratchFloats(const Geometry& g);
 
 // Computes output rows [r0, r1) of one (n, c) plane. x: the input plane [H, W]; w9: the plane's 9 weights;
-// y: the output plane [OH, OW]; scratch: ScratchFloats(g) floats. avx2 selects the AVX2+FMA path.
+// y: the output plane [OH, OW]; scratch: ScratchFloats(g) floats, zeroed at the task's start and then only
+// passed from one call to the next. avx2 selects the AVX2+FMA path.
 void ComputeRows(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act, float* y,
                  int64_t r0, int64_t r1, float* scratch, bool avx2);
 

@@ -108,9 +108,12 @@ def custom_session(model: bytes, path: str, monkeypatch, threads: int = 1) -> or
 
 # ---------------------------------------------------------------------------------------- parameter grid
 
-SPATIAL = [(1, 1), (2, 3), (7, 9), (9, 7), (13, 13), (16, 17)]
+# Widths up to 32 take the AVX2 small-plane path at stride 1 (a zero-padded copy of the plane; 7, 13, 14, 15,
+# 17: partial last blocks of every length class); 33 and 47 the in-place path with windowed border loads.
+SPATIAL = [(1, 1), (2, 3), (7, 7), (7, 9), (9, 7), (13, 13), (14, 14), (15, 15), (16, 17), (5, 33), (4, 47)]
 CHANNELS = [1, 13, 15, 16, 17]
-PADS = [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0), (2, 0, 1, 1)]
+# (1, 9, 0, 3): a left pad wider than a register, so border blocks lie wholly in the padding.
+PADS = [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0), (2, 0, 1, 1), (1, 9, 0, 3)]
 ACTIVATIONS = ["", "relu", "clip"]
 
 
@@ -148,8 +151,16 @@ def test_kernel_matches_reference_and_onnxruntime_conv(path, stride, pads, monke
 @pytest.mark.parametrize("path", ["avx2", "portable"])
 @pytest.mark.parametrize(
     "N,C,H,Wd,stride",
-    [(1, 1, 200, 190, 1), (1, 2, 150, 161, 2), (2, 40, 30, 30, 1), (3, 17, 41, 23, 2)],
-    ids=["row-bands", "row-bands-s2", "plane-runs", "plane-runs-s2"],
+    [
+        (1, 1, 200, 190, 1),
+        (1, 2, 150, 161, 2),
+        (2, 40, 30, 30, 1),
+        (3, 17, 41, 23, 2),
+        (3, 200, 14, 14, 1),
+        (1, 500, 7, 7, 1),
+        (2, 90, 40, 45, 1),
+    ],
+    ids=["row-bands", "row-bands-s2", "plane-runs", "plane-runs-s2", "small-14", "small-7", "plane-runs-45"],
 )
 def test_threads_1_and_2_agree(path, N, C, H, Wd, stride, monkeypatch):
     W, B = weights(C, True, seed=1)
