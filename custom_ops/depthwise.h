@@ -74,6 +74,10 @@ size_t ScratchFloats(const Geometry& g);
 void ComputeRows(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act, float* y,
                  int64_t r0, int64_t r1, float* scratch, bool avx2);
 
+// The AVX2 + FMA build of ComputeRows (depthwise_avx2.cc); only for CPUs with both.
+void RowsAvx2(const Geometry& g, const float* x, const float* w9, float bias, const Activation& act, float* y,
+              int64_t r0, int64_t r1, float* scratch);
+
 }  // namespace depthwise
 
 // The kernel: weights and bias are copied once, here, at session creation.

@@ -79,6 +79,35 @@ std::optional<int64_t> IntAttribute(const OrtApi* api, const OrtKernelInfo* info
   return std::nullopt;
 }
 
+std::optional<std::string> StringAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                           const std::string& where) {
+  size_t size = 0;
+  if (OrtStatus* st = api->KernelInfoGetAttribute_string(info, name, nullptr, &size)) {
+    api->ReleaseStatus(st);
+    if (HasAttribute(api, info, name)) Fail(where, std::string("attribute '") + name + "' must be a string");
+    return std::nullopt;
+  }
+  std::string value(size, '\0');
+  Ort::ThrowOnError(api->KernelInfoGetAttribute_string(info, name, value.data(), &size));
+  value.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
+  return value;
+}
+
+std::optional<float> FloatAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                    const std::string& where) {
+  float value = 0;
+  if (OrtStatus* st = api->KernelInfoGetAttribute_float(info, name, &value)) {
+    api->ReleaseStatus(st);
+    int64_t i = 0;
+    if (OrtStatus* ist = api->KernelInfoGetAttribute_int64(info, name, &i)) {
+      api->ReleaseStatus(ist);
+      return std::nullopt;
+    }
+    Fail(where, std::string("attribute '") + name + "' must be a float, got an int");
+  }
+  return value;
+}
+
 void RequireAllOnes(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& where) {
   auto v = IntsAttribute(api, info, name, where);
   if (!v) return;

@@ -34,6 +34,14 @@ std::optional<std::vector<int64_t>> IntsAttribute(const OrtApi* api, const OrtKe
 std::optional<int64_t> IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
                                     const std::string& where);
 
+// The STRING attribute `name`; nullopt if absent; an error if present with another type.
+std::optional<std::string> StringAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                           const std::string& where);
+
+// The FLOAT attribute `name`; nullopt if absent; an error if present with another type (an int included).
+std::optional<float> FloatAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* name,
+                                    const std::string& where);
+
 // Fails unless the INTS attribute `name` is absent or all ones (strides, dilations of a stride-1 op).
 void RequireAllOnes(const OrtApi* api, const OrtKernelInfo* info, const char* name, const std::string& where);
 
