@@ -91,7 +91,7 @@ def model_rows(quick: bool) -> list[list[str]]:
         base_score = metric(make_session(model.SerializeToString()))
         dims = dims_from_feeds(model, feeds)
         before = totals(node_stats(model, dims))
-        for method in ("lowrank", "winograd"):
+        for method in ("lowrank",):  # the convolution methods: the conv section
             t0 = time.perf_counter()
             try:
                 budget = OutputBudget(model, feeds, 1e-2)
