@@ -213,10 +213,10 @@ def main() -> int:
     ort_version = __import__("onnxruntime").__version__
     head = f"""# Benchmarks
 
-Sections are produced by `{cmd} --sections <name>` (names: {", ".join(SECTIONS)}; the memory section by
-benchmarks/memory.py) on this machine ({platform.machine()}, onnxruntime {ort_version}); each section says
-when it was last run. Every ratio is original / optimized measured in the same process, A/B
-interleaved, median of many runs; above 1 means onnxopt is better.
+Sections are produced by `{cmd} --sections <name>` (names: {", ".join(SECTIONS)};
+the memory section by benchmarks/memory.py) on this machine ({platform.machine()}, onnxruntime
+{ort_version}); each section says when it was last run. Every ratio is original / optimized measured in
+the same process, A/B interleaved, median of many runs; above 1 means onnxopt is better.
 """
     out = Path(args.out)
     _, old = _split(out.read_text()) if out.exists() else ("", [])
