@@ -33,7 +33,7 @@ def _plain_session(model: onnx.ModelProto) -> ort.InferenceSession:
 def _optimize(model, calib, methods, max_error=1e-2):
     feeds = load_npz(calib, model)
     # Without timing: these tests are about exactness and loading, not about which layers are faster.
-    settings = {"winograd": {"measure": "0"}}
+    settings = {m: {"measure": "0"} for m in ("winograd", "fftconv", "depthwise")}
     budget = OutputBudget(model, feeds, max_error)
     result = optimize(model, make_passes(methods), feeds, budget, max_error, settings=settings)
     onnx.checker.check_model(result.model)
@@ -64,7 +64,8 @@ def test_fashion_mnist_winograd_exact(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "which,methods", [("rec", ["lowrank"]), ("det", ["winograd"]), ("cls", ["lowrank", "winograd"])]
+    "which,methods",
+    [("rec", ["lowrank"]), ("det", ["winograd", "fftconv", "depthwise"]), ("cls", ["lowrank", "winograd"])],
 )
 def test_ocr_models_optimize_verify_and_load(tmp_path, which, methods):
     path = ocr.fetch()[which]
@@ -77,6 +78,9 @@ def test_ocr_models_optimize_verify_and_load(tmp_path, which, methods):
     calib = writer[which](tmp_path / "calib.npz", n=2 if which == "det" else 8)
     result, feeds = _optimize(model, calib, methods)
     _plain_session(result.model).run(None, take(feeds, 1))
+    if which == "det":  # PP-OCRv4's detector has both dense 3x3 and depthwise 3x3 convolutions
+        ops = {n.op_type for n in result.model.graph.node}
+        assert {"WinogradConv", "DepthwiseConv"} <= ops, sorted(ops)
     if which == "rec" and result.changed:
         base, opt = ocr.cer(_plain_session(model), n=60), ocr.cer(_plain_session(result.model), n=60)
         assert opt - base <= 2.0, f"CER {base:.2f} -> {opt:.2f}"
