@@ -18,6 +18,10 @@
 
 #include "winograd.h"
 
+// V8 values only pass between functions of this file's anonymous namespace, never across the library's
+// interface, so the note that their ABI differs without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace onnxopt {
 namespace winograd {
 namespace WINOGRAD_ISA {
