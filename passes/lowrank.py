@@ -12,6 +12,7 @@ Either way W - W_r = sum_{i>r} L_i s_i q_i^T with orthonormal q_i, so the error 
 ||X W - X W_r||_F^2 = sum_{i>r} s_i^2 ||X L_i||^2, relative to ||X W + b||_F.
 The rank is the smallest whose estimate fits the budget (or `--set lowrank.rank=R`); less lossy options
 (the error halved, quartered, ...) are offered for the pass manager's rollback.
+Conv layers (group 1) are factorized into chains of Convs with `--set lowrank.conv=1`: see lowrank_conv.py.
 Standard ONNX ops only: the result runs in stock onnxruntime.
 """
 
@@ -137,15 +138,29 @@ def fit(
     return "plain", plain, err_plain
 
 
+def tolerance_ladder(tol: float) -> list[float]:
+    """The error tolerances of the options offered per node: tol, tol / 2, ... (STEPS of them)."""
+    return [tol / 2**k for k in range(STEPS)]
+
+
 class LowRank(Pass):
     name = "lowrank"
-    op_types = ("Gemm", "MatMul")
+    op_types = ("Gemm", "MatMul", "Conv")
     lossy = True
-    summary = "Gemm/MatMul with constant weights -> two MatMuls/Gemms from a truncated SVD (standard ops)"
+    summary = "Gemm/MatMul -> two MatMuls (truncated SVD); Conv -> channel, spatial or Tucker-2 Conv chains"
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
         if problem := weight_problem(node):
             return problem
+        if node.op == "Conv":
+            if not ctx.setting("conv", lambda v: v.lower() not in ("0", "false", "no"), False):
+                # Opt-in: under one shared error threshold the convolutions' errors, which the layers after
+                # them amplify, crowd out the FC layers' larger savings (measured on Fashion-MNIST: 1.73x
+                # smaller with FC only, 1.05x with both) until the budget is split per layer by sensitivity.
+                return "Conv factorization is opt-in: --set lowrank.conv=1"
+            from onnxopt.passes.lowrank_conv import conv_check  # it builds on this module's fits
+
+            return conv_check(node, ctx)
         shape = tuple(node.inputs[1].shape)
         if len(shape) != 2:
             return f"weight has rank {len(shape)}, not 2"
@@ -180,6 +195,10 @@ class LowRank(Pass):
         return [node.inputs[0].name]
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
+        if node.op == "Conv":
+            from onnxopt.passes.lowrank_conv import conv_options
+
+            return conv_options(node, ctx)
         W = self._weight(node)
         K, N = W.shape
         bias = None
@@ -199,14 +218,12 @@ class LowRank(Pass):
             ranks = [fixed]
         else:
             ranks = []
-            tol = ctx.local_tolerance
-            for _ in range(STEPS):
+            for tol in tolerance_ladder(ctx.local_tolerance):
                 fits = np.nonzero(err[: r_max + 1] <= tol)[0]
                 if len(fits):
                     r = max(int(fits[0]), 1)
                     if r not in ranks:
                         ranks.append(r)
-                tol /= 2
             if not ranks:
                 raise Decline(
                     f"no rank up to {r_max} (where it stops paying off) fits: error at rank {r_max} is "
