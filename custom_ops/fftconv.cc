@@ -4,9 +4,12 @@
 // a fixed budget, so memory stays bounded whatever the input size. Per super-block, two ParallelFor loops:
 //   1. forward: one task per (tile, group of 8 phase channels): gather the tile, 2-D real FFT, store its
 //      spectrum as [tile][bin][channel group][re 8, im 8];
-//   2. products + inverse: one task per (up to 4 tiles, group of 8 output channels): per bin the complex
-//      products summed over all C' channels (lanes = output channels), then one inverse 2-D FFT per tile
-//      and output channel, cropped to the valid outputs, plus the bias.
+//   2. products + inverse: one task per (up to 4 tiles of one tile row, group of 8 output channels): per bin
+//      the complex products summed over all C' channels (lanes = output channels), then one inverse 2-D FFT
+//      per tile and output channel, cropped to the valid outputs, plus the bias. Where the task's tiles are a
+//      whole tile row, its output rows are assembled a band at a time across the tiles and each channel's
+//      rows (one contiguous region of Y) are streamed out with non-temporal stores: Y is far larger than
+//      the caches, and plain stores would first read every line of it from DRAM.
 #include "fftconv.h"
 
 #include <algorithm>
@@ -28,6 +31,7 @@ namespace {
 
 constexpr int64_t kLanes = fft::kLanes;
 constexpr int kMaxTilesPerTask = 4;                       // tiles sharing one read of the filter spectra
+constexpr int kBandRows = 8;  // output rows assembled across a tile row before they are streamed to Y
 constexpr int64_t kSuperBlockBytes = int64_t{32} << 20;   // input spectra of one super-block
 constexpr int64_t kMaxSpectraBytes = int64_t{1} << 30;    // filter spectra of one tile size
 constexpr int kMaxTileElems = 1 << 18;                    // th * tw: bounds the per-task scratch
@@ -107,6 +111,10 @@ struct Call {
   float* xspec;        // [tiles of the super-block][bins][cgroups][16]
   int64_t tile_begin;  // first tile of the super-block
   int64_t tile_count;  // tiles in the super-block
+  // Inverse tasks: with row_tasks, each covers one of `segments` near-equal runs of tiles of one tile row (the
+  // super-block holds whole tile rows); otherwise runs of kMaxTilesPerTask tiles of the flattened order.
+  bool row_tasks = false;
+  int64_t segments = 1;
   std::atomic<bool> failed{false};
 };
 
@@ -195,30 +203,83 @@ void ScatterTile(const Call& call, int64_t t, int64_t mg, const float* out, int 
   }
 }
 
+// The tiles [first, first + nt) (local to the super-block) of inverse task `run`.
+void TaskTiles(const Call& call, int64_t run, int64_t& first, int& nt) {
+  if (call.row_tasks) {
+    const int64_t vt = call.g->v.tiles, row = run / call.segments, seg = run % call.segments;
+    first = row * vt + seg * vt / call.segments;
+    nt = static_cast<int>(row * vt + (seg + 1) * vt / call.segments - first);
+  } else {
+    first = run * kMaxTilesPerTask;
+    nt = static_cast<int>(std::min<int64_t>(kMaxTilesPerTask, call.tile_count - first));
+  }
+}
+
+// Inverse tasks per super-block.
+int64_t TaskRuns(const Call& call) {
+  if (call.row_tasks) return call.tile_count / call.g->v.tiles * call.segments;
+  return CeilDiv(call.tile_count, kMaxTilesPerTask);
+}
+
 void InverseTask(void* data, size_t index) {
   auto* call = static_cast<Call*>(data);
   try {
     const Geometry& g = *call->g;
     const fft::Plan& p = call->s->plan;
-    const int64_t quad = static_cast<int64_t>(index) / g.mgroups;
     const int64_t mg = static_cast<int64_t>(index) % g.mgroups;
-    const int64_t first = quad * kMaxTilesPerTask;
-    const int nt = static_cast<int>(std::min<int64_t>(kMaxTilesPerTask, call->tile_count - first));
+    int64_t first;
+    int nt;
+    TaskTiles(*call, static_cast<int64_t>(index) / g.mgroups, first, nt);
+    // Whole output rows: the task's tiles are a full tile row and output rows are contiguous in Y. Then each
+    // output channel's rows of this tile row are one contiguous region of Y, written as one stream.
+    const bool full_rows = call->row_tasks && call->segments == 1 && g.v.y_step == 1;
     const int64_t ys = 2 * p.bins * kLanes;  // one tile's re and im planes
-    std::unique_ptr<float[]> buf(new float[nt * ys + static_cast<int64_t>(p.th) * p.tw * kLanes]);
+    const int64_t out_floats = full_rows ? kBandRows * g.v.out * kLanes
+                                         : static_cast<int64_t>(p.th) * p.tw * kLanes;
+    const int64_t stage_ld = full_rows ? g.v.out + 2 * kLanes : 0;
+    std::unique_ptr<float[]> buf(new float[nt * ys + out_floats + kLanes * stage_ld]);
     float* y = buf.get();
     float* out = y + nt * ys;
     const int64_t xs = p.bins * g.cgroups * 2 * kLanes;
     call->k->product(call->s->w.data() + mg * p.bins * g.cp * 2 * kLanes, call->xspec + first * xs, xs, nt,
                      p.bins, g.cp, g.cgroups, y, ys);
-    for (int i = 0; i < nt; ++i) {
-      const int64_t t = call->tile_begin + first + i;
-      int64_t n, tu, tv;
-      TileCoords(g, t, n, tu, tv);
-      const int rows = static_cast<int>(std::min(g.u.tile_out, g.u.out - tu * g.u.tile_out));
-      call->k->inverse(p, y + i * ys, y + i * ys + p.bins * kLanes, out, rows);
-      ScatterTile(*call, t, mg, out, rows);
+    if (!full_rows) {
+      for (int i = 0; i < nt; ++i) {
+        const int64_t t = call->tile_begin + first + i;
+        int64_t n, tu, tv;
+        TileCoords(g, t, n, tu, tv);
+        const int rows = static_cast<int>(std::min(g.u.tile_out, g.u.out - tu * g.u.tile_out));
+        call->k->inverse_cols(p, y + i * ys, y + i * ys + p.bins * kLanes);
+        call->k->inverse_rows(p, y + i * ys, y + i * ys + p.bins * kLanes, 0, rows, out, p.tw, p.tw);
+        ScatterTile(*call, t, mg, out, rows);
+      }
+      return;
     }
+    int64_t n, tu, tv;
+    TileCoords(g, call->tile_begin + first, n, tu, tv);
+    const int rows = static_cast<int>(std::min(g.u.tile_out, g.u.out - tu * g.u.tile_out));
+    fft::RowStream rs;
+    rs.lanes = static_cast<int>(std::min<int64_t>(kLanes, g.m - mg * kLanes));
+    rs.stage = out + out_floats;
+    rs.stage_ld = stage_ld;
+    for (int l = 0; l < rs.lanes; ++l) {
+      const int64_t m = mg * kLanes + l;
+      if (call->bias) rs.bias[l] = call->bias[m];
+      rs.dst[l] = call->y + (n * g.m + m) * g.u.out * g.v.out + tu * g.u.tile_out * g.u.y_step;
+    }
+    for (int i = 0; i < nt; ++i) call->k->inverse_cols(p, y + i * ys, y + i * ys + p.bins * kLanes);
+    // A band of output rows at a time across all the tiles, so that the assembled rows stay in cache.
+    for (int a = 0; a < rows; a += kBandRows) {
+      const int band = std::min(kBandRows, rows - a);
+      for (int i = 0; i < nt; ++i) {
+        const int64_t c0 = static_cast<int64_t>(i) * g.v.tile_out;
+        const int cols = static_cast<int>(std::min(g.v.tile_out, g.v.out - c0));
+        call->k->inverse_rows(p, y + i * ys, y + i * ys + p.bins * kLanes, a, band, out + c0 * kLanes, g.v.out,
+                              cols);
+      }
+      call->k->stream_rows(out, band, static_cast<int>(g.v.out), g.v.out, rs);
+    }
+    call->k->stream_end(rs);
   } catch (...) {
     call->failed.store(true);
   }
@@ -426,7 +487,14 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
 
   const int64_t tile_bytes = p.bins * g.cgroups * 2 * fft::kLanes * 4;
   int64_t block = std::clamp<int64_t>(fftconv::kSuperBlockBytes / tile_bytes, 1, total);
-  if (block > fftconv::kMaxTilesPerTask) block = block / fftconv::kMaxTilesPerTask * fftconv::kMaxTilesPerTask;
+  // Whole tile rows per super-block where they fit, so that inverse tasks can follow tile rows (and write
+  // whole output rows); else runs of kMaxTilesPerTask.
+  const bool row_tasks = block >= g.v.tiles;
+  if (row_tasks) {
+    block = block / g.v.tiles * g.v.tiles;
+  } else if (block > fftconv::kMaxTilesPerTask) {
+    block = block / fftconv::kMaxTilesPerTask * fftconv::kMaxTilesPerTask;
+  }
   std::vector<float> xspec(static_cast<size_t>(block * tile_bytes / 4));
 
   for (int64_t begin = 0; begin < total; begin += block) {
@@ -440,10 +508,11 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     call.xspec = xspec.data();
     call.tile_begin = begin;
     call.tile_count = std::min(block, total - begin);
+    call.row_tasks = row_tasks;
+    call.segments = fftconv::CeilDiv(g.v.tiles, fftconv::kMaxTilesPerTask);
     fftconv::Parallel(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
     if (!call.failed.load()) {
-      const int64_t quads = (call.tile_count + fftconv::kMaxTilesPerTask - 1) / fftconv::kMaxTilesPerTask;
-      fftconv::Parallel(context, fftconv::InverseTask, quads * g.mgroups, &call);
+      fftconv::Parallel(context, fftconv::InverseTask, fftconv::TaskRuns(call) * g.mgroups, &call);
     }
     if (call.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
   }
