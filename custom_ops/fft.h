@@ -62,10 +62,11 @@ struct Kernels {
   void (*inverse_rows)(const Plan& p, float* re, float* im, int row0, int rows, float* out, int64_t ldo, int cols);
   // Complex products summed over channels, for nt <= 4 tiles:
   //   y_t[f] = sum_{c < C} w[f][c] * x_t[f][c]   (complex; lanes of w and y = 8 output channels)
-  // w: [bins][C][re V8, im V8]; x_t = x + t * x_stride: [bins][cgroups][re 8, im 8] (lanes = channels);
+  // w: [bins][C][re V8, im V8]; x_t = x + t * x_stride: [bins][cgroups][re xk, im xk] (lanes = channels;
+  // xk = 8, or C when C < 8: a few channels are stored without padding);
   // y_t = y + t * y_stride: re [bins] V8 followed by im [bins] V8.
   void (*product)(const float* w, const float* x, int64_t x_stride, int nt, int bins, int64_t channels,
-                  int64_t cgroups, float* y, int64_t y_stride);
+                  int64_t cgroups, int64_t xk, float* y, int64_t y_stride);
   // out [rows][tw] V8 -> dst[l][a * row_step + c] = out[a][c][l] + bias[l], a < rows, c < cols, l < lanes:
   // the crop of a tile into lanes (<= 8) output planes whose columns are contiguous.
   void (*scatter)(const float* out, int rows, int cols, int tw, float* const* dst, int64_t row_step,

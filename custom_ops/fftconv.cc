@@ -3,7 +3,7 @@
 // A call runs over "super-blocks" of tiles (flattened over images and tile rows/cols) whose input spectra fit
 // a fixed budget, so memory stays bounded whatever the input size. Per super-block, two ParallelFor loops:
 //   1. forward: one task per (tile, group of 8 phase channels): gather the tile, 2-D real FFT, store its
-//      spectrum as [tile][bin][channel group][re 8, im 8];
+//      spectrum as [tile][bin][channel group][re xk, im xk] (xk = min(C', 8): no padding lanes);
 //   2. products + inverse: one task per (up to 4 tiles of one tile row, group of 8 output channels): per bin
 //      the complex products summed over all C' channels (lanes = output channels), then one inverse 2-D FFT
 //      per tile and output channel, cropped to the valid outputs, plus the bias. Where the task's tiles are a
@@ -108,7 +108,7 @@ struct Call {
   const float* x;
   const float* bias;
   float* y;
-  float* xspec;        // [tiles of the super-block][bins][cgroups][16]
+  float* xspec;        // [tiles of the super-block][bins][cgroups][re xk, im xk]
   int64_t tile_begin;  // first tile of the super-block
   int64_t tile_count;  // tiles in the super-block
   // Inverse tasks: with row_tasks, each covers one of `segments` near-equal runs of tiles of one tile row (the
@@ -164,11 +164,11 @@ void ForwardTask(void* data, size_t index) {
     float* im = re + p.bins * kLanes;
     GatherTile(*call, call->tile_begin + local, cg, tile);
     call->k->forward(p, tile, re, im);
-    float* dst = call->xspec + (local * p.bins * g.cgroups + cg) * 2 * kLanes;
+    float* dst = call->xspec + (local * p.bins * g.cgroups + cg) * 2 * g.xk;
     for (int f = 0; f < p.bins; ++f) {
-      float* d = dst + static_cast<int64_t>(f) * g.cgroups * 2 * kLanes;
-      std::copy(re + f * kLanes, re + (f + 1) * kLanes, d);
-      std::copy(im + f * kLanes, im + (f + 1) * kLanes, d + kLanes);
+      float* d = dst + static_cast<int64_t>(f) * g.cgroups * 2 * g.xk;
+      std::copy(re + f * kLanes, re + f * kLanes + g.xk, d);
+      std::copy(im + f * kLanes, im + f * kLanes + g.xk, d + g.xk);
     }
   } catch (...) {
     call->failed.store(true);
@@ -240,9 +240,9 @@ void InverseTask(void* data, size_t index) {
     std::unique_ptr<float[]> buf(new float[nt * ys + out_floats + kLanes * stage_ld]);
     float* y = buf.get();
     float* out = y + nt * ys;
-    const int64_t xs = p.bins * g.cgroups * 2 * kLanes;
+    const int64_t xs = p.bins * g.cgroups * 2 * g.xk;
     call->k->product(call->s->w.data() + mg * p.bins * g.cp * 2 * kLanes, call->xspec + first * xs, xs, nt,
-                     p.bins, g.cp, g.cgroups, y, ys);
+                     p.bins, g.cp, g.cgroups, g.xk, y, ys);
     if (!full_rows) {
       for (int i = 0; i < nt; ++i) {
         const int64_t t = call->tile_begin + first + i;
@@ -401,6 +401,7 @@ Geometry FFTConvKernel::MakeGeometry(const std::vector<int64_t>& xs) const {
   g.cp = g.c * h.stride * w.stride;
   g.cgroups = (g.cp + fft::kLanes - 1) / fft::kLanes;
   g.mgroups = (g.m + fft::kLanes - 1) / fft::kLanes;
+  g.xk = std::min<int64_t>(g.cp, fft::kLanes);
   const auto [th, tw] = fftconv::ChooseTiles(g);
   g.u.t = th;
   g.v.t = tw;
@@ -485,7 +486,7 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
   const std::shared_ptr<const Spectra> spectra = SpectraFor(g);
   const fft::Plan& p = spectra->plan;
 
-  const int64_t tile_bytes = p.bins * g.cgroups * 2 * fft::kLanes * 4;
+  const int64_t tile_bytes = p.bins * g.cgroups * 2 * g.xk * 4;
   int64_t block = std::clamp<int64_t>(fftconv::kSuperBlockBytes / tile_bytes, 1, total);
   // Whole tile rows per super-block where they fit, so that inverse tasks can follow tile rows (and write
   // whole output rows); else runs of kMaxTilesPerTask.
@@ -495,7 +496,8 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
   } else if (block > fftconv::kMaxTilesPerTask) {
     block = block / fftconv::kMaxTilesPerTask * fftconv::kMaxTilesPerTask;
   }
-  std::vector<float> xspec(static_cast<size_t>(block * tile_bytes / 4));
+  // Not zero-filled: the forward tasks write every float the products read.
+  std::unique_ptr<float[]> xspec(new float[static_cast<size_t>(block * tile_bytes / 4)]);
 
   for (int64_t begin = 0; begin < total; begin += block) {
     fftconv::Call call;
@@ -505,7 +507,7 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     call.x = X.Data();
     call.bias = bias_.empty() ? nullptr : bias_.data();
     call.y = y;
-    call.xspec = xspec.data();
+    call.xspec = xspec.get();
     call.tile_begin = begin;
     call.tile_count = std::min(block, total - begin);
     call.row_tasks = row_tasks;
