@@ -32,6 +32,7 @@ namespace {
 constexpr int64_t kLanes = fft::kLanes;
 constexpr int kMaxTilesPerTask = 4;                       // tiles sharing one read of the filter spectra
 constexpr int kBandRows = 8;  // output rows assembled across a tile row before they are streamed to Y
+constexpr int64_t kStreamMinBytes = int64_t{4} << 20;    // outputs at least this large bypass the cache
 constexpr int64_t kSuperBlockBytes = int64_t{32} << 20;   // input spectra of one super-block
 constexpr int64_t kMaxSpectraBytes = int64_t{1} << 30;    // filter spectra of one tile size
 constexpr int kMaxTileElems = 1 << 18;                    // th * tw: bounds the per-task scratch
@@ -111,10 +112,9 @@ struct Call {
   float* xspec;        // [tiles of the super-block][bins][cgroups][re xk, im xk]
   int64_t tile_begin;  // first tile of the super-block
   int64_t tile_count;  // tiles in the super-block
-  // Inverse tasks: with row_tasks, each covers one of `segments` near-equal runs of tiles of one tile row (the
-  // super-block holds whole tile rows); otherwise runs of kMaxTilesPerTask tiles of the flattened order.
+  // Inverse tasks: with row_tasks, each covers one whole tile row (the super-block holds whole tile rows) and
+  // streams its output rows; otherwise runs of kMaxTilesPerTask tiles of the flattened order.
   bool row_tasks = false;
-  int64_t segments = 1;
   std::atomic<bool> failed{false};
 };
 
@@ -206,9 +206,8 @@ void ScatterTile(const Call& call, int64_t t, int64_t mg, const float* out, int 
 // The tiles [first, first + nt) (local to the super-block) of inverse task `run`.
 void TaskTiles(const Call& call, int64_t run, int64_t& first, int& nt) {
   if (call.row_tasks) {
-    const int64_t vt = call.g->v.tiles, row = run / call.segments, seg = run % call.segments;
-    first = row * vt + seg * vt / call.segments;
-    nt = static_cast<int>(row * vt + (seg + 1) * vt / call.segments - first);
+    first = run * call.g->v.tiles;
+    nt = static_cast<int>(call.g->v.tiles);
   } else {
     first = run * kMaxTilesPerTask;
     nt = static_cast<int>(std::min<int64_t>(kMaxTilesPerTask, call.tile_count - first));
@@ -217,7 +216,7 @@ void TaskTiles(const Call& call, int64_t run, int64_t& first, int& nt) {
 
 // Inverse tasks per super-block.
 int64_t TaskRuns(const Call& call) {
-  if (call.row_tasks) return call.tile_count / call.g->v.tiles * call.segments;
+  if (call.row_tasks) return call.tile_count / call.g->v.tiles;
   return CeilDiv(call.tile_count, kMaxTilesPerTask);
 }
 
@@ -230,9 +229,9 @@ void InverseTask(void* data, size_t index) {
     int64_t first;
     int nt;
     TaskTiles(*call, static_cast<int64_t>(index) / g.mgroups, first, nt);
-    // Whole output rows: the task's tiles are a full tile row and output rows are contiguous in Y. Then each
+    // Whole output rows: the task's tiles are a full tile row and output rows are contiguous in Y, so each
     // output channel's rows of this tile row are one contiguous region of Y, written as one stream.
-    const bool full_rows = call->row_tasks && call->segments == 1 && g.v.y_step == 1;
+    const bool full_rows = call->row_tasks;
     const int64_t ys = 2 * p.bins * kLanes;  // one tile's re and im planes
     const int64_t out_floats = full_rows ? kBandRows * g.v.out * kLanes
                                          : static_cast<int64_t>(p.th) * p.tw * kLanes;
@@ -488,9 +487,15 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
 
   const int64_t tile_bytes = p.bins * g.cgroups * 2 * g.xk * 4;
   int64_t block = std::clamp<int64_t>(fftconv::kSuperBlockBytes / tile_bytes, 1, total);
-  // Whole tile rows per super-block where they fit, so that inverse tasks can follow tile rows (and write
-  // whole output rows); else runs of kMaxTilesPerTask.
-  const bool row_tasks = block >= g.v.tiles;
+  // Tasks of whole tile rows that stream their output rows, where that pays: a tile row of at most
+  // kMaxTilesPerTask tiles (a task's scratch and its share of the filter-spectra reads stay those of the
+  // runs of kMaxTilesPerTask tiles), output rows contiguous (not transposed), and an output too large to stay
+  // in cache anyway. A small output (the 5x5 64->64 layer at 56x56: 0.8 MB) is better left in cache with
+  // plain stores for whoever reads it next, and tile rows of 2 or 3 tiles would read the large filter
+  // spectra of many channels up to twice as often (measured 2.7 -> 3.6 ms there).
+  const int64_t y_bytes = g.n * g.m * g.u.out * g.v.out * 4;
+  const bool row_tasks = g.v.y_step == 1 && g.v.tiles <= fftconv::kMaxTilesPerTask && block >= g.v.tiles &&
+                         y_bytes >= fftconv::kStreamMinBytes;
   if (row_tasks) {
     block = block / g.v.tiles * g.v.tiles;
   } else if (block > fftconv::kMaxTilesPerTask) {
@@ -511,7 +516,6 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     call.tile_begin = begin;
     call.tile_count = std::min(block, total - begin);
     call.row_tasks = row_tasks;
-    call.segments = fftconv::CeilDiv(g.v.tiles, fftconv::kMaxTilesPerTask);
     fftconv::Parallel(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
     if (!call.failed.load()) {
       fftconv::Parallel(context, fftconv::InverseTask, fftconv::TaskRuns(call) * g.mgroups, &call);
