@@ -39,23 +39,44 @@ struct Plan {
   std::vector<float> real_re, real_im;  // e^{-2 pi i k / tw}, k = 0..h
 };
 
+// The state of stream_rows: one contiguous destination per lane (output channel).
+struct RowStream {
+  float* dst[kLanes] = {};    // start of the region each lane writes
+  int64_t pos[kLanes] = {};   // offset in dst[l] of stage lane l's first float
+  int pend[kLanes] = {};      // floats waiting in the stage (< 8 after each call)
+  float bias[kLanes] = {};
+  int lanes = kLanes;         // lanes in use
+  float* stage = nullptr;     // kLanes * stage_ld floats, stage_ld >= cols + 8
+  int64_t stage_ld = 0;
+};
+
 // The vector code, compiled twice (fft_portable.cc and fft_avx2.cc, the latter for AVX2+FMA).
 struct Kernels {
   // tile [th][tw] V8 -> spectrum re/im [th][nbw] V8 (rows bit-reversed). `tile` is left intact.
   void (*forward)(const Plan& p, const float* tile, float* re, float* im);
-  // spectrum re/im [th][nbw] V8 (rows bit-reversed; destroyed) -> rows [0, rows) of th * tw * x into
-  // out [rows][tw] V8.
-  void (*inverse)(const Plan& p, float* re, float* im, float* out, int rows);
+  // The inverse in two halves, so that a caller can run the row half a few rows at a time over several tiles:
+  // inverse_cols: the column transforms of spectrum re/im [th][nbw] V8 (rows bit-reversed), in place;
+  // inverse_rows: spectrum rows [row0, row0 + rows) after inverse_cols (destroyed) -> those rows of
+  //   th * tw * x, columns [0, cols), into out[a * ldo + c] V8, a < rows, c < cols <= tw.
+  void (*inverse_cols)(const Plan& p, float* re, float* im);
+  void (*inverse_rows)(const Plan& p, float* re, float* im, int row0, int rows, float* out, int64_t ldo, int cols);
   // Complex products summed over channels, for nt <= 4 tiles:
   //   y_t[f] = sum_{c < C} w[f][c] * x_t[f][c]   (complex; lanes of w and y = 8 output channels)
-  // w: [bins][C][re V8, im V8]; x_t = x + t * x_stride: [bins][cgroups][re 8, im 8] (lanes = channels);
+  // w: [bins][C][re V8, im V8]; x_t = x + t * x_stride: [bins][cgroups][re xk, im xk] (lanes = channels;
+  // xk = 8, or C when C < 8: a few channels are stored without padding);
   // y_t = y + t * y_stride: re [bins] V8 followed by im [bins] V8.
   void (*product)(const float* w, const float* x, int64_t x_stride, int nt, int bins, int64_t channels,
-                  int64_t cgroups, float* y, int64_t y_stride);
+                  int64_t cgroups, int64_t xk, float* y, int64_t y_stride);
   // out [rows][tw] V8 -> dst[l][a * row_step + c] = out[a][c][l] + bias[l], a < rows, c < cols, l < lanes:
   // the crop of a tile into lanes (<= 8) output planes whose columns are contiguous.
   void (*scatter)(const float* out, int rows, int cols, int tw, float* const* dst, int64_t row_step,
                   const float* bias, int lanes);
+  // Whole output rows, written as one contiguous stream per plane: src [rows][ld] V8 (columns [0, cols) used)
+  // -> lane l's plane continues at s.dst[l] + s.pos[l] with src[a][c][l] + s.bias[l], row after row. The AVX2
+  // build writes 32-byte-aligned chunks with non-temporal stores (no read-for-ownership of the output's lines);
+  // up to 7 floats per lane wait in s.stage for the next row. stream_end writes what waits and fences.
+  void (*stream_rows)(const float* src, int rows, int cols, int64_t ld, RowStream& s);
+  void (*stream_end)(RowStream& s);
 };
 
 const Kernels& PortableKernels();

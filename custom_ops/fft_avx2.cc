@@ -5,6 +5,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define FFT_NS avx2
 #define FFT_TARGET __attribute__((target("avx2,fma")))
+#include <immintrin.h>
+#define FFT_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define FFT_FENCE _mm_sfence
 #include "fft_impl.inc"
 #endif
 
@@ -13,7 +16,8 @@ namespace fft {
 
 const Kernels& Avx2Kernels() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const Kernels k{avx2::Forward, avx2::Inverse, avx2::Product, avx2::Scatter};
+  static const Kernels k{avx2::Forward,      avx2::InverseCols, avx2::InverseRows, avx2::Product,
+                         avx2::Scatter,      avx2::StreamRows,  avx2::StreamEnd};
   return k;
 #else
   return PortableKernels();  // never chosen: HasAvx2Fma() is false off x86

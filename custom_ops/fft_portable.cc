@@ -8,7 +8,8 @@ namespace onnxopt {
 namespace fft {
 
 const Kernels& PortableKernels() {
-  static const Kernels k{portable::Forward, portable::Inverse, portable::Product, portable::Scatter};
+  static const Kernels k{portable::Forward, portable::InverseCols, portable::InverseRows, portable::Product,
+                         portable::Scatter, portable::StreamRows,  portable::StreamEnd};
   return k;
 }
 

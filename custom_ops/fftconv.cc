@@ -3,10 +3,13 @@
 // A call runs over "super-blocks" of tiles (flattened over images and tile rows/cols) whose input spectra fit
 // a fixed budget, so memory stays bounded whatever the input size. Per super-block, two ParallelFor loops:
 //   1. forward: one task per (tile, group of 8 phase channels): gather the tile, 2-D real FFT, store its
-//      spectrum as [tile][bin][channel group][re 8, im 8];
-//   2. products + inverse: one task per (up to 4 tiles, group of 8 output channels): per bin the complex
-//      products summed over all C' channels (lanes = output channels), then one inverse 2-D FFT per tile
-//      and output channel, cropped to the valid outputs, plus the bias.
+//      spectrum as [tile][bin][channel group][re xk, im xk] (xk = min(C', 8): no padding lanes);
+//   2. products + inverse: one task per (up to 4 tiles of one tile row, group of 8 output channels): per bin
+//      the complex products summed over all C' channels (lanes = output channels), then one inverse 2-D FFT
+//      per tile and output channel, cropped to the valid outputs, plus the bias. Where the task's tiles are a
+//      whole tile row, its output rows are assembled a band at a time across the tiles and each channel's
+//      rows (one contiguous region of Y) are streamed out with non-temporal stores: Y is far larger than
+//      the caches, and plain stores would first read every line of it from DRAM.
 #include "fftconv.h"
 
 #include <algorithm>
@@ -28,6 +31,8 @@ namespace {
 
 constexpr int64_t kLanes = fft::kLanes;
 constexpr int kMaxTilesPerTask = 4;                       // tiles sharing one read of the filter spectra
+constexpr int kBandRows = 8;  // output rows assembled across a tile row before they are streamed to Y
+constexpr int64_t kStreamMinBytes = int64_t{4} << 20;    // outputs at least this large bypass the cache
 constexpr int64_t kSuperBlockBytes = int64_t{32} << 20;   // input spectra of one super-block
 constexpr int64_t kMaxSpectraBytes = int64_t{1} << 30;    // filter spectra of one tile size
 constexpr int kMaxTileElems = 1 << 18;                    // th * tw: bounds the per-task scratch
@@ -104,9 +109,12 @@ struct Call {
   const float* x;
   const float* bias;
   float* y;
-  float* xspec;        // [tiles of the super-block][bins][cgroups][16]
+  float* xspec;        // [tiles of the super-block][bins][cgroups][re xk, im xk]
   int64_t tile_begin;  // first tile of the super-block
   int64_t tile_count;  // tiles in the super-block
+  // Inverse tasks: with row_tasks, each covers one whole tile row (the super-block holds whole tile rows) and
+  // streams its output rows; otherwise runs of kMaxTilesPerTask tiles of the flattened order.
+  bool row_tasks = false;
   std::atomic<bool> failed{false};
 };
 
@@ -156,11 +164,11 @@ void ForwardTask(void* data, size_t index) {
     float* im = re + p.bins * kLanes;
     GatherTile(*call, call->tile_begin + local, cg, tile);
     call->k->forward(p, tile, re, im);
-    float* dst = call->xspec + (local * p.bins * g.cgroups + cg) * 2 * kLanes;
+    float* dst = call->xspec + (local * p.bins * g.cgroups + cg) * 2 * g.xk;
     for (int f = 0; f < p.bins; ++f) {
-      float* d = dst + static_cast<int64_t>(f) * g.cgroups * 2 * kLanes;
-      std::copy(re + f * kLanes, re + (f + 1) * kLanes, d);
-      std::copy(im + f * kLanes, im + (f + 1) * kLanes, d + kLanes);
+      float* d = dst + static_cast<int64_t>(f) * g.cgroups * 2 * g.xk;
+      std::copy(re + f * kLanes, re + f * kLanes + g.xk, d);
+      std::copy(im + f * kLanes, im + f * kLanes + g.xk, d + g.xk);
     }
   } catch (...) {
     call->failed.store(true);
@@ -195,30 +203,82 @@ void ScatterTile(const Call& call, int64_t t, int64_t mg, const float* out, int 
   }
 }
 
+// The tiles [first, first + nt) (local to the super-block) of inverse task `run`.
+void TaskTiles(const Call& call, int64_t run, int64_t& first, int& nt) {
+  if (call.row_tasks) {
+    first = run * call.g->v.tiles;
+    nt = static_cast<int>(call.g->v.tiles);
+  } else {
+    first = run * kMaxTilesPerTask;
+    nt = static_cast<int>(std::min<int64_t>(kMaxTilesPerTask, call.tile_count - first));
+  }
+}
+
+// Inverse tasks per super-block.
+int64_t TaskRuns(const Call& call) {
+  if (call.row_tasks) return call.tile_count / call.g->v.tiles;
+  return CeilDiv(call.tile_count, kMaxTilesPerTask);
+}
+
 void InverseTask(void* data, size_t index) {
   auto* call = static_cast<Call*>(data);
   try {
     const Geometry& g = *call->g;
     const fft::Plan& p = call->s->plan;
-    const int64_t quad = static_cast<int64_t>(index) / g.mgroups;
     const int64_t mg = static_cast<int64_t>(index) % g.mgroups;
-    const int64_t first = quad * kMaxTilesPerTask;
-    const int nt = static_cast<int>(std::min<int64_t>(kMaxTilesPerTask, call->tile_count - first));
+    int64_t first;
+    int nt;
+    TaskTiles(*call, static_cast<int64_t>(index) / g.mgroups, first, nt);
+    // Whole output rows: the task's tiles are a full tile row and output rows are contiguous in Y, so each
+    // output channel's rows of this tile row are one contiguous region of Y, written as one stream.
+    const bool full_rows = call->row_tasks;
     const int64_t ys = 2 * p.bins * kLanes;  // one tile's re and im planes
-    std::unique_ptr<float[]> buf(new float[nt * ys + static_cast<int64_t>(p.th) * p.tw * kLanes]);
+    const int64_t out_floats = full_rows ? kBandRows * g.v.out * kLanes
+                                         : static_cast<int64_t>(p.th) * p.tw * kLanes;
+    const int64_t stage_ld = full_rows ? g.v.out + 2 * kLanes : 0;
+    std::unique_ptr<float[]> buf(new float[nt * ys + out_floats + kLanes * stage_ld]);
     float* y = buf.get();
     float* out = y + nt * ys;
-    const int64_t xs = p.bins * g.cgroups * 2 * kLanes;
+    const int64_t xs = p.bins * g.cgroups * 2 * g.xk;
     call->k->product(call->s->w.data() + mg * p.bins * g.cp * 2 * kLanes, call->xspec + first * xs, xs, nt,
-                     p.bins, g.cp, g.cgroups, y, ys);
-    for (int i = 0; i < nt; ++i) {
-      const int64_t t = call->tile_begin + first + i;
-      int64_t n, tu, tv;
-      TileCoords(g, t, n, tu, tv);
-      const int rows = static_cast<int>(std::min(g.u.tile_out, g.u.out - tu * g.u.tile_out));
-      call->k->inverse(p, y + i * ys, y + i * ys + p.bins * kLanes, out, rows);
-      ScatterTile(*call, t, mg, out, rows);
+                     p.bins, g.cp, g.cgroups, g.xk, y, ys);
+    if (!full_rows) {
+      for (int i = 0; i < nt; ++i) {
+        const int64_t t = call->tile_begin + first + i;
+        int64_t n, tu, tv;
+        TileCoords(g, t, n, tu, tv);
+        const int rows = static_cast<int>(std::min(g.u.tile_out, g.u.out - tu * g.u.tile_out));
+        call->k->inverse_cols(p, y + i * ys, y + i * ys + p.bins * kLanes);
+        call->k->inverse_rows(p, y + i * ys, y + i * ys + p.bins * kLanes, 0, rows, out, p.tw, p.tw);
+        ScatterTile(*call, t, mg, out, rows);
+      }
+      return;
     }
+    int64_t n, tu, tv;
+    TileCoords(g, call->tile_begin + first, n, tu, tv);
+    const int rows = static_cast<int>(std::min(g.u.tile_out, g.u.out - tu * g.u.tile_out));
+    fft::RowStream rs;
+    rs.lanes = static_cast<int>(std::min<int64_t>(kLanes, g.m - mg * kLanes));
+    rs.stage = out + out_floats;
+    rs.stage_ld = stage_ld;
+    for (int l = 0; l < rs.lanes; ++l) {
+      const int64_t m = mg * kLanes + l;
+      if (call->bias) rs.bias[l] = call->bias[m];
+      rs.dst[l] = call->y + (n * g.m + m) * g.u.out * g.v.out + tu * g.u.tile_out * g.u.y_step;
+    }
+    for (int i = 0; i < nt; ++i) call->k->inverse_cols(p, y + i * ys, y + i * ys + p.bins * kLanes);
+    // A band of output rows at a time across all the tiles, so that the assembled rows stay in cache.
+    for (int a = 0; a < rows; a += kBandRows) {
+      const int band = std::min(kBandRows, rows - a);
+      for (int i = 0; i < nt; ++i) {
+        const int64_t c0 = static_cast<int64_t>(i) * g.v.tile_out;
+        const int cols = static_cast<int>(std::min(g.v.tile_out, g.v.out - c0));
+        call->k->inverse_rows(p, y + i * ys, y + i * ys + p.bins * kLanes, a, band, out + c0 * kLanes, g.v.out,
+                              cols);
+      }
+      call->k->stream_rows(out, band, static_cast<int>(g.v.out), g.v.out, rs);
+    }
+    call->k->stream_end(rs);
   } catch (...) {
     call->failed.store(true);
   }
@@ -340,6 +400,7 @@ Geometry FFTConvKernel::MakeGeometry(const std::vector<int64_t>& xs) const {
   g.cp = g.c * h.stride * w.stride;
   g.cgroups = (g.cp + fft::kLanes - 1) / fft::kLanes;
   g.mgroups = (g.m + fft::kLanes - 1) / fft::kLanes;
+  g.xk = std::min<int64_t>(g.cp, fft::kLanes);
   const auto [th, tw] = fftconv::ChooseTiles(g);
   g.u.t = th;
   g.v.t = tw;
@@ -424,10 +485,24 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
   const std::shared_ptr<const Spectra> spectra = SpectraFor(g);
   const fft::Plan& p = spectra->plan;
 
-  const int64_t tile_bytes = p.bins * g.cgroups * 2 * fft::kLanes * 4;
+  const int64_t tile_bytes = p.bins * g.cgroups * 2 * g.xk * 4;
   int64_t block = std::clamp<int64_t>(fftconv::kSuperBlockBytes / tile_bytes, 1, total);
-  if (block > fftconv::kMaxTilesPerTask) block = block / fftconv::kMaxTilesPerTask * fftconv::kMaxTilesPerTask;
-  std::vector<float> xspec(static_cast<size_t>(block * tile_bytes / 4));
+  // Tasks of whole tile rows that stream their output rows, where that pays: a tile row of at most
+  // kMaxTilesPerTask tiles (a task's scratch and its share of the filter-spectra reads stay those of the
+  // runs of kMaxTilesPerTask tiles), output rows contiguous (not transposed), and an output too large to stay
+  // in cache anyway. A small output (the 5x5 64->64 layer at 56x56: 0.8 MB) is better left in cache with
+  // plain stores for whoever reads it next, and tile rows of 2 or 3 tiles would read the large filter
+  // spectra of many channels up to twice as often (measured 2.7 -> 3.6 ms there).
+  const int64_t y_bytes = g.n * g.m * g.u.out * g.v.out * 4;
+  const bool row_tasks = g.v.y_step == 1 && g.v.tiles <= fftconv::kMaxTilesPerTask && block >= g.v.tiles &&
+                         y_bytes >= fftconv::kStreamMinBytes;
+  if (row_tasks) {
+    block = block / g.v.tiles * g.v.tiles;
+  } else if (block > fftconv::kMaxTilesPerTask) {
+    block = block / fftconv::kMaxTilesPerTask * fftconv::kMaxTilesPerTask;
+  }
+  // Not zero-filled: the forward tasks write every float the products read.
+  std::unique_ptr<float[]> xspec(new float[static_cast<size_t>(block * tile_bytes / 4)]);
 
   for (int64_t begin = 0; begin < total; begin += block) {
     fftconv::Call call;
@@ -437,13 +512,13 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     call.x = X.Data();
     call.bias = bias_.empty() ? nullptr : bias_.data();
     call.y = y;
-    call.xspec = xspec.data();
+    call.xspec = xspec.get();
     call.tile_begin = begin;
     call.tile_count = std::min(block, total - begin);
+    call.row_tasks = row_tasks;
     fftconv::Parallel(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
     if (!call.failed.load()) {
-      const int64_t quads = (call.tile_count + fftconv::kMaxTilesPerTask - 1) / fftconv::kMaxTilesPerTask;
-      fftconv::Parallel(context, fftconv::InverseTask, quads * g.mgroups, &call);
+      fftconv::Parallel(context, fftconv::InverseTask, fftconv::TaskRuns(call) * g.mgroups, &call);
     }
     if (call.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
   }

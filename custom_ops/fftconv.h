@@ -59,6 +59,7 @@ struct Spectra {
 struct Geometry {
   int64_t n = 0, c = 0, m = 0;
   int64_t cp = 0, cgroups = 0, mgroups = 0;  // C' = C s_h s_w, ceil(C' / 8), ceil(M / 8)
+  int64_t xk = 8;  // input spectra floats per channel group and part (re, im): min(C', 8), no padding lanes
   Axis u, v;                                 // u: the complex (column) FFT axis; v: the real (row) FFT axis
   int64_t TilesPerImage() const { return u.tiles * v.tiles; }
 };

@@ -76,6 +76,13 @@ CASES = [
     (1, 3, 7, 301, 16, 1, 11, (0, 3, 0, 2), (1, 2), True),
     (1, 3, 90, 87, 5, 5, 5, (2, 2, 2, 2), (1, 1), True),  # more than one tile along both axes
     (1, 1, 1100, 1, 16, 512, 1, (254, 0, 254, 0), (4, 1), True),  # the crepe first layer, fewer filters
+    # Outputs over 4 MiB whose tile rows have at most 4 tiles: inverse tasks of whole tile rows that stream
+    # whole output rows. Several images, 21 filters (a last group of 5 lanes), planes of 151x167 (an odd size,
+    # so each plane starts at another alignment); then four tiles to a tile row.
+    (2, 3, 151, 167, 21, 7, 7, (3, 3, 3, 3), (1, 1), True),
+    (2, 5, 130, 230, 20, 5, 5, (2, 2, 2, 2), (1, 1), True),
+    (1, 3, 300, 301, 16, 7, 7, (3, 3, 3, 3), (1, 1), True),  # over 4 MiB, more than 4 tiles to a row
+    (2, 3, 70, 75, 13, 7, 7, (3, 3, 3, 3), (1, 1), True),  # whole tile rows, but a small output
 ]
 
 
