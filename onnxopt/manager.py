@@ -7,8 +7,10 @@
 3. Verify the whole model against the original. Over budget, the rewrites with the largest estimated error
    step back to a less lossy option, or are undone when they have none: every node takes its most
    compressive option under a threshold tau on the estimated error, and tau is bisected over the options'
-   estimated errors (a few verifications, not one per option) to the largest that passes. The result is
-   never over budget; if every rewrite had to be undone, BudgetError says why.
+   estimated errors (a few verifications, not one per option) to the largest that passes. Then a few greedy
+   per-node steps: the node whose next more compressive option saves the most tries it alone and keeps it if
+   the model still passes (one threshold cannot know which layers' errors the model tolerates). The result
+   is never over budget; if every rewrite had to be undone, BudgetError says why.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from onnxopt.rewrite import LOCAL_SLACK, Decline, Option, Pass, PassContext, Rec
 from onnxopt.verify import complete_shapes, extra_outputs, run_model
 
 MAX_ACTIVATION_SAMPLES = 256
+REFINE_STEPS = 12  # verifications spent on per-node steps after the bisection
 
 
 @dataclass
@@ -336,4 +339,34 @@ def _fit_budget(original, passes, candidates, budget, progress, log):
         _choose(candidates, taus[index])
         optimized = None
         optimized = build(original, passes, candidates)
+    optimized, summary = _refine(original, passes, candidates, budget, optimized, summary, log)
     return optimized, summary, failures
+
+
+def _refine(original, passes, candidates, budget, optimized, summary, log):
+    """Greedy steps after the bisection. One shared threshold steps every node back alike, though layers
+    differ in how much of their error reaches the outputs: the node whose next more compressive option saves
+    the most bytes tries it alone, and keeps it if the whole model stays within budget; a node that fails is
+    not tried again. At most REFINE_STEPS verifications."""
+    tried: set[int] = set()
+    for _ in range(REFINE_STEPS):
+        movable = [c for c in candidates if c.choice > 0 and id(c) not in tried]
+        if not movable:
+            break
+        c = max(movable, key=_next_saving)
+        c.choice -= 1
+        trial = build(original, passes, candidates)
+        ok, trial_summary = budget.check(trial)
+        if ok:
+            optimized, summary = trial, trial_summary
+            log(f"refined {c.record.node}: option {c.choice + 1} of {len(c.options)} fits")
+        else:
+            c.choice += 1
+            tried.add(id(c))
+    return optimized, summary
+
+
+def _next_saving(c: Candidate) -> int:
+    """Bytes the candidate's next more compressive option saves over its current choice."""
+    current = c.option.bytes_after if c.active else c.record.bytes_before
+    return current - c.options[c.choice - 1].bytes_after

@@ -74,3 +74,30 @@ def test_records_cover_declined_nodes_with_reasons():
     result = optimize(model, make_passes(["winograd"]), feeds, OutputBudget(model, feeds))
     assert not result.changed
     assert all(r.status == "declined" and "stride" in r.reason for r in result.records)
+
+
+def test_refine_steps_each_node_alone_and_keeps_what_fits(monkeypatch):
+    """After the bisection every node sits at the same threshold; the greedy steps move the node whose next
+    option saves most, alone, and keep it only if the whole model still passes."""
+    import onnxopt.manager as manager
+    from onnxopt.rewrite import Option, Record
+
+    def option(nbytes):
+        return Option(0.0, 0, nbytes, 0, emit=None)
+
+    big = manager.Candidate(
+        0, Record("m", "big", "Gemm", "applied", bytes_before=1000), [option(100), option(400)]
+    )
+    small = manager.Candidate(
+        0, Record("m", "small", "Gemm", "applied", bytes_before=50), [option(10), option(30)]
+    )
+    big.choice = small.choice = 1
+    monkeypatch.setattr(manager, "build", lambda original, passes, candidates: (big.choice, small.choice))
+
+    class Budget:  # the model passes unless the small node takes its most compressive option
+        def check(self, model):
+            return model[1] == 1, {"choices": model}
+
+    model, summary = manager._refine(None, [], [big, small], Budget(), "start", {}, lambda s: None)
+    assert (big.choice, small.choice) == (0, 1)
+    assert model == (0, 1) and summary == {"choices": (0, 1)}
