@@ -193,7 +193,19 @@ onnxopt library registered for both models.
 """
 
 
-SECTIONS = {"models": models_section, "conv": conv_section}
+def lowrank_section(quick: bool) -> str:
+    return f"""## lowrank: size against accuracy on the Fashion-MNIST classifier (`benchmarks/lowrank.py`)
+
+Each row optimizes with `lowrank` under an output budget (relative L2 of the logits on 256 calibration
+images; the default budget is 0.01) and measures top-1 on the 10,000 test images. "their bytes": the
+rewritten layers' weights before / after; "file": the whole model. FC layers are always candidates; Conv
+layers with `--set lowrank.conv=1`, restricted to one scheme with `--set lowrank.schemes=...`.
+
+{_script_table("lowrank.py")}
+"""
+
+
+SECTIONS = {"models": models_section, "conv": conv_section, "lowrank": lowrank_section}
 
 
 def _split(text: str) -> tuple[str, list[tuple[str, str]]]:
