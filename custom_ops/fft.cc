@@ -35,6 +35,7 @@ Plan::Plan(int th_, int tw_) : th(th_), tw(tw_) {
   h = tw / 2;
   nbw = h + 1;
   bins = th * nbw;
+  strip = th >= 128 ? 2 : 256 / th;
   StageTwiddles(th, col_re, col_im);
   StageTwiddles(h, row_re, row_im);
   int bits = 0;

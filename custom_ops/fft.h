@@ -31,6 +31,7 @@ struct Plan {
   int h = 1;           // tw / 2: length of the complex FFT of each row
   int nbw = 2;         // h + 1 spectrum columns
   int bins = 2;        // th * nbw
+  int strip = 2;       // spectrum columns per column strip: th * strip V8 of a plane stay in L1
   // Stage-concatenated twiddles e^{-2 pi i j / (2 half)}, j < half, for half = 1, 2, ..., n/2: the stage with
   // butterfly span `half` reads entries [half - 1, 2 half - 1).
   std::vector<float> col_re, col_im;  // n = th
@@ -55,18 +56,18 @@ struct Kernels {
   // tile [th][tw] V8 -> spectrum re/im [th][nbw] V8 (rows bit-reversed). `tile` is left intact.
   void (*forward)(const Plan& p, const float* tile, float* re, float* im);
   // The inverse in two halves, so that a caller can run the row half a few rows at a time over several tiles:
-  // inverse_cols: the column transforms of spectrum re/im [th][nbw] V8 (rows bit-reversed), in place;
-  // inverse_rows: spectrum rows [row0, row0 + rows) after inverse_cols (destroyed) -> those rows of
+  // product_cols: per column strip (Plan::strip columns, all rows), the complex products summed over the
+  //   channels for nt tiles, then each tile's column transforms of that strip while it is in L1:
+  //     y_t[f] = sum_{c < C} w[f][c] * x_t,c[f]   (complex; lanes of w and y = 8 output channels)
+  //   w: one output-channel group's filter spectra, bins in strip order (strip by strip, within a strip row
+  //   by row) x [C][re V8, im V8]; x_t,c[f]: re at x[xt[t] + (c / 8) * xg + c % 8 + f * xf], im xi floats
+  //   after it (f in natural order); y_t = y + t * y_stride: re [th][nbw] V8 then im [th][nbw] V8 (rows bit-reversed), left
+  //   column-transformed for inverse_rows.
+  // inverse_rows: spectrum rows [row0, row0 + rows) after product_cols (destroyed) -> those rows of
   //   th * tw * x, columns [0, cols), into out[a * ldo + c] V8, a < rows, c < cols <= tw.
-  void (*inverse_cols)(const Plan& p, float* re, float* im);
   void (*inverse_rows)(const Plan& p, float* re, float* im, int row0, int rows, float* out, int64_t ldo, int cols);
-  // Complex products summed over channels, for nt <= 4 tiles:
-  //   y_t[f] = sum_{c < C} w[f][c] * x_t[f][c]   (complex; lanes of w and y = 8 output channels)
-  // w: [bins][C][re V8, im V8]; x_t = x + t * x_stride: [bins][cgroups][re xk, im xk] (lanes = channels;
-  // xk = 8, or C when C < 8: a few channels are stored without padding);
-  // y_t = y + t * y_stride: re [bins] V8 followed by im [bins] V8.
-  void (*product)(const float* w, const float* x, int64_t x_stride, int nt, int bins, int64_t channels,
-                  int64_t cgroups, int64_t xk, float* y, int64_t y_stride);
+  void (*product_cols)(const Plan& p, const float* w, const float* x, const int64_t* xt, int nt,
+                       int64_t channels, int64_t xg, int64_t xf, int64_t xi, float* y, int64_t y_stride);
   // out [rows][tw] V8 -> dst[l][a * row_step + c] = out[a][c][l] + bias[l], a < rows, c < cols, l < lanes:
   // the crop of a tile into lanes (<= 8) output planes whose columns are contiguous.
   void (*scatter)(const float* out, int rows, int cols, int tw, float* const* dst, int64_t row_step,

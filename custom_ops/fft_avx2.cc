@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #define FFT_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
 #define FFT_FENCE _mm_sfence
+#define FFT_BROADCAST(p) ((V8)_mm256_broadcast_ss(p))
 #include "fft_impl.inc"
 #endif
 
@@ -16,7 +17,7 @@ namespace fft {
 
 const Kernels& Avx2Kernels() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const Kernels k{avx2::Forward,      avx2::InverseCols, avx2::InverseRows, avx2::Product,
+  static const Kernels k{avx2::Forward, avx2::InverseRows, avx2::ProductCols,
                          avx2::Scatter,      avx2::StreamRows,  avx2::StreamEnd};
   return k;
 #else

@@ -8,7 +8,7 @@ namespace onnxopt {
 namespace fft {
 
 const Kernels& PortableKernels() {
-  static const Kernels k{portable::Forward, portable::InverseCols, portable::InverseRows, portable::Product,
+  static const Kernels k{portable::Forward, portable::InverseRows, portable::ProductCols,
                          portable::Scatter, portable::StreamRows,  portable::StreamEnd};
   return k;
 }

@@ -3,10 +3,13 @@
 // A call runs over "super-blocks" of tiles (flattened over images and tile rows/cols) whose input spectra fit
 // a fixed budget, so memory stays bounded whatever the input size. Per super-block, two ParallelFor loops:
 //   1. forward: one task per (tile, group of 8 phase channels): gather the tile, 2-D real FFT, store its
-//      spectrum as [tile][bin][channel group][re xk, im xk] (xk = min(C', 8): no padding lanes);
-//   2. products + inverse: one task per (up to 4 tiles of one tile row, group of 8 output channels): per bin
-//      the complex products summed over all C' channels (lanes = output channels), then one inverse 2-D FFT
-//      per tile and output channel, cropped to the valid outputs, plus the bias. Where the task's tiles are a
+//      spectrum as [tile][bin][channel group][re xk, im xk] (xk = min(C', 8): no padding lanes). With C' < 8
+//      one task per floor(8 / C') tiles instead, their (tile, channel) windows packed into the 8 lanes of one
+//      transform (one tile of 3 channels would leave 5 of 8 lanes idle) and its spectrum left as written;
+//   2. products + inverse: one task per (up to 4 tiles of one tile row, group of 8 output channels): per
+//      column strip the complex products summed over all C' channels (lanes = output channels), then that
+//      strip's column inverse while it is in L1, then the row inverses, cropped to the valid outputs, plus
+//      the bias. Where the task's tiles are a
 //      whole tile row, its output rows are assembled a band at a time across the tiles and each channel's
 //      rows (one contiguous region of Y) are streamed out with non-temporal stores: Y is far larger than
 //      the caches, and plain stores would first read every line of it from DRAM.
@@ -115,6 +118,9 @@ struct Call {
   // Inverse tasks: with row_tasks, each covers one whole tile row (the super-block holds whole tile rows) and
   // streams its output rows; otherwise runs of kMaxTilesPerTask tiles of the flattened order.
   bool row_tasks = false;
+  // C' < 8: the forward packs 8 (tile, channel) items into the lanes of one transform (one channel per tile
+  // would leave most lanes idle) and its spectra stay as it writes them: xspec [group][re bins V8, im bins V8].
+  bool packed = false;
   std::atomic<bool> failed{false};
 };
 
@@ -170,6 +176,54 @@ void ForwardTask(void* data, size_t index) {
       std::copy(re + f * kLanes, re + f * kLanes + g.xk, d);
       std::copy(im + f * kLanes, im + f * kLanes + g.xk, d + g.xk);
     }
+  } catch (...) {
+    call->failed.store(true);
+  }
+}
+
+// Packed forward task: the tiles [index * tpg, index * tpg + tpg) of the super-block, tpg = floor(8 / C'),
+// one (tile, channel) per lane: lane l is channel l % C' of tile l / C' (a tile never straddles two groups,
+// so that a tile's channels are consecutive lanes for the products), the th x tw window of its tile's phase
+// channel, zero outside X; spectra straight into xspec.
+void PackedForwardTask(void* data, size_t index) {
+  auto* call = static_cast<Call*>(data);
+  try {
+    const Geometry& g = *call->g;
+    const fft::Plan& p = call->s->plan;
+    const int64_t tile_floats = static_cast<int64_t>(p.th) * p.tw * kLanes;
+    std::unique_ptr<float[]> buf(new float[tile_floats]);
+    float* tile = buf.get();
+    const int64_t tpg = kLanes / g.cp;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t local = static_cast<int64_t>(index) * tpg + l / g.cp;
+      float* lane = tile + l;
+      if (l >= tpg * g.cp || local >= call->tile_count) {  // an idle lane: zeros, not garbage that could be NaN or denormal
+        for (int64_t e = 0; e < tile_floats; e += kLanes) lane[e] = 0.0f;
+        continue;
+      }
+      int64_t n, tu, tv;
+      TileCoords(g, call->tile_begin + local, n, tu, tv);
+      const Phase ph = SplitChannel(g, l % g.cp);
+      const float* plane = call->x + (n * g.c + ph.c) * g.u.in * g.v.in;
+      const int64_t v0 = g.v.stride * tv * g.v.tile_out + ph.pv - g.v.pad;  // X index of column b = 0
+      // Columns [b0, b1) lie inside X; the others are padding.
+      const int64_t b0 = std::clamp<int64_t>(CeilDiv(-v0, g.v.stride), 0, p.tw);
+      const int64_t b1 = std::clamp<int64_t>(CeilDiv(g.v.in - v0, g.v.stride), b0, p.tw);
+      for (int a = 0; a < p.th; ++a) {
+        float* dst = lane + static_cast<int64_t>(a) * p.tw * kLanes;
+        const int64_t iu = g.u.stride * (tu * g.u.tile_out + a) + ph.pu - g.u.pad;
+        if (iu < 0 || iu >= g.u.in) {
+          for (int b = 0; b < p.tw; ++b) dst[b * kLanes] = 0.0f;
+          continue;
+        }
+        const float* row = plane + iu * g.u.x_step;
+        for (int64_t b = 0; b < b0; ++b) dst[b * kLanes] = 0.0f;
+        for (int64_t b = b0; b < b1; ++b) dst[b * kLanes] = row[(v0 + g.v.stride * b) * g.v.x_step];
+        for (int64_t b = b1; b < p.tw; ++b) dst[b * kLanes] = 0.0f;
+      }
+    }
+    float* re = call->xspec + static_cast<int64_t>(index) * 2 * p.bins * kLanes;
+    call->k->forward(p, tile, re, re + p.bins * kLanes);
   } catch (...) {
     call->failed.store(true);
   }
@@ -239,16 +293,31 @@ void InverseTask(void* data, size_t index) {
     std::unique_ptr<float[]> buf(new float[nt * ys + out_floats + kLanes * stage_ld]);
     float* y = buf.get();
     float* out = y + nt * ys;
-    const int64_t xs = p.bins * g.cgroups * 2 * g.xk;
-    call->k->product(call->s->w.data() + mg * p.bins * g.cp * 2 * kLanes, call->xspec + first * xs, xs, nt,
-                     p.bins, g.cp, g.cgroups, g.xk, y, ys);
+    // Where each tile's input spectra lie in the super-block's xspec (fft.h: product_cols).
+    int64_t xt[fft::kLanes] = {}, xg, xf, xi;
+    if (call->packed) {  // [group][re bins V8, im bins V8], tile = a run of C' lanes of a group
+      const int64_t tpg = kLanes / g.cp;
+      for (int i = 0; i < nt; ++i) {
+        const int64_t t = first + i;
+        xt[i] = t / tpg * 2 * p.bins * kLanes + t % tpg * g.cp;
+      }
+      xg = 0;
+      xf = kLanes;
+      xi = p.bins * kLanes;
+    } else {  // [tile][bin][channel group][re xk, im xk]
+      for (int i = 0; i < nt; ++i) xt[i] = (first + i) * p.bins * g.cgroups * 2 * g.xk;
+      xg = 2 * g.xk;
+      xf = g.cgroups * 2 * g.xk;
+      xi = g.xk;
+    }
+    call->k->product_cols(p, call->s->w.data() + mg * p.bins * g.cp * 2 * kLanes, call->xspec, xt, nt, g.cp,
+                          xg, xf, xi, y, ys);
     if (!full_rows) {
       for (int i = 0; i < nt; ++i) {
         const int64_t t = call->tile_begin + first + i;
         int64_t n, tu, tv;
         TileCoords(g, t, n, tu, tv);
         const int rows = static_cast<int>(std::min(g.u.tile_out, g.u.out - tu * g.u.tile_out));
-        call->k->inverse_cols(p, y + i * ys, y + i * ys + p.bins * kLanes);
         call->k->inverse_rows(p, y + i * ys, y + i * ys + p.bins * kLanes, 0, rows, out, p.tw, p.tw);
         ScatterTile(*call, t, mg, out, rows);
       }
@@ -266,7 +335,6 @@ void InverseTask(void* data, size_t index) {
       if (call->bias) rs.bias[l] = call->bias[m];
       rs.dst[l] = call->y + (n * g.m + m) * g.u.out * g.v.out + tu * g.u.tile_out * g.u.y_step;
     }
-    for (int i = 0; i < nt; ++i) call->k->inverse_cols(p, y + i * ys, y + i * ys + p.bins * kLanes);
     // A band of output rows at a time across all the tiles, so that the assembled rows stay in cache.
     for (int a = 0; a < rows; a += kBandRows) {
       const int band = std::min(kBandRows, rows - a);
@@ -440,10 +508,13 @@ std::shared_ptr<const Spectra> FFTConvKernel::SpectraFor(const Geometry& g) {
         }
       }
       kernels_->forward(p, tile, re, im);
-      // Correlation, not convolution: the conjugate spectrum; lanes become output channels.
+      // Correlation, not convolution: the conjugate spectrum; lanes become output channels. Bins in the
+      // order product_cols reads them (column strip by strip, row by row within one): one forward stream.
       for (int64_t f = 0; f < p.bins; ++f) {
+        const int64_t r = f / p.nbw, col = f % p.nbw, c0 = col / p.strip * p.strip;
+        const int64_t fs = p.th * c0 + r * std::min<int64_t>(p.strip, p.nbw - c0) + (col - c0);
         for (int64_t l = 0; l < L && cg * L + l < g.cp; ++l) {
-          float* d = s->w.data() + (((m / L) * p.bins + f) * g.cp + cg * L + l) * 2 * L + m % L;
+          float* d = s->w.data() + (((m / L) * p.bins + fs) * g.cp + cg * L + l) * 2 * L + m % L;
           d[0] = re[f * L + l];
           d[L] = -im[f * L + l];
         }
@@ -485,6 +556,7 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
   const std::shared_ptr<const Spectra> spectra = SpectraFor(g);
   const fft::Plan& p = spectra->plan;
 
+  const bool packed = g.cp < fftconv::kLanes;
   const int64_t tile_bytes = p.bins * g.cgroups * 2 * g.xk * 4;
   int64_t block = std::clamp<int64_t>(fftconv::kSuperBlockBytes / tile_bytes, 1, total);
   // Tasks of whole tile rows that stream their output rows, where that pays: a tile row of at most
@@ -502,7 +574,11 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     block = block / fftconv::kMaxTilesPerTask * fftconv::kMaxTilesPerTask;
   }
   // Not zero-filled: the forward tasks write every float the products read.
-  std::unique_ptr<float[]> xspec(new float[static_cast<size_t>(block * tile_bytes / 4)]);
+  // Packed: groups of floor(8 / C') whole tiles.
+  const int64_t tpg = packed ? fftconv::kLanes / g.cp : 1;
+  const int64_t xspec_floats = packed ? fftconv::CeilDiv(block, tpg) * 2 * p.bins * fftconv::kLanes
+                                      : block * tile_bytes / 4;
+  std::unique_ptr<float[]> xspec(new float[static_cast<size_t>(xspec_floats)]);
 
   for (int64_t begin = 0; begin < total; begin += block) {
     fftconv::Call call;
@@ -516,7 +592,13 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     call.tile_begin = begin;
     call.tile_count = std::min(block, total - begin);
     call.row_tasks = row_tasks;
-    fftconv::Parallel(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
+    call.packed = packed;
+    if (packed) {
+      fftconv::Parallel(context, fftconv::PackedForwardTask,
+                        fftconv::CeilDiv(call.tile_count, tpg), &call);
+    } else {
+      fftconv::Parallel(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
+    }
     if (!call.failed.load()) {
       fftconv::Parallel(context, fftconv::InverseTask, fftconv::TaskRuns(call) * g.mgroups, &call);
     }

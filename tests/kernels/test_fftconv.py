@@ -83,6 +83,12 @@ CASES = [
     (2, 5, 130, 230, 20, 5, 5, (2, 2, 2, 2), (1, 1), True),
     (1, 3, 300, 301, 16, 7, 7, (3, 3, 3, 3), (1, 1), True),  # over 4 MiB, more than 4 tiles to a row
     (2, 3, 70, 75, 13, 7, 7, (3, 3, 3, 3), (1, 1), True),  # whole tile rows, but a small output
+    # C' < 8: forward transforms packed with whole tiles (floor(8 / C') to a transform): C' = 2 (4 tiles to a
+    # transform, a tile count that is not a multiple of 4 and a last transform with idle lanes), C' = 7 (the
+    # products' generic channel loop), C' = 6 by the stride split of 3 channels.
+    (3, 2, 90, 87, 11, 5, 5, (2, 2, 2, 2), (1, 1), True),
+    (1, 7, 90, 87, 9, 5, 5, (2, 1, 2, 3), (1, 1), False),
+    (1, 3, 61, 95, 10, 5, 5, (2, 2, 2, 2), (1, 2), True),
 ]
 
 
