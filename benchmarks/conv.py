@@ -66,14 +66,27 @@ def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+PASSES = 3  # the whole table is measured this many times, spread out in time; each figure is the median
+
+
 def winograd_rows(rounds: int) -> list[list[str]]:
-    rows = []
+    """The shapes are measured in PASSES sweeps, not back to back: this shared machine has slow phases of
+    seconds to minutes, and a figure taken in one sweep would carry whichever phase it fell in."""
+    layers = []
     for c, hw in WINOGRAD_SHAPES:
         models = [conv3x3(c, hw, t) for t in (None, 2, 4)]
         x = {"x": np.random.default_rng(0).standard_normal((1, c, hw, hw)).astype(np.float32)}
         ref, f2, f4 = (make_session(m.SerializeToString(), threads=1).run(None, x)[0] for m in models)
+        layers.append((c, hw, models, f"{_rel_l2(f2, ref):.1e} / {_rel_l2(f4, ref):.1e}"))
+    times: dict[tuple[int, int], list[list[float]]] = {}
+    for _ in range(PASSES):
+        for i, (_, _, models, _) in enumerate(layers):
+            for threads in (1, 2):
+                times.setdefault((i, threads), []).append(median_times(models, threads, rounds))
+    rows = []
+    for i, (c, hw, _, err) in enumerate(layers):
         for threads in (1, 2):
-            t_ref, t_f2, t_f4 = median_times(models, threads, rounds)
+            t_ref, t_f2, t_f4 = np.median(np.array(times[i, threads]), axis=0)
             rows.append(
                 [
                     f"{c}@{hw}x{hw}",
@@ -83,7 +96,7 @@ def winograd_rows(rounds: int) -> list[list[str]]:
                     f"{t_ref / t_f2:.2f}x",
                     f"{t_f4:.3f}",
                     f"{t_ref / t_f4:.2f}x",
-                    f"{_rel_l2(f2, ref):.1e} / {_rel_l2(f4, ref):.1e}",
+                    err,
                 ]
             )
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

@@ -149,6 +149,8 @@ timed one's cores).
 
 ### WinogradConv, 3x3 pad 1 (ResNet layers)
 
+Each figure is the median of {conv_bench.PASSES} sweeps over the table, each a median of {rounds} runs.
+
 {wino}
 
 ### DepthwiseConv, 3x3 pad 1 (MobileNetV2 layers): `benchmarks/depthwise.py`
