@@ -269,6 +269,7 @@ def _keep_if_faster(original, optimized, summary, passes, candidates, budget, fe
     """The speed-only passes' rewrites were each timed faster alone; the whole model must be faster too, or
     they are undone (layers can interact: a custom op may keep onnxruntime from fusing its neighbours)."""
     from onnxopt.bench import latency
+    from onnxopt.timing import MIN_GAIN
 
     def timed(p: Pass) -> bool:
         return p.measured and settings.get(p.name, {}).get("measure", "1") not in ("0", "false", "no")
