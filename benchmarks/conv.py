@@ -142,7 +142,11 @@ def e2e_rows(methods: list[str], quick: bool) -> list[list[str]]:
                 if r.status == "applied":
                     applied[r.method] = applied.get(r.method, 0) + 1
             convs = sum(n.op_type == "Conv" for n in model.graph.node)
-            before, after = latency([model, result.model], feeds, threads=threads, rounds=20 if quick else 40)
+            # Three separate interleaved measurements, the median of each side: one alone can fall in a slow
+            # phase of this shared machine.
+            runs = [latency([model, result.model], feeds, threads=threads, rounds=20) for _ in range(PASSES)]
+            before = {"median_ms": float(np.median([r[0]["median_ms"] for r in runs]))}
+            after = {"median_ms": float(np.median([r[1]["median_ms"] for r in runs]))}
             ratio = f"{before['median_ms'] / after['median_ms']:.2f}x"
             rewritten = ", ".join(f"{m} {k}" for m, k in applied.items())
             if not result.changed:  # the same model twice: its ratio is only noise

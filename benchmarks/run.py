@@ -164,8 +164,12 @@ Each figure is the median of {conv_bench.PASSES} sweeps over the table, each a m
 ### Whole models, optimized with `--methods winograd,fftconv,depthwise` at the thread count shown
 
 Every candidate layer is timed alone against onnxruntime and rewritten only if faster; then the whole model
-is timed and the rewrites are undone if it is not faster. Budget: relative L2 <= 1e-3 (exact methods; the
-error is fp32 round-off). Latency: whole model, original vs optimized, interleaved, median.
+is timed and the rewrites are undone if it is not 1.05x faster. Budget: relative L2 <= 1e-3 (exact methods;
+the error is fp32 round-off). Latency: whole model, original vs optimized, interleaved, median of
+{conv_bench.PASSES} separate measurements of 20 runs each.
+
+This machine is a shared VM with slow phases lasting seconds to minutes: single figures move by about 10%
+between runs of this section, more at 2 threads.
 
 {e2e}
 """
