@@ -198,12 +198,7 @@ DepthwiseConvKernel::DepthwiseConvKernel(const OrtApi* api, const OrtKernelInfo*
   node_name_ = kinfo.GetNodeName();
   const std::string where = Where();
 
-  present_inputs_ = onnxopt::PresentInputs(kinfo);
-  if (present_inputs_ < 2 || present_inputs_ > 3) {
-    Fail(where, "expects inputs (X, W) or (X, W, B), got " + std::to_string(present_inputs_) + " inputs");
-  }
-  if (kinfo.GetInputName(0).empty()) Fail(where, "input X (0) is missing");
-  if (kinfo.GetInputName(1).empty()) Fail(where, "input W (1) is missing");
+  present_inputs_ = ConvInputs(kinfo, where);
 
   // W: constant [C, 1, 3, 3], copied once.
   ConstantTensor w = ConstantFloatInput(kinfo, 1, "W", where);
@@ -218,27 +213,13 @@ DepthwiseConvKernel::DepthwiseConvKernel(const OrtApi* api, const OrtKernelInfo*
   ReadActivation(api, info, where);
 
   // B: optional constant [C]; zeros otherwise, so that the inner loop has one form.
-  bias_.assign(static_cast<size_t>(c_), 0.0f);
-  if (present_inputs_ == 3) {
-    ConstantTensor b = ConstantFloatInput(kinfo, 2, "B", where);
-    if (b.shape.size() != 1 || b.shape[0] != c_) {
-      Fail(where, "B must have shape [C] = [" + std::to_string(c_) + "], got " + ShapeStr(b.shape));
-    }
-    bias_ = std::move(b.data);
-  }
+  bias_ = ConstantBias(kinfo, present_inputs_, c_, "C", where);
+  if (bias_.empty()) bias_.assign(static_cast<size_t>(c_), 0.0f);
   avx2_ = HasAvx2Fma();
 }
 
 void DepthwiseConvKernel::ReadAttributes(const OrtApi* api, const OrtKernelInfo* info, const std::string& where) {
-  if (auto pads = IntsAttribute(api, info, "pads", where)) {
-    if (pads->size() != 4) {
-      Fail(where, "attribute 'pads' must have 4 values [top, left, bottom, right], got " + ShapeStr(*pads));
-    }
-    for (size_t i = 0; i < 4; ++i) {
-      if ((*pads)[i] < 0) Fail(where, "attribute 'pads' must be non-negative, got " + ShapeStr(*pads));
-      pads_[i] = (*pads)[i];
-    }
-  }
+  pads_ = ReadPads(api, info, where);
   if (auto strides = IntsAttribute(api, info, "strides", where)) {
     const std::vector<int64_t>& s = *strides;
     if (s.size() != 2 || s[0] != s[1] || (s[0] != 1 && s[0] != 2)) {
@@ -289,13 +270,9 @@ void DepthwiseConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X,
     Fail(where, "X has " + std::to_string(xs[1]) + " channels (shape " + ShapeStr(xs) + ") but W has C = " +
                     std::to_string(c_) + " filters (W shape " + ShapeStr({c_, 1, 3, 3}) + ")");
   }
-  if (W.Shape() != std::vector<int64_t>{c_, 1, 3, 3}) {
-    Fail(where, "W has shape " + ShapeStr(W.Shape()) + " at run time, but " + ShapeStr({c_, 1, 3, 3}) +
-                    " at kernel creation");
-  }
-  if (B.has_value() && *B != nullptr && (*B)->Shape() != std::vector<int64_t>{c_}) {
-    Fail(where, "B must have shape [" + std::to_string(c_) + "], got " + ShapeStr((*B)->Shape()));
-  }
+  // W and B are the constants read at kernel creation; their run-time shapes must still agree.
+  const bool has_b = B.has_value() && *B != nullptr;
+  CheckConstantShapes(W.Shape(), {c_, 1, 3, 3}, has_b ? &(*B)->Shape() : nullptr, c_, where);
 
   depthwise::Geometry g;
   g.n = xs[0];

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstddef>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -101,7 +102,7 @@ struct DepthwiseConvKernel {
   std::string node_name_;
   size_t present_inputs_ = 0;
   int64_t c_ = 0;
-  int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
+  std::array<int64_t, 4> pads_{};  // top, left, bottom, right
   int64_t stride_ = 1;
   depthwise::Activation act_;
   bool avx2_ = false;

@@ -374,22 +374,9 @@ FFTConvKernel::FFTConvKernel(const OrtApi* api, const OrtKernelInfo* info) {
   node_name_ = kinfo.GetNodeName();
   const std::string where = Where();
 
-  present_inputs_ = onnxopt::PresentInputs(kinfo);
-  if (present_inputs_ < 2 || present_inputs_ > 3) {
-    Fail(where, "expects inputs (X, W) or (X, W, B), got " + std::to_string(present_inputs_) + " inputs");
-  }
-  if (kinfo.GetInputName(0).empty()) Fail(where, "input X (0) is missing");
-  if (kinfo.GetInputName(1).empty()) Fail(where, "input W (1) is missing");
+  present_inputs_ = ConvInputs(kinfo, where);
 
-  if (auto pads = IntsAttribute(api, info, "pads", where)) {
-    if (pads->size() != 4) {
-      Fail(where, "attribute 'pads' must have 4 values [top, left, bottom, right], got " + ShapeStr(*pads));
-    }
-    for (size_t i = 0; i < 4; ++i) {
-      if ((*pads)[i] < 0) Fail(where, "attribute 'pads' must be non-negative, got " + ShapeStr(*pads));
-      pads_[i] = (*pads)[i];
-    }
-  }
+  pads_ = ReadPads(api, info, where);
   if (auto strides = IntsAttribute(api, info, "strides", where)) {
     if (strides->size() != 2 || (*strides)[0] < 1 || (*strides)[1] < 1) {
       Fail(where, "attribute 'strides' must be 2 positive values [sh, sw], got " + ShapeStr(*strides));
@@ -421,13 +408,7 @@ FFTConvKernel::FFTConvKernel(const OrtApi* api, const OrtKernelInfo* info) {
   const int64_t keff_w = (kw_ + strides_[1] - 1) / strides_[1];
   transposed_ = keff_w == 1 && keff_h > 1;
 
-  if (present_inputs_ == 3) {
-    ConstantTensor b = ConstantFloatInput(kinfo, 2, "B", where);
-    if (b.shape.size() != 1 || b.shape[0] != m_) {
-      Fail(where, "B must have shape [M] = [" + std::to_string(m_) + "], got " + ShapeStr(b.shape));
-    }
-    bias_ = std::move(b.data);
-  }
+  bias_ = ConstantBias(kinfo, present_inputs_, m_, "M", where);
   kernels_ = HasAvx2Fma() ? &fft::Avx2Kernels() : &fft::PortableKernels();
 }
 
@@ -540,13 +521,9 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
                     ") but W expects C = " + std::to_string(c_) + " (W shape " +
                     ShapeStr({m_, c_, kh_, kw_}) + ")");
   }
-  if (W.Shape() != std::vector<int64_t>{m_, c_, kh_, kw_}) {
-    Fail(where, "W has shape " + ShapeStr(W.Shape()) + " at run time, but " + ShapeStr({m_, c_, kh_, kw_}) +
-                    " at kernel creation");
-  }
-  if (B.has_value() && *B != nullptr && (*B)->Shape() != std::vector<int64_t>{m_}) {
-    Fail(where, "B must have shape [" + std::to_string(m_) + "], got " + ShapeStr((*B)->Shape()));
-  }
+  // W and B are the constants read at kernel creation; their run-time shapes must still agree.
+  const bool has_b = B.has_value() && *B != nullptr;
+  CheckConstantShapes(W.Shape(), {m_, c_, kh_, kw_}, has_b ? &(*B)->Shape() : nullptr, m_, where);
   const Geometry g = MakeGeometry(xs);
   const int64_t oh = transposed_ ? g.v.out : g.u.out, ow = transposed_ ? g.u.out : g.v.out;
   float* y = Y.Allocate({g.n, g.m, oh, ow});

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstddef>
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -88,7 +89,7 @@ struct FFTConvKernel {
   std::string node_name_;
   size_t present_inputs_ = 0;
   int64_t m_ = 0, c_ = 0, kh_ = 0, kw_ = 0;
-  int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
+  std::array<int64_t, 4> pads_{};  // top, left, bottom, right
   int64_t strides_[2] = {1, 1};
   bool transposed_ = false;  // 1-D kernel along H: the real FFT runs along H
   std::vector<float> w_;     // [M, C, KH, KW]

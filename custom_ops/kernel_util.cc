@@ -136,6 +136,52 @@ ConstantTensor ConstantFloatInput(const Ort::ConstKernelInfo& info, size_t index
   return t;
 }
 
+size_t ConvInputs(const Ort::ConstKernelInfo& info, const std::string& where) {
+  const size_t present = PresentInputs(info);
+  if (present < 2 || present > 3) {
+    Fail(where, "expects inputs (X, W) or (X, W, B), got " + std::to_string(present) + " inputs");
+  }
+  if (info.GetInputName(0).empty()) Fail(where, "input X (0) is missing");
+  if (info.GetInputName(1).empty()) Fail(where, "input W (1) is missing");
+  return present;
+}
+
+std::array<int64_t, 4> ReadPads(const OrtApi* api, const OrtKernelInfo* info, const std::string& where) {
+  std::array<int64_t, 4> pads{0, 0, 0, 0};
+  if (auto v = IntsAttribute(api, info, "pads", where)) {
+    if (v->size() != 4) {
+      Fail(where, "attribute 'pads' must have 4 values [top, left, bottom, right], got " + ShapeStr(*v));
+    }
+    for (size_t i = 0; i < 4; ++i) {
+      if ((*v)[i] < 0) Fail(where, "attribute 'pads' must be non-negative, got " + ShapeStr(*v));
+      pads[i] = (*v)[i];
+    }
+  }
+  return pads;
+}
+
+std::vector<float> ConstantBias(const Ort::ConstKernelInfo& info, size_t present, int64_t count, const char* dim,
+                                const std::string& where) {
+  if (present < 3) return {};
+  ConstantTensor b = ConstantFloatInput(info, 2, "B", where);
+  if (b.shape.size() != 1 || b.shape[0] != count) {
+    Fail(where, std::string("B must have shape [") + dim + "] = [" + std::to_string(count) + "], got " +
+                    ShapeStr(b.shape));
+  }
+  return std::move(b.data);
+}
+
+void CheckConstantShapes(const std::vector<int64_t>& w_now, const std::vector<int64_t>& w_created,
+                         const std::vector<int64_t>* b_now, int64_t bias_count, const std::string& where) {
+  if (w_now != w_created) {
+    Fail(where, "W has shape " + ShapeStr(w_now) + " at run time, but " + ShapeStr(w_created) +
+                    " at kernel creation");
+  }
+  if (b_now != nullptr && *b_now != std::vector<int64_t>{bias_count}) {
+    Fail(where, "B must have shape [" + std::to_string(bias_count) + "], got " + ShapeStr(*b_now));
+  }
+}
+
 bool HasAvx2Fma() {
   // ONNXOPT_DISABLE_AVX2=1 forces the portable paths (tests run both); read at each kernel creation.
   const char* off = std::getenv("ONNXOPT_DISABLE_AVX2");

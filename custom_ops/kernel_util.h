@@ -2,6 +2,7 @@
 // feature detection for the AVX2 paths, and the op wrapper that keeps exceptions out of onnxruntime.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -53,6 +54,21 @@ struct ConstantTensor {
 };
 ConstantTensor ConstantFloatInput(const Ort::ConstKernelInfo& info, size_t index, const char* what,
                                   const std::string& where);
+
+// The inputs of a convolution-like node, (X, W) or (X, W, B), checked; returns how many are present.
+size_t ConvInputs(const Ort::ConstKernelInfo& info, const std::string& where);
+
+// The INTS attribute `pads` as [top, left, bottom, right] (zeros if absent), checked: 4 non-negative values.
+std::array<int64_t, 4> ReadPads(const OrtApi* api, const OrtKernelInfo* info, const std::string& where);
+
+// The optional constant bias B (input 2) of `count` values, named `dim` in messages ("M", "C"); empty when
+// the node has only `present` = 2 inputs.
+std::vector<float> ConstantBias(const Ort::ConstKernelInfo& info, size_t present, int64_t count, const char* dim,
+                                const std::string& where);
+
+// At run time: W and B, read as constants at kernel creation, must still have the shapes they had then.
+void CheckConstantShapes(const std::vector<int64_t>& w_now, const std::vector<int64_t>& w_created,
+                         const std::vector<int64_t>* b_now, int64_t bias_count, const std::string& where);
 
 // Whether this CPU (and OS) runs AVX2 and FMA instructions; the AVX2 paths are chosen at run time with it, the
 // portable path is always compiled beside them. ONNXOPT_DISABLE_AVX2=1 in the environment (read when a kernel is

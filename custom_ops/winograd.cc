@@ -168,24 +168,10 @@ WinogradConvKernel::WinogradConvKernel(const OrtApi* api, const OrtKernelInfo* i
   node_name_ = kinfo.GetNodeName();
   const std::string where = Where();
 
-  // Inputs actually present: a trailing optional input given as "" is absent.
-  present_inputs_ = onnxopt::PresentInputs(kinfo);
-  if (present_inputs_ < 2 || present_inputs_ > 3) {
-    Fail(where, "expects inputs (X, W) or (X, W, B), got " + std::to_string(present_inputs_) + " inputs");
-  }
-  if (kinfo.GetInputName(0).empty()) Fail(where, "input X (0) is missing");
-  if (kinfo.GetInputName(1).empty()) Fail(where, "input W (1) is missing");
+  present_inputs_ = ConvInputs(kinfo, where);
 
   // Attributes.
-  if (auto pads = IntsAttribute(api, info, "pads", where)) {
-    if (pads->size() != 4) {
-      Fail(where, "attribute 'pads' must have 4 values [top, left, bottom, right], got " + ShapeStr(*pads));
-    }
-    for (size_t i = 0; i < 4; ++i) {
-      if ((*pads)[i] < 0) Fail(where, "attribute 'pads' must be non-negative, got " + ShapeStr(*pads));
-      pads_[i] = (*pads)[i];
-    }
-  }
+  pads_ = ReadPads(api, info, where);
   RequireAllOnes(api, info, "strides", where);
   RequireAllOnes(api, info, "dilations", where);
   const int64_t group = IntAttribute(api, info, "group", where).value_or(1);
@@ -210,13 +196,7 @@ WinogradConvKernel::WinogradConvKernel(const OrtApi* api, const OrtKernelInfo* i
   u_ = winograd::PackWeights(w.data.data(), m_, c_, tile_);
 
   // B: optional constant [M].
-  if (present_inputs_ == 3) {
-    ConstantTensor b = ConstantFloatInput(kinfo, 2, "B", where);
-    if (b.shape.size() != 1 || b.shape[0] != m_) {
-      Fail(where, "B must have shape [M] = [" + std::to_string(m_) + "], got " + ShapeStr(b.shape));
-    }
-    bias_ = std::move(b.data);
-  }
+  bias_ = ConstantBias(kinfo, present_inputs_, m_, "M", where);
 }
 
 std::string WinogradConvKernel::Where() const { return onnxopt::Where("WinogradConv", node_name_); }
@@ -237,13 +217,8 @@ void WinogradConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, 
                     ", 3, 3])");
   }
   // W and B are the constants read at kernel creation; their run-time shapes must still agree.
-  if (W.Shape() != std::vector<int64_t>{m_, c_, 3, 3}) {
-    Fail(where, "W has shape " + ShapeStr(W.Shape()) + " at run time, but " +
-                    ShapeStr({m_, c_, 3, 3}) + " at kernel creation");
-  }
-  if (B.has_value() && *B != nullptr && (*B)->Shape() != std::vector<int64_t>{m_}) {
-    Fail(where, "B must have shape [" + std::to_string(m_) + "], got " + ShapeStr((*B)->Shape()));
-  }
+  const bool has_b = B.has_value() && *B != nullptr;
+  CheckConstantShapes(W.Shape(), {m_, c_, 3, 3}, has_b ? &(*B)->Shape() : nullptr, m_, where);
 
   winograd::ConvGeometry g;
   g.n = xs[0];

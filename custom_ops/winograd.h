@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstddef>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -114,7 +115,7 @@ struct WinogradConvKernel {
   std::string node_name_;
   size_t present_inputs_ = 0;
   int64_t m_ = 0, c_ = 0;
-  int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
+  std::array<int64_t, 4> pads_{};  // top, left, bottom, right
   int tile_ = 2;
   winograd::Stages stages_{};
   std::vector<float> u_;            // packed, see PackWeights
