@@ -309,12 +309,7 @@ void DepthwiseConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X,
   const int64_t wanted = std::clamp<int64_t>(planes * g.oh * g.ow / kMinTaskOutputs, 1, kMaxTasks);
   task.parts = planes >= wanted ? 1 : std::min(g.oh, (wanted + planes - 1) / planes);
   task.tasks = task.parts > 1 ? planes * task.parts : std::min(planes, wanted);
-  if (task.tasks == 1) {
-    RunTask(&task, 0);
-  } else {
-    Ort::KernelContext ctx{context};
-    ctx.ParallelFor(RunTask, static_cast<size_t>(task.tasks), 0, &task);
-  }
+  RunTasks(context, RunTask, task.tasks, &task);
   if (task.failed.load()) Fail(where, "out of memory for the row buffers of a task", ORT_FAIL);
 }
 

@@ -352,15 +352,6 @@ void InverseTask(void* data, size_t index) {
   }
 }
 
-void Parallel(OrtKernelContext* context, void (*fn)(void*, size_t), int64_t tasks, Call* call) {
-  if (tasks == 1) {
-    fn(call, 0);
-  } else if (tasks > 1) {
-    Ort::KernelContext ctx{context};
-    ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, call);
-  }
-}
-
 }  // namespace
 }  // namespace fftconv
 
@@ -571,13 +562,13 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     call.row_tasks = row_tasks;
     call.packed = packed;
     if (packed) {
-      fftconv::Parallel(context, fftconv::PackedForwardTask,
+      RunTasks(context, fftconv::PackedForwardTask,
                         fftconv::CeilDiv(call.tile_count, tpg), &call);
     } else {
-      fftconv::Parallel(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
+      RunTasks(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
     }
     if (!call.failed.load()) {
-      fftconv::Parallel(context, fftconv::InverseTask, fftconv::TaskRuns(call) * g.mgroups, &call);
+      RunTasks(context, fftconv::InverseTask, fftconv::TaskRuns(call) * g.mgroups, &call);
     }
     if (call.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
   }

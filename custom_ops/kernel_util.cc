@@ -182,6 +182,15 @@ void CheckConstantShapes(const std::vector<int64_t>& w_now, const std::vector<in
   }
 }
 
+void RunTasks(OrtKernelContext* context, void (*fn)(void*, size_t), int64_t tasks, void* data) {
+  if (tasks == 1) {
+    fn(data, 0);
+  } else if (tasks > 1) {
+    Ort::KernelContext ctx{context};
+    ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, data);
+  }
+}
+
 bool HasAvx2Fma() {
   // ONNXOPT_DISABLE_AVX2=1 forces the portable paths (tests run both); read at each kernel creation.
   const char* off = std::getenv("ONNXOPT_DISABLE_AVX2");

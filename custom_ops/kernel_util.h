@@ -70,6 +70,10 @@ std::vector<float> ConstantBias(const Ort::ConstKernelInfo& info, size_t present
 void CheckConstantShapes(const std::vector<int64_t>& w_now, const std::vector<int64_t>& w_created,
                          const std::vector<int64_t>* b_now, int64_t bias_count, const std::string& where);
 
+// Runs fn(data, i) for i < tasks: inline for one task, else through the kernel context's ParallelFor (the
+// session's thread pool; never threads of our own). fn must not throw: it records failures in `data`.
+void RunTasks(OrtKernelContext* context, void (*fn)(void*, size_t), int64_t tasks, void* data);
+
 // Whether this CPU (and OS) runs AVX2 and FMA instructions; the AVX2 paths are chosen at run time with it, the
 // portable path is always compiled beside them. ONNXOPT_DISABLE_AVX2=1 in the environment (read when a kernel is
 // created) forces the portable path.

@@ -152,15 +152,6 @@ void MultiplyTask(void* data, size_t index) {
   }
 }
 
-void ParallelOrInline(OrtKernelContext* context, void (*fn)(void*, size_t), int64_t tasks, void* data) {
-  if (tasks == 1) {
-    fn(data, 0);
-  } else if (tasks > 1) {
-    Ort::KernelContext ctx{context};
-    ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, data);
-  }
-}
-
 }  // namespace
 
 WinogradConvKernel::WinogradConvKernel(const OrtApi* api, const OrtKernelInfo* info) {
@@ -264,9 +255,9 @@ void WinogradConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, 
     const int64_t want = std::max<int64_t>(1, (8 + p.blocks - 1) / p.blocks);  // >= 8 tasks in all
     p.c_chunk = std::max<int64_t>(8, (g.c + want - 1) / want);
     p.c_chunks = (g.c + p.c_chunk - 1) / p.c_chunk;
-    ParallelOrInline(context, TransformTask, p.blocks * p.c_chunks, &p);
+    RunTasks(context, TransformTask, p.blocks * p.c_chunks, &p);
   }
-  if (!p.failed.load()) ParallelOrInline(context, MultiplyTask, p.blocks * p.m_chunks, &p);
+  if (!p.failed.load()) RunTasks(context, MultiplyTask, p.blocks * p.m_chunks, &p);
   if (p.failed.load()) Fail(where, "out of memory for the scratch of a block of tiles", ORT_FAIL);
 }
 
