@@ -562,8 +562,7 @@ void FFTConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, const
     call.row_tasks = row_tasks;
     call.packed = packed;
     if (packed) {
-      RunTasks(context, fftconv::PackedForwardTask,
-                        fftconv::CeilDiv(call.tile_count, tpg), &call);
+      RunTasks(context, fftconv::PackedForwardTask, fftconv::CeilDiv(call.tile_count, tpg), &call);
     } else {
       RunTasks(context, fftconv::ForwardTask, call.tile_count * g.cgroups, &call);
     }
