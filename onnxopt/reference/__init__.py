@@ -9,7 +9,9 @@ from __future__ import annotations
 from onnxopt.ops import OpSpec
 from onnxopt.reference import circulant, depthwise, fftconv, winograd
 
-SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC)}
+SPECS: dict[str, OpSpec] = {
+    spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC)
+}
 
 # OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
 REFERENCE_OPS = [

@@ -36,7 +36,9 @@ def _check(X: np.ndarray, C: np.ndarray, S: np.ndarray, B: np.ndarray | None, bl
         raise ValueError(f"C must have shape [K/b, N/b, b] with b = block = {block}, got {list(C.shape)}")
     K, N = C.shape[0] * block, C.shape[1] * block
     if X.ndim < 1 or X.shape[-1] != K:
-        raise ValueError(f"X must have shape [..., K] with K = {K} (C shape {list(C.shape)}), got {list(X.shape)}")
+        raise ValueError(
+            f"X must have shape [..., K] with K = {K} (C shape {list(C.shape)}), got {list(X.shape)}"
+        )
     if S.shape != (K,):
         raise ValueError(f"S must have shape [{K}], got {list(S.shape)}")
     if B is not None and B.shape != (N,):
@@ -55,7 +57,7 @@ def dense_weight(C: np.ndarray, S: np.ndarray) -> np.ndarray:
 def circulant_matmul(
     X: np.ndarray, C: np.ndarray, S: np.ndarray, B: np.ndarray | None = None, block: int | None = None
 ) -> np.ndarray:
-    """Y = (X * S) P + B through real FFTs (see the module docstring); arithmetic in float64, X's dtype out."""
+    """Y = (X * S) P + B through real FFTs (see the module docstring); float64 arithmetic, X's dtype out."""
     X, C, S = np.asarray(X), np.asarray(C), np.asarray(S)
     B = None if B is None else np.asarray(B)
     block = int(C.shape[-1]) if block is None else int(block)
@@ -97,5 +99,5 @@ class CirculantMatMul(OpRun):
 
     op_domain = "onnxopt"
 
-    def _run(self, X, C, S, B=None, block=None):  # noqa: N803 (ONNX input names)
+    def _run(self, X, C, S, B=None, block=None):
         return (circulant_matmul(X, C, S, B, block if block is not None else C.shape[-1]),)

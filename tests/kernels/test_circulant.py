@@ -123,7 +123,7 @@ CREATION_ERRORS = [
     pytest.param(dict(c_as_input=True), r"C \(input 1, 'C'\) must be a constant initializer", id="C-input"),
     pytest.param(dict(S=np.ones(5, F32)), r"S must have shape \[K\] = \[8\]", id="S-length"),
     pytest.param(dict(B=np.ones(5, F32)), r"B must have shape \[N\] = \[12\]", id="B-length"),
-    pytest.param(dict(C=np.ones((2, 3), F32)), r"C must have shape", id="C-rank-2"),
+    pytest.param(dict(C=np.ones((2, 3), F32), block=4), r"C must have shape", id="C-rank-2"),
 ]
 
 
