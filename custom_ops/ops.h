@@ -13,5 +13,6 @@ constexpr int kOpsetVersion = 1;
 Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeDepthwiseConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeFFTConvOp();
+Ort::Custom::OrtLiteCustomOp* MakeCirculantMatMulOp();
 
 }  // namespace onnxopt

@@ -42,6 +42,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       ops.emplace_back(onnxopt::MakeWinogradConvOp());
       ops.emplace_back(onnxopt::MakeDepthwiseConvOp());
       ops.emplace_back(onnxopt::MakeFFTConvOp());
+      ops.emplace_back(onnxopt::MakeCirculantMatMulOp());
     }
     Ort::CustomOpDomain domain{onnxopt::kDomain};
     for (auto& op : ops) domain.Add(op.get());

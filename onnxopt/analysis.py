@@ -7,7 +7,9 @@ output transform (24 and about 110 per tile and output channel);
 DepthwiseConv (3x3, one filter per channel): 2·N·C·Ho·Wo·9, as the Conv group=C it replaces;
 FFTConv: per th x tw tile (C' = C sh sw phase channels, kh' = ceil(kh / sh)) one real 2-D FFT per phase
 channel and one inverse per output channel, ~2.5 th tw log2(th tw) each, plus the products summed over
-channels, 8 per complex multiply-add: 8 M C' th (tw / 2 + 1) per tile (tile size as the reference picks it).
+channels, 8 per complex multiply-add: 8 M C' th (tw / 2 + 1) per tile (tile size as the reference picks it);
+CirculantMatMul (C [K/b, N/b, b]): per row K/b + N/b real FFTs of length b, ~2.5 b log2 b each, plus
+8 (K/b)(N/b)(b/2 + 1) for the complex products.
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -66,9 +68,15 @@ def tensor_shapes(model: onnx.ModelProto, dims: dict[str, int] | None = None) ->
                 d.ClearField("dim_param")
                 d.dim_value = v
     del light.graph.value_info[:]
-    for i, node in enumerate(light.graph.node):
+    nodes = []
+    for node in light.graph.node:
         if node.op_type in SHAPE_TWINS and node.domain not in ("", "ai.onnx"):
-            light.graph.node[i].CopyFrom(SHAPE_TWINS[node.op_type](node))
+            twin = SHAPE_TWINS[node.op_type](node)
+            nodes += twin if isinstance(twin, list) else [twin]
+        else:
+            nodes.append(node)
+    del light.graph.node[:]
+    light.graph.node.extend(nodes)
     for vi in light.graph.output:  # declared symbolic output dims would mask the inferred concrete ones
         vi.type.tensor_type.ClearField("shape")
     inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
@@ -148,6 +156,16 @@ def _fftconv_flops(inputs, outputs, attrs, shapes) -> int:
     return int(tiles * ((c + m) * fft + 8 * m * c * th * (tw // 2 + 1)))
 
 
+def _circulant_flops(inputs, outputs, attrs, shapes) -> int:
+    c, y = shapes.get(inputs[1]), shapes.get(outputs[0])
+    if not c or not y:
+        return 0
+    kb, nb, b = c
+    rows = math.prod(y[:-1])
+    fft = 2.5 * b * math.log2(b)
+    return int(rows * ((kb + nb) * fft + 8 * kb * nb * (b // 2 + 1)))
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
@@ -156,6 +174,7 @@ FLOP_RULES: dict[str, Callable] = {
     "WinogradConv": _winograd_flops,
     "DepthwiseConv": _depthwise_flops,
     "FFTConv": _fftconv_flops,
+    "CirculantMatMul": _circulant_flops,
 }
 
 
@@ -167,13 +186,33 @@ def _conv_twin(node: onnx.NodeProto, **fixed) -> onnx.NodeProto:
     return helper.make_node("Conv", list(node.input), list(node.output), name=node.name, **kept, **fixed)
 
 
-# onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape.
+def _circulant_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """CirculantMatMul(X, C, S[, B]) -> Y [..., N] with N = (N/b) b, read from C [K/b, N/b, b]. No single
+    standard op merges C's last two axes into Y's, so the twin is a small chain that data propagation
+    resolves: Einsum gives [..., N/b, b], and a Reshape to Shape(X)[:-1] + [-1] merges the two."""
+    x, c, y = node.input[0], node.input[1], node.output[0]
+    t = f"{y}__twin"
+    const = helper.make_tensor
+    return [
+        helper.make_node("Einsum", [x, c], [t + "_blocks"], equation="...k,ijb->...jb"),
+        helper.make_node("Shape", [x], [t + "_xshape"], end=-1),
+        helper.make_node(
+            "Constant", [], [t + "_minus1"], value=const(t + "_m1", onnx.TensorProto.INT64, [1], [-1])
+        ),
+        helper.make_node("Concat", [t + "_xshape", t + "_minus1"], [t + "_shape"], axis=0),
+        helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [y], name=node.name),
+    ]
+
+
+# onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape
+# (or, where no single op has it, a short chain of them ending in the custom node's output: CirculantMatMul).
 # DepthwiseConv carries group=C (onnx's Conv inference reads only the output channels from W, so a node
 # without it would still get its shape; a fused activation keeps the shape); FFTConv's kernel shape is W's.
-SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto]] = {
+SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto | list[onnx.NodeProto]]] = {
     "WinogradConv": lambda n: _conv_twin(n, kernel_shape=[3, 3]),
     "DepthwiseConv": lambda n: _conv_twin(n, kernel_shape=[3, 3]),
     "FFTConv": _conv_twin,
+    "CirculantMatMul": _circulant_twin,
 }
 
 

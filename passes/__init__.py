@@ -7,13 +7,14 @@ pass class, in the order the pass manager runs them.
 from __future__ import annotations
 
 from onnxopt.errors import UserError
+from onnxopt.passes.circulant import Circulant
 from onnxopt.passes.depthwise import Depthwise
 from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
 
-METHODS: dict[str, type[Pass]] = {cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise)}
+METHODS: dict[str, type[Pass]] = {cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant)}
 
 
 def default_methods() -> list[str]:

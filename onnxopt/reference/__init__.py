@@ -7,11 +7,18 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import depthwise, fftconv, winograd
+from onnxopt.reference import circulant, depthwise, fftconv, winograd
 
-SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC)}
+SPECS: dict[str, OpSpec] = {
+    spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC)
+}
 
 # OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
-REFERENCE_OPS = [winograd.WinogradConv, fftconv.FFTConv, depthwise.DepthwiseConv]
+REFERENCE_OPS = [
+    winograd.WinogradConv,
+    fftconv.FFTConv,
+    depthwise.DepthwiseConv,
+    circulant.CirculantMatMul,
+]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]
