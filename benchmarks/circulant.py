@@ -66,8 +66,7 @@ def main() -> None:
             d, full, b64 = median_times(models, threads)
             cells = f"{d:.3f} | {full:.3f} ({d / full:.1f}x) | {b64:.3f} ({d / b64:.1f}x)"
             rows.append(f"| {batch} | {threads} | {cells} |")
-            print(rows[-1], flush=True)
-    print()
+            print(rows[-1], file=sys.stderr, flush=True)
     print("\n".join(rows))
 
 

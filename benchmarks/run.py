@@ -220,6 +220,11 @@ One-node models, onnxruntime ORT_ENABLE_ALL, A/B interleaved, cache flushed befo
 0.7 for lowrank rank 256 at batch 1).
 
 {_script_table("structured.py", "--rounds", rounds)}
+
+Circulant (`benchmarks/circulant.py`, `CirculantMatMul`; the issue asks full circulant >= 20x and block 64
+>= 8x at batch 1):
+
+{_script_table("circulant.py")}
 """
 
 
