@@ -32,6 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
+from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight
 from onnxopt.reference.circulant import circulant_matmul
 from onnxopt.rewrite import (
     Decline,
@@ -158,17 +159,9 @@ class Circulant(Pass):
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
         if problem := weight_problem(node):
             return problem
-        shape = tuple(node.inputs[1].shape)
-        if len(shape) != 2:
-            return f"weight has rank {len(shape)}, not 2"
-        if ctx.consumers.get(node.inputs[1].name, 0) > 1:
-            return "weight initializer is shared with other nodes"
-        if node.op == "Gemm":
-            if node.attrs.get("transA", 0):
-                return "transA=1 is not supported"
-            if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-                return "bias is not constant"
-        K, N = (shape[1], shape[0]) if node.op == "Gemm" and node.attrs.get("transB", 0) else shape
+        if problem := dense_problem(node, ctx):
+            return problem
+        K, N = dense_kn(node)
         if min(K, N) < MIN_DIM:
             return f"weight {K}x{N} is too small (K and N must be >= {MIN_DIM})"
         x_shape = ctx.shapes.get(node.inputs[0].name)
@@ -182,25 +175,10 @@ class Circulant(Pass):
     def activations_needed(self, node: gs.Node) -> list[str]:
         return [node.inputs[0].name]
 
-    @staticmethod
-    def _weight_bias(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
-        """W as K x N with Gemm's alpha folded in, and the bias (beta folded in) as [N] or None."""
-        W = constant_value(node.inputs[1]).astype(np.float32, copy=False)
-        bias = None
-        if node.op == "Gemm":
-            if node.attrs.get("transB", 0):
-                W = W.T
-            W = W * np.float32(node.attrs.get("alpha", 1.0))
-            if len(node.inputs) > 2 and node.inputs[2].name:
-                b = constant_value(node.inputs[2]).astype(np.float32) * np.float32(
-                    node.attrs.get("beta", 1.0)
-                )
-                bias = np.broadcast_to(b.reshape(-1), (W.shape[1],)).astype(np.float32)
-        return W, bias
-
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        W, bias = self._weight_bias(node)
+        W = dense_weight(node)
         K, N = W.shape
+        bias = dense_bias(node, N)
         X = ctx.activations.get(node.inputs[0].name)
         X = X.reshape(-1, K) if X is not None else None
         data_aware = ctx.setting("data_aware", lambda v: v.lower() not in ("0", "false", "no"), True)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight
 from onnxopt.rewrite import (
     LOCAL_SLACK,
     Decline,
     Option,
     Pass,
     PassContext,
-    constant_value,
     new_name,
     replace_node,
     weight_problem,
@@ -161,35 +161,12 @@ class LowRank(Pass):
             from onnxopt.passes.lowrank_conv import conv_check  # it builds on this module's fits
 
             return conv_check(node, ctx)
-        shape = tuple(node.inputs[1].shape)
-        if len(shape) != 2:
-            return f"weight has rank {len(shape)}, not 2"
-        if ctx.consumers.get(node.inputs[1].name, 0) > 1:
-            return "weight initializer is shared with other nodes"
-        if node.op == "Gemm":
-            if node.attrs.get("transA", 0):
-                return "transA=1 is not supported"
-            if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-                return "bias is not constant"
-        K, N = self._kn(node, shape)
+        if problem := dense_problem(node, ctx):
+            return problem
+        K, N = dense_kn(node)
         if max_useful_rank(K, N) < 1:
             return f"weight {K}x{N} is too small for a factorization to pay off"
         return None
-
-    @staticmethod
-    def _kn(node: gs.Node, shape: tuple[int, int]) -> tuple[int, int]:
-        transB = node.op == "Gemm" and node.attrs.get("transB", 0)
-        return (shape[1], shape[0]) if transB else shape
-
-    @staticmethod
-    def _weight(node: gs.Node) -> np.ndarray:
-        """W as K x N with Gemm's alpha folded in."""
-        W = constant_value(node.inputs[1]).astype(np.float32, copy=False)
-        if node.op == "Gemm":
-            if node.attrs.get("transB", 0):
-                W = W.T
-            W = W * np.float32(node.attrs.get("alpha", 1.0))
-        return W
 
     def activations_needed(self, node: gs.Node) -> list[str]:
         return [node.inputs[0].name]
@@ -199,13 +176,9 @@ class LowRank(Pass):
             from onnxopt.passes.lowrank_conv import conv_options
 
             return conv_options(node, ctx)
-        W = self._weight(node)
+        W = dense_weight(node)
         K, N = W.shape
-        bias = None
-        if node.op == "Gemm" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-            bias = np.broadcast_to(
-                constant_value(node.inputs[2]).astype(np.float32) * node.attrs.get("beta", 1.0), (N,)
-            )
+        bias = dense_bias(node, N)
         X = ctx.activations.get(node.inputs[0].name)
         X = rows(X, K) if X is not None else None
         data_aware = ctx.setting("data_aware", lambda v: v.lower() not in ("0", "false", "no"), True)
