@@ -11,10 +11,13 @@ from onnxopt.passes.circulant import Circulant
 from onnxopt.passes.depthwise import Depthwise
 from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.lowrank import LowRank
+from onnxopt.passes.tensor_train import TensorTrain
 from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
 
-METHODS: dict[str, type[Pass]] = {cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant)}
+METHODS: dict[str, type[Pass]] = {
+    cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, TensorTrain)
+}
 
 
 def default_methods() -> list[str]:
