@@ -248,7 +248,8 @@ class Fastfood(Pass):
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
             B, G, S, P = load()
             inputs = [node.inputs[0]] + [
-                gs.Constant(new_name(prefix, name), value) for name, value in zip("BGSP", (B, G, S, P))
+                gs.Constant(new_name(prefix, name), value)
+                for name, value in zip("BGSP", (B, G, S, P), strict=True)
             ]
             if bias is not None:
                 inputs.append(gs.Constant(new_name(prefix, "bias"), bias.astype(np.float32)))

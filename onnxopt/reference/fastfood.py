@@ -5,8 +5,9 @@ Yang et al., "Deep Fried Convnets" (ICCV 2015): one block maps R^n -> R^n (n a p
 
     V x = S H G Pi H B x
 
-with B, G, S diagonal (learned), H the unnormalised n x n Walsh-Hadamard matrix (H[i, j] = (-1)^popcount(i & j),
-so H H = n I; any 1/n scale lives in S) and Pi a fixed permutation. Here (Pi v)[i] = v[P[i]] (a gather).
+with B, G, S diagonal (learned), H the unnormalised n x n Walsh-Hadamard matrix
+(H[i, j] = (-1)^popcount(i & j), so H H = n I; any 1/n scale lives in S) and Pi a fixed permutation.
+Here (Pi v)[i] = v[P[i]] (a gather).
 A stack of d blocks V_d ... V_1 (block 1 applied first) stands for W^T of a layer y = x W + b with W K x N,
 K, N <= n: the input row is zero-padded to n, pushed through the d blocks, and the first N values are kept:
 
@@ -34,7 +35,8 @@ def fwht(X: np.ndarray) -> np.ndarray:
     """Unnormalised Walsh-Hadamard transform along the last axis (length a power of two): X H, H = H^T.
 
     Stage h (h = 1, 2, 4, ...) pairs element i with i + h inside each group of 2h and replaces (a, b) with
-    (a + b, a - b): log2 n stages of butterflies, the Sylvester construction H_2n = [[H_n, H_n], [H_n, -H_n]]."""
+    (a + b, a - b): log2 n stages of butterflies, the Sylvester construction
+    H_2n = [[H_n, H_n], [H_n, -H_n]]."""
     X = np.array(X, dtype=np.result_type(X, np.float32), copy=True)
     n = X.shape[-1]
     if n < 1 or n & (n - 1):
@@ -85,7 +87,8 @@ def fastfood_matmul(
     in_features: int | None = None,
     out_features: int | None = None,
 ) -> np.ndarray:
-    """Y = the stack of Fastfood blocks applied to X's rows (module docstring), float64 inside, X's dtype out."""
+    """Y = the stack of Fastfood blocks applied to X's rows (module docstring); float64 inside, X's dtype
+    out."""
     X, B, G, S, P = (np.asarray(t) for t in (X, B, G, S, P))
     bias = None if bias is None else np.asarray(bias)
     d, n = B.shape if B.ndim == 2 else (0, 0)
@@ -104,7 +107,7 @@ def fastfood_matmul(
 
 
 def dense_weight(B, G, S, P, K: int, N: int) -> np.ndarray:
-    """W (K x N, float64) with x W = the op's output (without bias): the stack applied to the identity rows."""
+    """W (K x N, float64) with x W = the op's output without bias: the stack applied to identity rows."""
     return fastfood_matmul(np.eye(K), B, G, S, P, None, K, N)
 
 
