@@ -48,6 +48,7 @@ MIN_DIM = 64  # K and N at least this: smaller layers gain nothing worth the tra
 MAX_N = 1 << 14
 DEPTHS = (1, 2, 4)
 MAX_FIT_ROWS = 512  # calibration rows used per fit (and as many held out)
+MIN_ROWS = 64  # fewer calibration rows than this: Gaussian rows instead (too few to fit 2 n d values)
 ITERS = 300
 LR = 0.02
 SEED = 0
@@ -165,7 +166,7 @@ def fit(
     when None or too few); the error is measured on held-out rows."""
     K, N = W.shape
     n = padded_size(K, N)
-    if X is None or len(X) < 8:
+    if X is None or len(X) < MIN_ROWS:
         X = np.random.default_rng(SEED + 1).standard_normal((2 * MAX_FIT_ROWS, K))
     X = X.astype(np.float64)
     train, held = X[0::2][:MAX_FIT_ROWS], X[1::2][:MAX_FIT_ROWS]
