@@ -225,6 +225,11 @@ Circulant (`benchmarks/circulant.py`, `CirculantMatMul`; the issue asks full cir
 >= 8x at batch 1):
 
 {_script_table("circulant.py")}
+
+Fastfood (`benchmarks/fastfood.py`, `FastfoodMatMul`, stacks of depth 1 and 4; the issue asks >= 10x at
+batch 1):
+
+{_script_table("fastfood.py")}
 """
 
 

@@ -9,7 +9,9 @@ FFTConv: per th x tw tile (C' = C sh sw phase channels, kh' = ceil(kh / sh)) one
 channel and one inverse per output channel, ~2.5 th tw log2(th tw) each, plus the products summed over
 channels, 8 per complex multiply-add: 8 M C' th (tw / 2 + 1) per tile (tile size as the reference picks it);
 CirculantMatMul (C [K/b, N/b, b]): per row K/b + N/b real FFTs of length b, ~2.5 b log2 b each, plus
-8 (K/b)(N/b)(b/2 + 1) for the complex products.
+8 (K/b)(N/b)(b/2 + 1) for the complex products;
+FastfoodMatMul (B [d, n]): per row and block two fast Walsh-Hadamard transforms, n log2 n adds each, plus
+3 n for the diagonals: d (2 n log2 n + 3 n).
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -166,6 +168,14 @@ def _circulant_flops(inputs, outputs, attrs, shapes) -> int:
     return int(rows * ((kb + nb) * fft + 8 * kb * nb * (b // 2 + 1)))
 
 
+def _fastfood_flops(inputs, outputs, attrs, shapes) -> int:
+    b, y = shapes.get(inputs[1]), shapes.get(outputs[0])
+    if not b or not y:
+        return 0
+    d, n = b
+    return int(math.prod(y[:-1]) * d * (2 * n * math.log2(n) + 3 * n))
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
@@ -175,6 +185,7 @@ FLOP_RULES: dict[str, Callable] = {
     "DepthwiseConv": _depthwise_flops,
     "FFTConv": _fftconv_flops,
     "CirculantMatMul": _circulant_flops,
+    "FastfoodMatMul": _fastfood_flops,
 }
 
 
@@ -204,6 +215,29 @@ def _circulant_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
+def _fastfood_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """FastfoodMatMul(X, ...) -> Y [..., N], N the attribute out_features: ConstantOfShape of
+    Shape(X)[:-1] + [N], which data propagation resolves (no weight-sized constant in the skeleton)."""
+    x, y = node.input[0], node.output[0]
+    t = f"{y}__twin"
+    N = int(attributes(node).get("out_features", 0))
+    const = helper.make_tensor
+    return [
+        helper.make_node("Shape", [x], [t + "_xshape"], end=-1),
+        helper.make_node(
+            "Constant", [], [t + "_n"], value=const(t + "_nv", onnx.TensorProto.INT64, [1], [N])
+        ),
+        helper.make_node("Concat", [t + "_xshape", t + "_n"], [t + "_shape"], axis=0),
+        helper.make_node(
+            "ConstantOfShape",
+            [t + "_shape"],
+            [y],
+            name=node.name,
+            value=const(t + "_zero", onnx.TensorProto.FLOAT, [1], [0.0]),
+        ),
+    ]
+
+
 # onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape
 # (or, where no single op has it, a short chain of them ending in the custom node's output: CirculantMatMul).
 # DepthwiseConv carries group=C (onnx's Conv inference reads only the output channels from W, so a node
@@ -213,6 +247,7 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto | list[onnx.Nod
     "DepthwiseConv": lambda n: _conv_twin(n, kernel_shape=[3, 3]),
     "FFTConv": _conv_twin,
     "CirculantMatMul": _circulant_twin,
+    "FastfoodMatMul": _fastfood_twin,
 }
 
 

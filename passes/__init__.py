@@ -9,6 +9,7 @@ from __future__ import annotations
 from onnxopt.errors import UserError
 from onnxopt.passes.circulant import Circulant
 from onnxopt.passes.depthwise import Depthwise
+from onnxopt.passes.fastfood import Fastfood
 from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.tensor_train import TensorTrain
@@ -16,7 +17,7 @@ from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
 
 METHODS: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, TensorTrain)
+    cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, TensorTrain)
 }
 
 

@@ -24,6 +24,10 @@ WINOGRAD_F4: dict[np.dtype, float] = {np.dtype(np.float32): 1e-4}
 # tile size and with the channel sum; measured ~3e-7 on the test shapes, so 1e-5 with headroom.
 REL_L2_FFT = 1e-5
 
+# FastfoodMatMul against its float64 reference, float32: each block's two fast Walsh-Hadamard transforms add
+# log2 n rounding steps per value (24 per block at n = 4096), depths 1 and 2; 1e-5 as the issue asks.
+REL_L2_FWHT = 1e-5
+
 # Two computations that must agree to the last bits but may differ in summation order (thread count).
 REL_L2_REORDER: dict[np.dtype, float] = {
     np.dtype(np.float64): 1e-14,
