@@ -14,5 +14,6 @@ Ort::Custom::OrtLiteCustomOp* MakeWinogradConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeDepthwiseConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeFFTConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeCirculantMatMulOp();
+Ort::Custom::OrtLiteCustomOp* MakeACDCMatMulOp();
 
 }  // namespace onnxopt

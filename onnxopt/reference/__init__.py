@@ -7,10 +7,10 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import circulant, depthwise, fftconv, winograd
+from onnxopt.reference import acdc, circulant, depthwise, fftconv, winograd
 
 SPECS: dict[str, OpSpec] = {
-    spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC)
+    spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC, acdc.SPEC)
 }
 
 # OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
@@ -19,6 +19,7 @@ REFERENCE_OPS = [
     fftconv.FFTConv,
     depthwise.DepthwiseConv,
     circulant.CirculantMatMul,
+    acdc.ACDCMatMul,
 ]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]
