@@ -44,7 +44,7 @@ def dct_matrix(n: int) -> np.ndarray:
 def _check(X: np.ndarray, A: np.ndarray, D: np.ndarray, P: np.ndarray | None, B: np.ndarray | None) -> None:
     if A.ndim != 2 or min(A.shape) < 1:
         raise ValueError(f"A must have shape [L, n], got {list(A.shape)}")
-    L, n = A.shape
+    n = A.shape[1]
     if n < 2 or n & (n - 1):
         raise ValueError(f"n (A's last dimension) must be a power of two >= 2, got {n}")
     if D.shape != A.shape:
@@ -55,7 +55,9 @@ def _check(X: np.ndarray, A: np.ndarray, D: np.ndarray, P: np.ndarray | None, B:
         if not all(np.array_equal(np.sort(p), np.arange(n)) for p in P):
             raise ValueError("every row of P must be a permutation of 0 .. n-1")
     if X.ndim < 1 or X.shape[-1] != n:
-        raise ValueError(f"X must have shape [..., n] with n = {n} (A shape {list(A.shape)}), got {list(X.shape)}")
+        raise ValueError(
+            f"X must have shape [..., n] with n = {n} (A shape {list(A.shape)}), got {list(X.shape)}"
+        )
     if B is not None and (B.ndim != 1 or not 1 <= B.shape[0] <= n):
         raise ValueError(f"B must have shape [N] with 1 <= N <= n = {n}, got {list(B.shape)}")
 
@@ -72,7 +74,9 @@ def acdc_rows(H: np.ndarray, A: np.ndarray, D: np.ndarray, P: np.ndarray | None)
     return H
 
 
-def dense_weight(A: np.ndarray, D: np.ndarray, P: np.ndarray | None = None, N: int | None = None) -> np.ndarray:
+def dense_weight(
+    A: np.ndarray, D: np.ndarray, P: np.ndarray | None = None, N: int | None = None
+) -> np.ndarray:
     """W [n, N] (float64) with Y = X W: the stack applied to the identity's rows, first N columns."""
     n = A.shape[1]
     return acdc_rows(np.eye(n), A, D, P)[:, : n if N is None else N]
