@@ -225,6 +225,11 @@ Circulant (`benchmarks/circulant.py`, `CirculantMatMul`; the issue asks full cir
 >= 8x at batch 1):
 
 {_script_table("circulant.py")}
+
+ACDC (`benchmarks/acdc.py`, `ACDCMatMul`, stacks of depth 1, 4 and 8 with permutations and bias; the issue
+sets no speed goal for it):
+
+{_script_table("acdc.py")}
 """
 
 
