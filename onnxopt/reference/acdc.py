@@ -112,7 +112,7 @@ SPEC = OpSpec(
     constraints=[
         "n a power of two (a pass zero-pads K and N up to it)",
         "A, D, P, B constant initializers",
-        "P may be left out (name '') only together with B: with B present, give P (identity rows if need be)",
+        "with B given, P must be given too (identity rows for no permutation): no absent input before B",
     ],
     formula="""
 C = orthonormal DCT-II [n, n], C^T its inverse (DCT-III)
