@@ -230,6 +230,11 @@ Fastfood (`benchmarks/fastfood.py`, `FastfoodMatMul`, stacks of depth 1 and 4; t
 batch 1):
 
 {_script_table("fastfood.py")}
+
+ACDC (`benchmarks/acdc.py`, `ACDCMatMul`, stacks of depth 1, 4 and 8 with permutations and bias; the issue
+sets no speed goal for it):
+
+{_script_table("acdc.py")}
 """
 
 

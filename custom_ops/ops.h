@@ -15,5 +15,6 @@ Ort::Custom::OrtLiteCustomOp* MakeDepthwiseConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeFFTConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeCirculantMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeFastfoodMatMulOp();
+Ort::Custom::OrtLiteCustomOp* MakeACDCMatMulOp();
 
 }  // namespace onnxopt

@@ -44,6 +44,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       ops.emplace_back(onnxopt::MakeFFTConvOp());
       ops.emplace_back(onnxopt::MakeCirculantMatMulOp());
       ops.emplace_back(onnxopt::MakeFastfoodMatMulOp());
+      ops.emplace_back(onnxopt::MakeACDCMatMulOp());
     }
     Ort::CustomOpDomain domain{onnxopt::kDomain};
     for (auto& op : ops) domain.Add(op.get());

@@ -11,7 +11,8 @@ channels, 8 per complex multiply-add: 8 M C' th (tw / 2 + 1) per tile (tile size
 CirculantMatMul (C [K/b, N/b, b]): per row K/b + N/b real FFTs of length b, ~2.5 b log2 b each, plus
 8 (K/b)(N/b)(b/2 + 1) for the complex products;
 FastfoodMatMul (B [d, n]): per row and block two fast Walsh-Hadamard transforms, n log2 n adds each, plus
-3 n for the diagonals: d (2 n log2 n + 3 n).
+3 n for the diagonals: d (2 n log2 n + 3 n);
+ACDCMatMul (A [L, n]): per row and layer two DCTs of length n, ~2.5 n log2 n each, plus 2 n for the diagonals.
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -176,6 +177,14 @@ def _fastfood_flops(inputs, outputs, attrs, shapes) -> int:
     return int(math.prod(y[:-1]) * d * (2 * n * math.log2(n) + 3 * n))
 
 
+def _acdc_flops(inputs, outputs, attrs, shapes) -> int:
+    a, y = shapes.get(inputs[1]), shapes.get(outputs[0])
+    if not a or not y:
+        return 0
+    layers, n = a
+    return int(math.prod(y[:-1]) * layers * (5 * n * math.log2(n) + 2 * n))
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
@@ -186,6 +195,7 @@ FLOP_RULES: dict[str, Callable] = {
     "FFTConv": _fftconv_flops,
     "CirculantMatMul": _circulant_flops,
     "FastfoodMatMul": _fastfood_flops,
+    "ACDCMatMul": _acdc_flops,
 }
 
 
@@ -238,6 +248,15 @@ def _fastfood_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
+def _acdc_twin(node: onnx.NodeProto) -> onnx.NodeProto:
+    """ACDCMatMul(X, A, D[, P[, B]]) -> Y [..., N]: N is B's length when B is given (Einsum over X's last
+    axis with B gives exactly [..., N]), else n, X's own last dimension (Identity)."""
+    x, y = node.input[0], node.output[0]
+    if len(node.input) > 4 and node.input[4]:
+        return helper.make_node("Einsum", [x, node.input[4]], [y], name=node.name, equation="...k,j->...j")
+    return helper.make_node("Identity", [x], [y], name=node.name)
+
+
 # onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape
 # (or, where no single op has it, a short chain of them ending in the custom node's output: CirculantMatMul).
 # DepthwiseConv carries group=C (onnx's Conv inference reads only the output channels from W, so a node
@@ -248,6 +267,7 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto | list[onnx.Nod
     "FFTConv": _conv_twin,
     "CirculantMatMul": _circulant_twin,
     "FastfoodMatMul": _fastfood_twin,
+    "ACDCMatMul": _acdc_twin,
 }
 
 

@@ -7,6 +7,7 @@ pass class, in the order the pass manager runs them.
 from __future__ import annotations
 
 from onnxopt.errors import UserError
+from onnxopt.passes.acdc import ACDC
 from onnxopt.passes.circulant import Circulant
 from onnxopt.passes.depthwise import Depthwise
 from onnxopt.passes.fastfood import Fastfood
@@ -17,7 +18,7 @@ from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
 
 METHODS: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, TensorTrain)
+    cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, ACDC, TensorTrain)
 }
 
 

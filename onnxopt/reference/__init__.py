@@ -7,10 +7,11 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import circulant, depthwise, fastfood, fftconv, winograd
+from onnxopt.reference import acdc, circulant, depthwise, fastfood, fftconv, winograd
 
 SPECS: dict[str, OpSpec] = {
-    spec.name: spec for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC, fastfood.SPEC)
+    spec.name: spec
+    for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC, fastfood.SPEC, acdc.SPEC)
 }
 
 # OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
@@ -20,6 +21,7 @@ REFERENCE_OPS = [
     depthwise.DepthwiseConv,
     circulant.CirculantMatMul,
     fastfood.FastfoodMatMul,
+    acdc.ACDCMatMul,
 ]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]
