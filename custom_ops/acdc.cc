@@ -180,23 +180,6 @@ void RowTask(void* data, size_t r) {
   }
 }
 
-// A constant int64 input, copied, with its shape (the permutations).
-std::vector<int64_t> ConstantInt64Input(const Ort::ConstKernelInfo& info, size_t index, const char* what,
-                                        const std::string& where, std::vector<int64_t>* shape) {
-  int is_constant = 0;
-  Ort::ConstValue v = info.GetTensorConstantInput(index, &is_constant);
-  if (!is_constant || v == nullptr) {
-    Fail(where, std::string(what) + " (input " + std::to_string(index) + ", '" + info.GetInputName(index) +
-                    "') must be a constant initializer: the kernel prepares it once at session creation");
-  }
-  auto type_shape = v.GetTensorTypeAndShapeInfo();
-  if (type_shape.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
-    Fail(where, std::string(what) + " (input " + std::to_string(index) + ") must be int64");
-  }
-  *shape = type_shape.GetShape();
-  const int64_t* p = v.GetTensorData<int64_t>();
-  return std::vector<int64_t>(p, p + type_shape.GetElementCount());
-}
 
 }  // namespace
 
@@ -245,19 +228,7 @@ ACDCMatMulKernel::ACDCMatMulKernel(const OrtApi* /*api*/, const OrtKernelInfo* i
   if (d.shape != a.shape) Fail(where, "D must have shape " + ShapeStr(a.shape) + " (A's), got " + ShapeStr(d.shape));
   std::vector<int64_t> perm;
   if (present_inputs_ >= 4) {
-    std::vector<int64_t> ps;
-    perm = ConstantInt64Input(kinfo, 3, "P", where, &ps);
-    if (ps != a.shape) Fail(where, "P must have shape " + ShapeStr(a.shape) + " (A's), got " + ShapeStr(ps));
-    for (int64_t l = 0; l < L; ++l) {
-      std::vector<char> seen(static_cast<size_t>(n), 0);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t v = perm[l * n + i];
-        if (v < 0 || v >= n || seen[v]) {
-          Fail(where, "P row " + std::to_string(l) + " is not a permutation of 0 .. " + std::to_string(n - 1));
-        }
-        seen[v] = 1;
-      }
-    }
+    perm = ConstantPermutations(kinfo, 3, "P", a.shape, where);
   }
   t_.out = n;
   if (present_inputs_ == 5) {

@@ -205,28 +205,8 @@ FastfoodMatMulKernel::FastfoodMatMulKernel(const OrtApi* api, const OrtKernelInf
     }
   }
 
-  // P: a constant int64 initializer, each row a permutation (an index out of range would read out of bounds).
-  int is_constant = 0;
-  Ort::ConstValue pv = kinfo.GetTensorConstantInput(4, &is_constant);
-  if (!is_constant) Fail(where, "P (input 4, 'P') must be a constant initializer");
-  auto pinfo = pv.GetTensorTypeAndShapeInfo();
-  if (pinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) Fail(where, "P must be int64");
-  if (pinfo.GetShape() != b.shape) {
-    Fail(where, "P must have shape [d, n] = " + ShapeStr(b.shape) + " like B, got " + ShapeStr(pinfo.GetShape()));
-  }
-  const int64_t* pd = pv.GetTensorData<int64_t>();
-  p_.assign(pd, pd + d_ * n_);
-  std::vector<char> seen(static_cast<size_t>(n_));
-  for (int64_t t = 0; t < d_; ++t) {
-    std::fill(seen.begin(), seen.end(), 0);
-    for (int64_t i = 0; i < n_; ++i) {
-      const int64_t v = p_[t * n_ + i];
-      if (v < 0 || v >= n_ || seen[v]) {
-        Fail(where, "row " + std::to_string(t) + " of P is not a permutation of 0.." + std::to_string(n_ - 1));
-      }
-      seen[v] = 1;
-    }
-  }
+  // P: a constant int64 initializer, each row a permutation.
+  p_ = ConstantPermutations(kinfo, 4, "P", b.shape, where);
   if (present_inputs_ == 6) {
     const ConstantTensor bt = ConstantFloatInput(kinfo, 5, "bias", where);
     if (bt.shape != std::vector<int64_t>{n_out_}) {

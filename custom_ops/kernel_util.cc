@@ -1,6 +1,7 @@
 // Shared kernel helpers (see kernel_util.h).
 #include "kernel_util.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 namespace onnxopt {
@@ -134,6 +135,40 @@ ConstantTensor ConstantFloatInput(const Ort::ConstKernelInfo& info, size_t index
   const float* p = v.GetTensorData<float>();
   t.data.assign(p, p + count);
   return t;
+}
+
+std::vector<int64_t> ConstantPermutations(const Ort::ConstKernelInfo& info, size_t index, const char* what,
+                                          const std::vector<int64_t>& shape, const std::string& where) {
+  int is_constant = 0;
+  Ort::ConstValue v = info.GetTensorConstantInput(index, &is_constant);
+  if (!is_constant || v == nullptr) {
+    Fail(where, std::string(what) + " (input " + std::to_string(index) + ", '" + info.GetInputName(index) +
+                    "') must be a constant initializer: the kernel prepares it once at session creation");
+  }
+  auto type_shape = v.GetTensorTypeAndShapeInfo();
+  if (type_shape.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
+    Fail(where, std::string(what) + " (input " + std::to_string(index) + ") must be int64");
+  }
+  if (type_shape.GetShape() != shape) {
+    Fail(where, std::string(what) + " must have shape " + ShapeStr(shape) + ", got " +
+                    ShapeStr(type_shape.GetShape()));
+  }
+  const int64_t rows = shape.size() == 2 ? shape[0] : 0, n = shape.size() == 2 ? shape[1] : 0;
+  const int64_t* p = v.GetTensorData<int64_t>();
+  std::vector<int64_t> perm(p, p + rows * n);
+  std::vector<char> seen(static_cast<size_t>(n));
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t x = perm[r * n + i];
+      if (x < 0 || x >= n || seen[x]) {
+        Fail(where, std::string(what) + " row " + std::to_string(r) + " is not a permutation of 0 .. " +
+                        std::to_string(n - 1));
+      }
+      seen[x] = 1;
+    }
+  }
+  return perm;
 }
 
 size_t ConvInputs(const Ort::ConstKernelInfo& info, const std::string& where) {

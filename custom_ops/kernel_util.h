@@ -55,6 +55,11 @@ struct ConstantTensor {
 ConstantTensor ConstantFloatInput(const Ort::ConstKernelInfo& info, size_t index, const char* what,
                                   const std::string& where);
 
+// A constant int64 input of `shape` [rows, n] whose every row is a permutation of 0 .. n-1 (an index out of
+// range would read out of bounds), checked, with messages naming `what`.
+std::vector<int64_t> ConstantPermutations(const Ort::ConstKernelInfo& info, size_t index, const char* what,
+                                          const std::vector<int64_t>& shape, const std::string& where);
+
 // The inputs of a convolution-like node, (X, W) or (X, W, B), checked; returns how many are present.
 size_t ConvInputs(const Ort::ConstKernelInfo& info, const std::string& where);
 

@@ -32,17 +32,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
-from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight
+from onnxopt.passes.dense import dense_bias, dense_weight, structured_problem
 from onnxopt.reference.circulant import circulant_matmul
 from onnxopt.rewrite import (
     Decline,
     Option,
     Pass,
     PassContext,
-    constant_value,
     new_name,
     replace_node,
-    weight_problem,
 )
 
 MIN_DIM = 64  # K and N at least this: smaller layers gain nothing worth an FFT
@@ -157,19 +155,10 @@ class Circulant(Pass):
     custom_ops = ("CirculantMatMul",)
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
-        if problem := weight_problem(node):
+        if problem := structured_problem(node, ctx, MIN_DIM):
             return problem
-        if problem := dense_problem(node, ctx):
-            return problem
-        K, N = dense_kn(node)
-        if min(K, N) < MIN_DIM:
-            return f"weight {K}x{N} is too small (K and N must be >= {MIN_DIM})"
-        x_shape = ctx.shapes.get(node.inputs[0].name)
-        if x_shape is None:
+        if ctx.shapes.get(node.inputs[0].name) is None:
             return "input shape unknown (its rank is needed to pad K)"
-        if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
-            if np.size(constant_value(node.inputs[2])) not in (1, N):
-                return "bias does not broadcast along N only"
         return None
 
     def activations_needed(self, node: gs.Node) -> list[str]:

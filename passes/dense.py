@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.rewrite import PassContext, constant_value
+from onnxopt.rewrite import PassContext, constant_value, weight_problem
 
 
 def dense_problem(node: gs.Node, ctx: PassContext) -> str | None:
@@ -25,6 +25,21 @@ def dense_problem(node: gs.Node, ctx: PassContext) -> str | None:
             return "transA=1 is not supported"
         if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
             return "bias is not constant"
+    return None
+
+
+def structured_problem(node: gs.Node, ctx: PassContext, min_dim: int) -> str | None:
+    """The checks of the structured-matrix passes (circulant, fastfood, acdc, tensor_train): a constant
+    float32 weight that dense_problem accepts, K and N at least min_dim (smaller layers gain nothing worth
+    the transform), and a bias that broadcasts along N only."""
+    if problem := weight_problem(node) or dense_problem(node, ctx):
+        return problem
+    K, N = dense_kn(node)
+    if min(K, N) < min_dim:
+        return f"weight {K}x{N} is too small (K and N must be >= {min_dim})"
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+        if np.size(constant_value(node.inputs[2])) not in (1, N):
+            return "bias does not broadcast along N only"
     return None
 
 

@@ -22,8 +22,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight
-from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node, weight_problem
+from onnxopt.passes.dense import dense_bias, dense_kn, dense_weight, structured_problem
+from onnxopt.rewrite import Decline, Option, Pass, PassContext, new_name, replace_node
 
 MIN_DIM = 64
 RANKS = (2, 4, 8, 16, 32, 64)
@@ -113,11 +113,9 @@ class TensorTrain(Pass):
     summary = "Gemm/MatMul -> tensor-train cores contracted by Einsum (TT-SVD; standard ops)"
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
-        if problem := weight_problem(node) or dense_problem(node, ctx):
+        if problem := structured_problem(node, ctx, MIN_DIM):
             return problem
         K, N = dense_kn(node)
-        if min(K, N) < MIN_DIM:
-            return f"weight {K}x{N} is too small (K and N must be >= {MIN_DIM})"
         if not any(factorize(K, d) and factorize(N, d) for d in (2, 3)):
             return f"{K} or {N} has no split into 2 or 3 factors > 1 (a prime size)"
         x = ctx.shapes.get(node.inputs[0].name)

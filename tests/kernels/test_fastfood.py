@@ -136,7 +136,7 @@ def _bad_perm():
 CREATION_ERRORS = [
     pytest.param(dict(B=np.ones((1, 12), F32)), r"B must have shape \[d, n\] .* power of two", id="n-12"),
     pytest.param(dict(S=np.ones((2, 16), F32)), r"S must have shape \[d, n\] = \[1, 16\]", id="S-shape"),
-    pytest.param(dict(P=_bad_perm()), r"row 0 of P is not a permutation", id="P-not-perm"),
+    pytest.param(dict(P=_bad_perm()), r"P row 0 is not a permutation", id="P-not-perm"),
     pytest.param(dict(P=np.full((1, 16), 99, np.int64)), r"not a permutation", id="P-out-of-range"),
     # onnxruntime's own type check answers first for a P of the wrong type, naming the input and the node.
     pytest.param(dict(P=np.zeros((1, 16), np.int32)), r"tensor\(int32\).* \(P\)", id="P-int32"),
