@@ -24,22 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.fc import K, N, dense_model  # noqa: E402
 from onnxopt.timing import median_times  # noqa: E402
 
-K = N = 4096
 DEPTHS = (1, 4, 8)
-
-
-def dense_model(batch: int) -> onnx.ModelProto:
-    W = (np.random.default_rng(0).standard_normal((K, N)) / 64).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
-        "dense",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [batch, K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [batch, N])],
-        [numpy_helper.from_array(W, "W")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def acdc_model(batch: int, depth: int) -> onnx.ModelProto:

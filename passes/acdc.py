@@ -35,7 +35,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
-from onnxopt.passes.dense import dense_bias, dense_kn, dense_weight, structured_problem
+from onnxopt.passes.dense import dense_bias, dense_kn, dense_weight, pad_last_axis, structured_problem
 from onnxopt.reference.acdc import acdc_rows, dct_matrix
 from onnxopt.rewrite import (
     Decline,
@@ -230,20 +230,7 @@ class ACDC(Pass):
             A, D, P = load()
             n = A.shape[1]
             x, y = node.inputs[0], node.outputs[0]
-            nodes = []
-            if n != K:  # zero columns of X meet the zero rows of the padded W
-                xp = gs.Variable(new_name(prefix, "x_padded"), dtype=np.float32)
-                pads = np.zeros(2 * rank, np.int64)
-                pads[2 * rank - 1] = n - K
-                nodes.append(
-                    gs.Node(
-                        "Pad",
-                        new_name(prefix, "pad"),
-                        inputs=[x, gs.Constant(new_name(prefix, "pads"), pads)],
-                        outputs=[xp],
-                    )
-                )
-                x = xp
+            x, nodes = pad_last_axis(x, n - K, rank, prefix)
             B = np.zeros(N, np.float32) if bias is None else bias.astype(np.float32)
             inputs = [x, *(gs.Constant(new_name(prefix, k), v) for k, v in (("A", A), ("D", D), ("P", P)))]
             inputs.append(gs.Constant(new_name(prefix, "B"), B))

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
-from onnxopt.passes.dense import dense_bias, dense_weight, structured_problem
+from onnxopt.passes.dense import dense_bias, dense_weight, pad_last_axis, structured_problem
 from onnxopt.reference.circulant import circulant_matmul
 from onnxopt.rewrite import (
     Decline,
@@ -211,20 +211,7 @@ class Circulant(Pass):
             C, s = load()
             Kp, Np = s.shape[0], C.shape[1] * b
             x, y = node.inputs[0], node.outputs[0]
-            nodes = []
-            if Kp != K:  # zero columns of X meet the zero rows of the padded W
-                xp = gs.Variable(new_name(prefix, "x_padded"), dtype=np.float32)
-                pads = np.zeros(2 * rank, np.int64)
-                pads[2 * rank - 1] = Kp - K
-                nodes.append(
-                    gs.Node(
-                        "Pad",
-                        new_name(prefix, "pad"),
-                        inputs=[x, gs.Constant(new_name(prefix, "pads"), pads)],
-                        outputs=[xp],
-                    )
-                )
-                x = xp
+            x, nodes = pad_last_axis(x, Kp - K, rank, prefix)
             inputs = [x, gs.Constant(new_name(prefix, "C"), C), gs.Constant(new_name(prefix, "S"), s)]
             if bias is not None:
                 inputs.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.rewrite import PassContext, constant_value, weight_problem
+from onnxopt.rewrite import PassContext, constant_value, new_name, weight_problem
 
 
 def dense_problem(node: gs.Node, ctx: PassContext) -> str | None:
@@ -65,3 +65,17 @@ def dense_bias(node: gs.Node, N: int) -> np.ndarray | None:
         return None
     b = constant_value(node.inputs[2]).astype(np.float32) * np.float32(node.attrs.get("beta", 1.0))
     return np.broadcast_to(b.reshape(-1) if b.size == N else b, (N,)).astype(np.float32)
+
+
+def pad_last_axis(x: gs.Tensor, extra: int, rank: int, prefix: str) -> tuple[gs.Tensor, list[gs.Node]]:
+    """x zero-padded by `extra` at the end of its last axis (of `rank` axes), and the Pad node that does it
+    (none when extra is 0): the zero columns of x meet the zero rows of a weight padded to K + extra."""
+    if extra == 0:
+        return x, []
+    out = gs.Variable(new_name(prefix, "x_padded"), dtype=np.float32)
+    pads = np.zeros(2 * rank, np.int64)
+    pads[-1] = extra
+    node = gs.Node(
+        "Pad", new_name(prefix, "pad"), inputs=[x, gs.Constant(new_name(prefix, "pads"), pads)], outputs=[out]
+    )
+    return out, [node]
