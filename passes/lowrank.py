@@ -2,7 +2,7 @@
 
 W = L diag(s) Q^T;  W_r = (L_r s_r^{1/2}) (s_r^{1/2} Q_r^T) = U V, U: K x r, V: r x N.
 y = x W + b  ->  y = (x U) V + b: params and FLOPs fall from K·N to r·(K + N), a gain only for
-r < K·N / (K + N).
+r < K·N / (K + N); a rank is offered only where it cuts them by MIN_GAIN (1.25x).
 Plain: L = P from the SVD W = P diag(s) Q^T, the best rank r in ||W - W_r||_F.
 Data-aware (default when calibration activations X, the rows of the layer's input, are known): with
 C = X^T X / n + d·mean(eig C)·I (damping d keeps directions the calibration data never visits) and
@@ -45,6 +45,10 @@ from onnxopt.rewrite import (
 )
 
 MAX_ROWS = 8192
+# A factorization must cut the layer's params at least this much: below it, the extra node costs about what
+# the smaller GEMMs save, and a near-full-rank factor of a small layer (a 1024x10 head at rank 9 saves 10%)
+# would spend the model's error budget that a large layer turns into real savings.
+MIN_GAIN = 1.25
 STEPS = 8  # number of progressively less lossy options offered per node (tolerance halved each)
 DAMPING = 0.01  # of the mean eigenvalue of X^T X / n, added to its diagonal
 
@@ -105,8 +109,8 @@ def error_by_rank(
 
 
 def max_useful_rank(K: int, N: int) -> int:
-    """Largest rank that still cuts params and FLOPs: r (K + N) < K N."""
-    return (K * N - 1) // (K + N)
+    """Largest rank that cuts params and FLOPs by at least MIN_GAIN: r (K + N) MIN_GAIN <= K N."""
+    return int(K * N / (MIN_GAIN * (K + N)))
 
 
 def rows(X: np.ndarray, K: int, seed: int = 0) -> np.ndarray:
@@ -228,8 +232,9 @@ class LowRank(Pass):
                         ranks.append(r)
             if not ranks:
                 raise Decline(
-                    f"no rank up to {r_max} (where it stops paying off) fits: error at rank {r_max} is "
-                    f"{err[r_max]:.3g} > {ctx.local_tolerance:g} ({LOCAL_SLACK:g}x the budget)"
+                    f"no rank up to {r_max} (where it stops cutting the layer by {MIN_GAIN:g}x) fits: "
+                    f"error at rank {r_max} is {err[r_max]:.3g} > {ctx.local_tolerance:g} "
+                    f"({LOCAL_SLACK:g}x the budget)"
                 )
         M_rows = int(np.prod(ctx.shapes.get(node.outputs[0].name, (1, N))[:-1]))
         # The factors every option needs (up to the least lossy one's rank) wait on disk, not in memory.
