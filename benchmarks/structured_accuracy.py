@@ -91,6 +91,21 @@ def _describe(result, setting: str) -> tuple[str, str]:
     return names or "none", f"{before / max(after, 1):.2f}x" if applied else "-"
 
 
+def _why(records) -> str:
+    """The reason that best explains an unchanged model: an undone rewrite's, else a dense layer's decline
+    other than the ones every model has (layers too small, or weights computed at run time)."""
+    usual = ("too small", "not a constant", "opt-in", "not a 1x1 kernel")
+    for keep in (
+        lambda r: r.status == "undone",
+        lambda r: r.op_type in ("Gemm", "MatMul") and not any(u in r.reason for u in usual),
+        lambda r: bool(r.reason),
+    ):
+        found = next((r.reason for r in records if keep(r)), None)
+        if found:
+            return found
+    return "no candidate layer"
+
+
 def method_rows(spec: dict, method: str, quick: bool) -> list[list[str]]:
     model = onnx.load(str(spec["path"]))
     feeds = load_npz(spec["calib"], model)
@@ -117,7 +132,7 @@ def method_rows(spec: dict, method: str, quick: bool) -> list[list[str]]:
             continue
         what, bytes_ratio = _describe(result, setting)
         if not result.changed:
-            why = next((r.reason for r in result.records if r.reason), "no candidate layer")
+            why = _why(result.records)
             rows.append([spec["name"], method, setting, f"none: {why[:90]}", "-", "1.00x", "-", "-", "-"])
             continue
         err = result.verification["worst_rel_l2"]
