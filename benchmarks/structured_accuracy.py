@@ -128,12 +128,13 @@ def method_rows(spec: dict, method: str, quick: bool) -> list[list[str]]:
                 dims=dims,
             )
         except BudgetError as e:
-            rows.append([spec["name"], method, setting, f"none: {str(e)[:90]}", "-", "1.00x", "-", "-", "-"])
+            why = f"none kept: every candidate undone, {str(e).split('; ')[-1]}"
+            rows.append([spec["name"], method, setting, why, "-", "1.00x", "-", "-", "-"])
             continue
         what, bytes_ratio = _describe(result, setting)
         if not result.changed:
             why = _why(result.records)
-            rows.append([spec["name"], method, setting, f"none: {why[:90]}", "-", "1.00x", "-", "-", "-"])
+            rows.append([spec["name"], method, setting, f"none: {why[:120]}", "-", "1.00x", "-", "-", "-"])
             continue
         err = result.verification["worst_rel_l2"]
         score = metric(make_session(result.model.SerializeToString()))
