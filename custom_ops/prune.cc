@@ -114,20 +114,32 @@ void CheckCsrShapes(const std::vector<int64_t>& values, const std::vector<int64_
 }
 
 template <typename Index>
-Packed<Index> Pack(const Csr& csr, int64_t pad) {
+Packed<Index> Pack(const Csr& csr, int64_t pad, int64_t block_cols) {
   Packed<Index> p;
-  p.ptr.assign(static_cast<size_t>(csr.rows + 1), 0);
-  p.cost.assign(static_cast<size_t>(csr.rows + 1), 0);
-  for (int64_t r = 0; r < csr.rows; ++r) {
-    const int64_t count = csr.row_ptr[r + 1] - csr.row_ptr[r];
-    p.ptr[r + 1] = p.ptr[r] + (count + pad - 1) / pad * pad;
-    p.cost[r + 1] = p.ptr[r + 1] + (r + 1) * kRowOverhead;
+  const int64_t rows = csr.rows;
+  block_cols = std::max<int64_t>(1, std::min(block_cols, csr.cols));
+  p.rows = rows;
+  p.blocks = (csr.cols + block_cols - 1) / block_cols;
+  // Segment sizes: row r's nonzeros in block b (columns are increasing within a row, so each segment is a run).
+  std::vector<int64_t> count(static_cast<size_t>(p.blocks * rows), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = csr.row_ptr[r]; j < csr.row_ptr[r + 1]; ++j) ++count[csr.indices[j] / block_cols * rows + r];
+  }
+  p.ptr.assign(static_cast<size_t>(p.blocks * rows + 1), 0);
+  for (int64_t s = 0; s < p.blocks * rows; ++s) p.ptr[s + 1] = p.ptr[s] + (count[s] + pad - 1) / pad * pad;
+  p.cost.assign(static_cast<size_t>(rows + 1), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t work = 0;
+    for (int64_t b = 0; b < p.blocks; ++b) work += p.ptr[b * rows + r + 1] - p.ptr[b * rows + r] + kRowOverhead;
+    p.cost[r + 1] = p.cost[r] + work;
   }
   // Padding entries: weight 0 at column 0 (a valid read that adds nothing).
-  p.values.assign(static_cast<size_t>(p.ptr[csr.rows]), 0.0f);
-  p.idx.assign(static_cast<size_t>(p.ptr[csr.rows]), Index{0});
-  for (int64_t r = 0; r < csr.rows; ++r) {
-    for (int64_t j = csr.row_ptr[r], d = p.ptr[r]; j < csr.row_ptr[r + 1]; ++j, ++d) {
+  p.values.assign(static_cast<size_t>(p.ptr.back()), 0.0f);
+  p.idx.assign(static_cast<size_t>(p.ptr.back()), Index{0});
+  std::vector<int64_t> at(p.ptr.begin(), p.ptr.end() - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = csr.row_ptr[r]; j < csr.row_ptr[r + 1]; ++j) {
+      const int64_t d = at[csr.indices[j] / block_cols * rows + r]++;
       p.values[d] = csr.values[j];
       p.idx[d] = static_cast<Index>(csr.indices[j]);
     }
@@ -137,7 +149,7 @@ Packed<Index> Pack(const Csr& csr, int64_t pad) {
 
 template <typename Index>
 std::pair<int64_t, int64_t> Part(const Packed<Index>& p, int64_t part, int64_t parts) {
-  const int64_t rows = static_cast<int64_t>(p.ptr.size()) - 1;
+  const int64_t rows = p.rows;
   const double total = static_cast<double>(p.cost.back());
   auto bound = [&](int64_t k) -> int64_t {
     if (k <= 0) return 0;
@@ -150,22 +162,22 @@ std::pair<int64_t, int64_t> Part(const Packed<Index>& p, int64_t part, int64_t p
   return {bound(part), bound(part + 1)};
 }
 
-template Packed<uint16_t> Pack<uint16_t>(const Csr&, int64_t);
-template Packed<int32_t> Pack<int32_t>(const Csr&, int64_t);
+template Packed<uint16_t> Pack<uint16_t>(const Csr&, int64_t, int64_t);
+template Packed<int32_t> Pack<int32_t>(const Csr&, int64_t, int64_t);
 template std::pair<int64_t, int64_t> Part<uint16_t>(const Packed<uint16_t>&, int64_t, int64_t);
 template std::pair<int64_t, int64_t> Part<int32_t>(const Packed<int32_t>&, int64_t, int64_t);
 
 namespace {
 
 // The portable tile: T accumulators in an array the compiler keeps in vector registers.
-template <typename Index, int T>
-void TilePortable(const float* v, const Index* idx, int64_t count, int64_t stride, float bias, const float* x,
+template <typename Index, int T, int kStride>
+void TilePortable(const float* v, const Index* idx, int64_t count, float bias, bool accumulate, const float* x,
                   float* out) {
   float acc[T];
-  for (int l = 0; l < T; ++l) acc[l] = bias;
+  for (int l = 0; l < T; ++l) acc[l] = accumulate ? out[l] : bias;
   for (int64_t j = 0; j < count; ++j) {
     const float w = v[j];
-    const float* __restrict xr = x + static_cast<int64_t>(idx[j]) * stride;
+    const float* __restrict xr = x + static_cast<int64_t>(idx[j]) * kStride;
     for (int l = 0; l < T; ++l) acc[l] += w * xr[l];
   }
   for (int l = 0; l < T; ++l) out[l] = acc[l];
@@ -197,8 +209,9 @@ void GatherPortable(const Packed<Index>& p, const float* bias, int64_t n0, int64
 
 const Kernels& PortableKernels() {
   static const Kernels k = {
-      {TilePortable<uint16_t, 8>, TilePortable<uint16_t, 16>, TilePortable<uint16_t, 32>},
-      {TilePortable<int32_t, 8>, TilePortable<int32_t, 16>, TilePortable<int32_t, 32>},
+      {TilePortable<uint16_t, 8, 8>, TilePortable<uint16_t, 16, 16>, TilePortable<uint16_t, 32, 32>},
+      {TilePortable<int32_t, 8, 8>, TilePortable<int32_t, 16, 16>, TilePortable<int32_t, 32, 32>},
+      {TilePortable<int32_t, 8, 1>, TilePortable<int32_t, 16, 1>, TilePortable<int32_t, 32, 1>},
       GatherPortable<uint16_t>,
       GatherPortable<int32_t>,
   };

@@ -55,27 +55,32 @@ void CheckCsrShapes(const std::vector<int64_t>& values, const std::vector<int64_
                     const std::vector<int64_t>& row_ptr, const std::vector<int64_t>* bias, const Csr& csr,
                     const std::string& where);
 
-// A CSR matrix packed for the kernels: row r's nonzeros are [ptr[r], ptr[r + 1]); when `pad` > 1 every row is
-// padded with zero weights (index 0) to a multiple of `pad`, so the gather kernel needs no tail.
+// A CSR matrix packed for the kernels, cut into `blocks` column blocks of block_cols columns (the last may be
+// shorter), stored block after block: the segment of row r in block b is [ptr[b rows + r], ptr[b rows + r + 1]).
+// Column blocks keep what a tile reads of its input within L1 (SparseConv with many channels). When `pad` > 1
+// every segment is padded with zero weights (index 0) to a multiple of `pad`, so the gather kernel needs no tail.
 template <typename Index>
 struct Packed {
+  int64_t rows = 0, blocks = 1;
   std::vector<float> values;
   std::vector<Index> idx;
-  std::vector<int64_t> ptr;
-  std::vector<int64_t> cost;  // cost[r]: work before row r (nonzeros plus a per-row overhead), for splitting
+  std::vector<int64_t> ptr;   // blocks rows + 1
+  std::vector<int64_t> cost;  // rows + 1: cost[r] = work before row r (nonzeros plus a per-segment overhead)
 };
 
 template <typename Index>
-Packed<Index> Pack(const Csr& csr, int64_t pad);
+Packed<Index> Pack(const Csr& csr, int64_t pad, int64_t block_cols);
 
 // [begin, end) of row part `part` of `parts`, balanced by cost.
 template <typename Index>
 std::pair<int64_t, int64_t> Part(const Packed<Index>& p, int64_t part, int64_t parts);
 
-// out[0..T) = bias + sum_{j < count} v[j] * x[idx[j] * stride + 0..T), for T = 8 << log_t (8, 16, 32).
-using TileFn16 = void (*)(const float* v, const uint16_t* idx, int64_t count, int64_t stride, float bias,
+// out[0..T) = (accumulate ? out[0..T) : bias) + sum_{j < count} v[j] * x[idx[j] * stride + 0..T), T = 8 << i
+// for entry i of a table (8, 16, 32); stride = T in the Gemm tables (rows of a transposed tile), 1 in the
+// Conv table (offsets). accumulate: a later column block adds to the sums of the earlier ones.
+using TileFn16 = void (*)(const float* v, const uint16_t* idx, int64_t count, float bias, bool accumulate,
                           const float* x, float* out);
-using TileFn32 = void (*)(const float* v, const int32_t* idx, int64_t count, int64_t stride, float bias,
+using TileFn32 = void (*)(const float* v, const int32_t* idx, int64_t count, float bias, bool accumulate,
                           const float* x, float* out);
 // y[r * y_stride + n] = bias[n] + sum_{j in row n} v[j] * x[r * x_stride + idx[j]] for rows r < R (1..4)
 // and n in [n0, n1); rows padded to multiples of 8.
@@ -85,8 +90,9 @@ using GatherFn32 = void (*)(const Packed<int32_t>& p, const float* bias, int64_t
                             int64_t x_stride, int rows, float* y, int64_t y_stride);
 
 struct Kernels {
-  TileFn16 tile16[3];  // T = 8, 16, 32
-  TileFn32 tile32[3];
+  TileFn16 tile16[3];  // Gemm, 16-bit column indices: T = 8, 16, 32, stride T
+  TileFn32 tile32[3];  // Gemm, 32-bit column indices
+  TileFn32 offset[3];  // Conv: idx are offsets (stride 1)
   GatherFn16 gather16;
   GatherFn32 gather32;
 };
@@ -132,6 +138,7 @@ struct SparseConvKernel {
   void ReadAttributes(const OrtApi* api, const OrtKernelInfo* info, const std::string& where);
   void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
            std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& Y) const;
+  int64_t BlockChannels() const;  // input channels per column block
   std::string Where() const;
 
   std::string node_name_;

@@ -1,9 +1,9 @@
 // AVX2 + FMA builds of the SparseGemm / SparseConv kernels (see prune.h); compiled with -mavx2 -mfma and
 // chosen at kernel creation only on CPUs that have both (HasAvx2Fma).
 //
-// Tile: out[0..T) = bias + sum_j v[j] x[idx[j] stride + 0..T), T = 8 V. Each nonzero is one broadcast and V
-// loads + FMAs. An FMA has 4 cycles of latency and two issue per cycle, so 8 chains are needed to keep both
-// units busy: consecutive nonzeros go to S = 8 / V sets of V accumulators, summed at the end.
+// Tile: out[0..T) = (accumulate ? out[0..T) : bias) + sum_j v[j] x[idx[j] stride + 0..T), T = 8 V. Each nonzero is one broadcast and V
+// loads + FMAs. An FMA has 4 cycles of latency and two issue per cycle, so about 8 chains are needed to keep
+// both units busy: consecutive nonzeros go to 8 / V sets of V accumulators (T = 8: 4), summed at the end.
 //
 // Gather: 8 nonzeros of a row per register, their x values fetched by vgatherdps (x, one input row, stays in
 // L1), two registers in flight; up to four input rows share each load of weights and indices, so a small batch
@@ -17,38 +17,83 @@ namespace prune {
 
 namespace {
 
-template <typename Index>
-inline const float* Row(const float* x, const Index* idx, int64_t j, int64_t stride) {
-  return x + static_cast<int64_t>(idx[j]) * stride;
+// The input row of nonzero j: x + idx[j] * kStride (kStride = T for a transposed Gemm tile, 1 for an offset).
+template <int kStride, typename Index>
+inline const float* Row(const float* x, const Index* idx, int64_t j) {
+  return x + static_cast<int64_t>(idx[j]) * kStride;
 }
 
-template <typename Index, int V>
-void TileAvx2(const float* v, const Index* idx, int64_t count, int64_t stride, float bias, const float* x,
-              float* out) {
-  constexpr int S = V >= 4 ? 2 : 8 / V;
-  __m256 acc[S][V];
-  for (int s = 0; s < S; ++s) {
-    for (int i = 0; i < V; ++i) acc[s][i] = _mm256_setzero_ps();
-  }
+inline __m256 Fma(const float* w, const float* x, __m256 acc) {
+  return _mm256_fmadd_ps(_mm256_broadcast_ss(w), _mm256_loadu_ps(x), acc);
+}
+
+// What the sums are added to: the bias, or (a later column block) the partial sums already in out.
+inline __m256 Base(const float* out, float bias, bool accumulate) {
+  return accumulate ? _mm256_loadu_ps(out) : _mm256_set1_ps(bias);
+}
+
+// The accumulators are named variables, not an array: gcc keeps an array of __m256 in memory and stores it
+// back on every iteration, which made the loop bound by stores (measured 4x slower).
+template <typename Index, int kStride>
+void Tile32(const float* v, const Index* idx, int64_t count, float bias, bool accumulate, const float* x,
+            float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   int64_t j = 0;
-  for (; j + S <= count; j += S) {
-    for (int s = 0; s < S; ++s) {
-      const float* xr = Row(x, idx, j + s, stride);
-      const __m256 w = _mm256_broadcast_ss(v + j + s);
-      for (int i = 0; i < V; ++i) acc[s][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * i), acc[s][i]);
-    }
+  for (; j + 2 <= count; j += 2) {
+    const float* p = Row<kStride>(x, idx, j);
+    const float* q = Row<kStride>(x, idx, j + 1);
+    a0 = Fma(v + j, p, a0), a1 = Fma(v + j, p + 8, a1), a2 = Fma(v + j, p + 16, a2), a3 = Fma(v + j, p + 24, a3);
+    b0 = Fma(v + j + 1, q, b0), b1 = Fma(v + j + 1, q + 8, b1), b2 = Fma(v + j + 1, q + 16, b2);
+    b3 = Fma(v + j + 1, q + 24, b3);
+  }
+  if (j < count) {
+    const float* p = Row<kStride>(x, idx, j);
+    a0 = Fma(v + j, p, a0), a1 = Fma(v + j, p + 8, a1), a2 = Fma(v + j, p + 16, a2), a3 = Fma(v + j, p + 24, a3);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(a0, b0), Base(out, bias, accumulate)));
+  _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_add_ps(a1, b1), Base(out + 8, bias, accumulate)));
+  _mm256_storeu_ps(out + 16, _mm256_add_ps(_mm256_add_ps(a2, b2), Base(out + 16, bias, accumulate)));
+  _mm256_storeu_ps(out + 24, _mm256_add_ps(_mm256_add_ps(a3, b3), Base(out + 24, bias, accumulate)));
+}
+
+template <typename Index, int kStride>
+void Tile16(const float* v, const Index* idx, int64_t count, float bias, bool accumulate, const float* x,
+            float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float* p = Row<kStride>(x, idx, j);
+    const float* q = Row<kStride>(x, idx, j + 1);
+    const float* r = Row<kStride>(x, idx, j + 2);
+    const float* s = Row<kStride>(x, idx, j + 3);
+    a0 = Fma(v + j, p, a0), a1 = Fma(v + j, p + 8, a1), b0 = Fma(v + j + 1, q, b0), b1 = Fma(v + j + 1, q + 8, b1);
+    c0 = Fma(v + j + 2, r, c0), c1 = Fma(v + j + 2, r + 8, c1), d0 = Fma(v + j + 3, s, d0);
+    d1 = Fma(v + j + 3, s + 8, d1);
   }
   for (; j < count; ++j) {
-    const float* xr = Row(x, idx, j, stride);
-    const __m256 w = _mm256_broadcast_ss(v + j);
-    for (int i = 0; i < V; ++i) acc[0][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * i), acc[0][i]);
+    const float* p = Row<kStride>(x, idx, j);
+    a0 = Fma(v + j, p, a0), a1 = Fma(v + j, p + 8, a1);
   }
-  const __m256 b = _mm256_set1_ps(bias);
-  for (int i = 0; i < V; ++i) {
-    __m256 sum = acc[0][i];
-    for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[s][i]);
-    _mm256_storeu_ps(out + 8 * i, _mm256_add_ps(sum, b));
+  const __m256 s0 = _mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(c0, d0));
+  const __m256 s1 = _mm256_add_ps(_mm256_add_ps(a1, b1), _mm256_add_ps(c1, d1));
+  _mm256_storeu_ps(out, _mm256_add_ps(s0, Base(out, bias, accumulate)));
+  _mm256_storeu_ps(out + 8, _mm256_add_ps(s1, Base(out + 8, bias, accumulate)));
+}
+
+template <typename Index, int kStride>
+void Tile8(const float* v, const Index* idx, int64_t count, float bias, bool accumulate, const float* x,
+            float* out) {
+  __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    a = Fma(v + j, Row<kStride>(x, idx, j), a);
+    b = Fma(v + j + 1, Row<kStride>(x, idx, j + 1), b);
+    c = Fma(v + j + 2, Row<kStride>(x, idx, j + 2), c);
+    d = Fma(v + j + 3, Row<kStride>(x, idx, j + 3), d);
   }
+  for (; j < count; ++j) a = Fma(v + j, Row<kStride>(x, idx, j), a);
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d));
+  _mm256_storeu_ps(out, _mm256_add_ps(sum, Base(out, bias, accumulate)));
 }
 
 inline __m256i LoadIndices(const uint16_t* p) {
@@ -117,8 +162,9 @@ void GatherAvx2(const Packed<Index>& p, const float* bias, int64_t n0, int64_t n
 
 const Kernels& Avx2Kernels() {
   static const Kernels k = {
-      {TileAvx2<uint16_t, 1>, TileAvx2<uint16_t, 2>, TileAvx2<uint16_t, 4>},
-      {TileAvx2<int32_t, 1>, TileAvx2<int32_t, 2>, TileAvx2<int32_t, 4>},
+      {Tile8<uint16_t, 8>, Tile16<uint16_t, 16>, Tile32<uint16_t, 32>},
+      {Tile8<int32_t, 8>, Tile16<int32_t, 16>, Tile32<int32_t, 32>},
+      {Tile8<int32_t, 1>, Tile16<int32_t, 1>, Tile32<int32_t, 1>},
       GatherAvx2<uint16_t>,
       GatherAvx2<int32_t>,
   };

@@ -39,7 +39,11 @@ namespace {
 using Ort::Custom::Tensor;
 
 constexpr int64_t kMinTaskWork = int64_t{1} << 15;  // multiply-adds below which a task is not worth a split
-constexpr int64_t kMaxParts = 64;
+constexpr int64_t kMaxTasks = 64;
+constexpr int64_t kMinTasks = 8;  // fewer position chunks than this: output channels are split too
+// Input bytes the channels of one column block may read per tile: within the 32 KiB L1 with room for the
+// weights and outputs streaming through it (one block for all 256 channels of a 1x1 conv ran 1.4x slower).
+constexpr int64_t kL1Bytes = 20 << 10;
 
 struct Geometry {
   int64_t n = 0, c = 0, h = 0, w = 0, m = 0, oh = 0, ow = 0;
@@ -61,7 +65,8 @@ struct ConvCall {
   float* out = nullptr;      // [N][M][P]: Y itself unless compact
   float* y = nullptr;
   const int32_t* offsets = nullptr;  // per nonzero, into one image's input
-  int64_t parts = 1;
+  int64_t chunks = 1, chunk_tiles = 1;  // position chunks of chunk_tiles tiles
+  int64_t parts = 1;                    // output-channel parts
 };
 
 // Copies channel `task` (over N C) of X into its sh sw zero-padded phase planes; the last channel of an image
@@ -95,40 +100,51 @@ void CopyTask(void* data, size_t task) {
   }
 }
 
+// Task (image n, position chunk, output-channel part): the chunk's tiles, each for all of the part's channels.
 void ComputeTask(void* data, size_t task) {
   const auto* call = static_cast<const ConvCall*>(data);
   const Geometry& g = *call->g;
   const SparseConvKernel& k = *call->k;
   const prune::Packed<int32_t>& p = k.packed_;
-  const int64_t n = static_cast<int64_t>(task) / call->parts;
-  const auto [m0, m1] = prune::Part(p, static_cast<int64_t>(task) % call->parts, call->parts);
+  const int64_t per_image = call->chunks * call->parts, t = static_cast<int64_t>(task);
+  const int64_t n = t / per_image, chunk = t % per_image / call->parts;
+  const auto [m0, m1] = prune::Part(p, t % call->parts, call->parts);
   const float* x = g.direct ? call->x + n * g.c * g.h * g.w : call->buf + n * g.image;
   float* out = call->out + n * g.m * g.positions;
   const int64_t P = g.positions, T = g.tile;
-  const prune::TileFn32 tile = k.kernels_->tile32[T == 8 ? 0 : T == 16 ? 1 : 2];
-  if (P >= T) {
-    for (int64_t t0 = 0; t0 < P; t0 += T) {
-      const int64_t s = std::min(t0, P - T);  // the last tile overlaps the previous one
-      for (int64_t m = m0; m < m1; ++m) {
-        const int64_t j = p.ptr[m];
-        tile(p.values.data() + j, call->offsets + j, p.ptr[m + 1] - j, 1, k.bias_[m], x + s, out + m * P + s);
-      }
-    }
-  } else {  // fewer positions than a tile: compute one tile (reading the slack) and keep the first P
-    float tmp[prune::kMaxTile];
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t j = p.ptr[m];
-      tile(p.values.data() + j, call->offsets + j, p.ptr[m + 1] - j, 1, k.bias_[m], x, tmp);
-      std::memcpy(out + m * P, tmp, static_cast<size_t>(P) * sizeof(float));
+  const prune::TileFn32 tile = k.kernels_->offset[T == 8 ? 0 : T == 16 ? 1 : 2];
+  const int64_t p0 = chunk * call->chunk_tiles * T, p1 = std::min(P, p0 + call->chunk_tiles * T);
+  const int64_t rows = p.rows;
+  auto run = [&](int64_t b, int64_t m, const float* xs, float* o) {
+    const int64_t j = p.ptr[b * rows + m];
+    tile(p.values.data() + j, call->offsets + j, p.ptr[b * rows + m + 1] - j, k.bias_[m], b > 0, xs, o);
+  };
+  int64_t t0 = p0;
+  for (; t0 + T <= p1 && t0 + T <= P; t0 += T) {
+    for (int64_t b = 0; b < p.blocks; ++b) {
+      for (int64_t m = m0; m < m1; ++m) run(b, m, x + t0, out + m * P + t0);
     }
   }
-  if (g.compact) {
+  if (t0 < p1) {
+    // A ragged last tile: computed as the tile ending at P (or, when P < T, starting at 0 and reading the
+    // slack) into tmp, of which only positions [t0, P) are kept, so no output is written twice.
+    const int64_t s = std::max<int64_t>(0, P - T);
+    float tmp[prune::kMaxTile];
     for (int64_t m = m0; m < m1; ++m) {
-      float* y = call->y + (n * g.m + m) * g.oh * g.ow;
-      for (int64_t oy = 0; oy < g.oh; ++oy) {
-        std::memcpy(y + oy * g.ow, out + m * P + oy * g.wq, static_cast<size_t>(g.ow) * sizeof(float));
-      }
+      for (int64_t b = 0; b < p.blocks; ++b) run(b, m, x + s, tmp);
+      std::memcpy(out + m * P + t0, tmp + (t0 - s), static_cast<size_t>(P - t0) * sizeof(float));
     }
+  }
+}
+
+// Copies the OW valid outputs of each computed row (of length Wq) of plane `task` (over N M) to Y.
+void CompactTask(void* data, size_t task) {
+  const auto* call = static_cast<const ConvCall*>(data);
+  const Geometry& g = *call->g;
+  const float* src = call->out + static_cast<int64_t>(task) * g.positions;
+  float* y = call->y + static_cast<int64_t>(task) * g.oh * g.ow;
+  for (int64_t oy = 0; oy < g.oh; ++oy) {
+    std::memcpy(y + oy * g.ow, src + oy * g.wq, static_cast<size_t>(g.ow) * sizeof(float));
   }
 }
 
@@ -152,7 +168,7 @@ SparseConvKernel::SparseConvKernel(const OrtApi* api, const OrtKernelInfo* info)
   csr_ = prune::ReadCsr(kinfo, c_ * kh_ * kw_, where);
   m_ = csr_.rows;
   bias_ = prune::ReadBias(kinfo, present_inputs_, m_, "M", where);
-  packed_ = prune::Pack<int32_t>(csr_, 1);
+  packed_ = prune::Pack<int32_t>(csr_, 1, BlockChannels() * kh_ * kw_);
   csr_.values.assign(csr_.values.size(), 0.0f);  // only the lengths are needed from here on
   csr_.values.shrink_to_fit();
   csr_.indices = {};
@@ -191,6 +207,15 @@ void SparseConvKernel::ReadAttributes(const OrtApi* api, const OrtKernelInfo* in
   if (auto ap = StringAttribute(api, info, "auto_pad", where); ap && *ap != "NOTSET" && !ap->empty()) {
     Fail(where, "auto_pad must be NOTSET (give explicit pads), got " + *ap);
   }
+}
+
+int64_t SparseConvKernel::BlockChannels() const {
+  // What a tile of 32 outputs reads of one channel: kh rows (times sw column phases) of about 32 + the kernel's
+  // reach floats, plus a cache line of misalignment; the channels of a block read at most kL1Bytes together.
+  const int64_t reach = (kw_ - 1) * dw_ / sw_;
+  const int64_t bytes = kh_ * sw_ * (prune::kMaxTile + reach + 8) * static_cast<int64_t>(sizeof(float));
+  const int64_t blocks = (c_ * bytes + kL1Bytes - 1) / kL1Bytes;
+  return (c_ + blocks - 1) / blocks;
 }
 
 std::string SparseConvKernel::Where() const { return onnxopt::Where("SparseConv", node_name_); }
@@ -263,10 +288,17 @@ void SparseConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, st
   call.y = y;
   call.out = g.compact ? wide.get() : y;
   call.offsets = offsets.data();
-  call.parts = std::clamp<int64_t>(std::max<int64_t>(nnz, m_) * g.positions / kMinTaskWork, 1, kMaxParts);
-  call.parts = std::min(call.parts, m_);
+  // Tasks split the positions first (each task reads only its columns of X, and all channels reuse them); the
+  // output channels only when there are too few position chunks to balance the threads.
+  const int64_t tiles = (g.positions + g.tile - 1) / g.tile;
+  const int64_t wanted = std::clamp<int64_t>(std::max<int64_t>(nnz, m_) * g.positions / kMinTaskWork, 1, kMaxTasks);
+  call.chunks = std::min(tiles, (wanted + g.n - 1) / g.n);
+  call.chunk_tiles = (tiles + call.chunks - 1) / call.chunks;
+  call.chunks = (tiles + call.chunk_tiles - 1) / call.chunk_tiles;
+  call.parts = std::clamp<int64_t>(kMinTasks / (g.n * call.chunks), 1, m_);
   if (!g.direct) RunTasks(context, CopyTask, g.n * g.c, &call);
-  RunTasks(context, ComputeTask, g.n * call.parts, &call);
+  RunTasks(context, ComputeTask, g.n * call.chunks * call.parts, &call);
+  if (g.compact) RunTasks(context, CompactTask, g.n * m_, &call);
 }
 
 Ort::Custom::OrtLiteCustomOp* MakeSparseConvOp() { return new SafeOp<SparseConvKernel>("SparseConv"); }

@@ -58,9 +58,9 @@ void RunTile(const SparseGemmKernel& k, const prune::Packed<Index>& p, const Gem
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t j = p.ptr[n], count = p.ptr[n + 1] - j;
     if constexpr (sizeof(Index) == 2) {
-      k.kernels_->tile16[log_t](p.values.data() + j, p.idx.data() + j, count, g.tile, k.bias_[n], g.xt, out);
+      k.kernels_->tile16[log_t](p.values.data() + j, p.idx.data() + j, count, k.bias_[n], false, g.xt, out);
     } else {
-      k.kernels_->tile32[log_t](p.values.data() + j, p.idx.data() + j, count, g.tile, k.bias_[n], g.xt, out);
+      k.kernels_->tile32[log_t](p.values.data() + j, p.idx.data() + j, count, k.bias_[n], false, g.xt, out);
     }
     for (int64_t l = 0; l < g.rows; ++l) y[l * k.n_ + n] = out[l];
   }
@@ -135,9 +135,9 @@ SparseGemmKernel::SparseGemmKernel(const OrtApi* api, const OrtKernelInfo* info)
   // Rows padded to multiples of 8: the gather kernel takes 8 nonzeros per register.
   narrow_ = k_ <= 65536;
   if (narrow_) {
-    p16_ = prune::Pack<uint16_t>(csr_, 8);
+    p16_ = prune::Pack<uint16_t>(csr_, 8, k_);
   } else {
-    p32_ = prune::Pack<int32_t>(csr_, 8);
+    p32_ = prune::Pack<int32_t>(csr_, 8, k_);
   }
   // Only the lengths are needed from here on (the run-time check).
   csr_.values.assign(static_cast<size_t>(nnz_), 0.0f);
