@@ -94,7 +94,7 @@ def conv_models(c: int, m: int, hw: int, k: int) -> list[onnx.ModelProto]:
             kernel_shape=[k, k],
             pads=pads,
         )
-        inits = _csr_inits(prune(W, s, 2).reshape(m, -1)) + [numpy_helper.from_array(B, "B")]
+        inits = [*_csr_inits(prune(W, s, 2).reshape(m, -1)), numpy_helper.from_array(B, "B")]
         models.append(_model(node, x_shape, inits))
     return models
 
