@@ -24,6 +24,8 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -139,6 +141,9 @@ struct SparseConvKernel {
   void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
            std::optional<const Ort::Custom::Tensor<float>*> bias, Ort::Custom::Tensor<float>& Y) const;
   int64_t BlockChannels() const;  // input channels per column block
+  // Per nonzero its offset plane_ * plane + qy_ * wq + qx_ into one image's input buffer, for planes of
+  // `plane` floats and rows of wq: kept for the last input size seen (sessions rarely change it).
+  std::shared_ptr<const std::vector<int32_t>> Offsets(int64_t plane, int64_t wq) const;
   std::string Where() const;
 
   std::string node_name_;
@@ -146,9 +151,11 @@ struct SparseConvKernel {
   prune::Csr csr_;
   int64_t c_ = 0, m_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1;
   int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
-  // idx holds the column (c kh + dy) kw + dx; each call turns it into an offset into its input buffer, which
-  // depends on the input size.
-  prune::Packed<int32_t> packed_;
+  prune::Packed<int32_t> packed_;  // idx: the column (c kh + dy) kw + dx
+  std::vector<int64_t> plane_, qy_, qx_;  // per nonzero (packed order): its phase plane and shift
+  mutable std::mutex offsets_mu_;
+  mutable std::shared_ptr<const std::vector<int32_t>> offsets_;
+  mutable int64_t offsets_key_[2] = {-1, -1};
   std::vector<float> bias_;
   const prune::Kernels* kernels_ = nullptr;
 };
