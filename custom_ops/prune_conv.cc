@@ -113,11 +113,11 @@ void ComputeTile(const ConvCall& call, int64_t n, int64_t p0, int64_t p1, int64_
   const int64_t P = g.positions, T = g.tile, rows = p.rows;
   const int log_t = T == 8 ? 0 : T == 16 ? 1 : 2;
   // The input of the tile at position s: in place (offsets), or for 1x1 convs read in place, its columns of X
-  // packed contiguously as [C][T] (read with idx = c, stride T): X's rows lie a plane apart, and at 56x56 that
-  // stride maps a tile's channels onto few L1 sets (measured 1.3x slower than packed).
-  const prune::TileFn32 tile = g.direct ? k.kernels_->tile32[log_t] : k.kernels_->offset[log_t];
+  // packed contiguously as [C][width] (read with idx = c, stride width): X's rows lie a plane apart, and at
+  // 56x56 that stride maps a tile's channels onto few L1 sets (measured 1.3x slower than packed).
+  const prune::TileFn32* table = g.direct ? k.kernels_->tile32 : k.kernels_->offset;
   const int32_t* idx = g.direct ? p.idx.data() : call.offsets;
-  auto input = [&](int64_t s) -> const float* {
+  auto input = [&](int64_t s, int64_t width) -> const float* {
     if (!g.direct) return x + s;
     // The tile after next is requested now: a tile's columns are C separate streams, too many for the
     // hardware prefetcher, and after a cache flush every one would otherwise wait on DRAM.
@@ -126,30 +126,33 @@ void ComputeTile(const ConvCall& call, int64_t n, int64_t p0, int64_t p1, int64_
       const float* row = x + c * P;
       __builtin_prefetch(row + ahead);
       __builtin_prefetch(row + std::min(ahead + 16, P - 1));
-      std::memcpy(xt + c * T, row + s, static_cast<size_t>(T) * sizeof(float));
+      std::memcpy(xt + c * width, row + s, static_cast<size_t>(width) * sizeof(float));
     }
     return xt;
   };
-  auto run = [&](int64_t b, int64_t m, const float* xs, float* o) {
+  auto run = [&](prune::TileFn32 tile, int64_t b, int64_t m, const float* xs, float* o) {
     const int64_t j = p.ptr[b * rows + m];
     tile(p.values.data() + j, idx + j, p.ptr[b * rows + m + 1] - j, k.bias_[m], b > 0, xs, o);
   };
   int64_t t0 = p0;
   for (; t0 + T <= p1 && t0 + T <= P; t0 += T) {
-    const float* xs = input(t0);
+    const float* xs = input(t0, T);
     for (int64_t b = 0; b < p.blocks; ++b) {
-      for (int64_t m = m0; m < m1; ++m) run(b, m, xs, out + m * P + t0);
+      for (int64_t m = m0; m < m1; ++m) run(table[log_t], b, m, xs, out + m * P + t0);
     }
   }
   if (t0 < p1) {
-    // A ragged last tile: computed as the tile ending at P (or, when P < T, starting at 0 and reading the
-    // slack) into tmp, of which only positions [t0, P) are kept, so no output is written twice.
-    const int64_t s = std::max<int64_t>(0, P - T);
-    const float* xs = input(s);
+    // A ragged last tile of r < T positions: the narrowest tile of 8, 16, 32 that covers them, ending at P
+    // (or, when P is narrower, starting at 0 and reading the slack), computed into tmp, of which only
+    // positions [t0, P) are kept, so no output is written twice.
+    const int64_t r = P - t0;
+    const int log_r = r <= 8 ? 0 : r <= 16 ? 1 : 2, width = 8 << log_r;
+    const int64_t s = std::max<int64_t>(0, P - width);
+    const float* xs = input(s, width);
     float tmp[prune::kMaxTile];
     for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t b = 0; b < p.blocks; ++b) run(b, m, xs, tmp);
-      std::memcpy(out + m * P + t0, tmp + (t0 - s), static_cast<size_t>(P - t0) * sizeof(float));
+      for (int64_t b = 0; b < p.blocks; ++b) run(table[log_r], b, m, xs, tmp);
+      std::memcpy(out + m * P + t0, tmp + (t0 - s), static_cast<size_t>(r) * sizeof(float));
     }
   }
 }

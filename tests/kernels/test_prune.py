@@ -111,6 +111,9 @@ CONV_CASES = [
     (3, 4, (3, 3), (3, 3), (0, 0, 0, 0), (2, 2), 13, 11, 1, 1.0),
     (9, 5, (2, 3), (1, 1), (0, 1, 1, 0), (3, 1), 9, 7, 1, 0.0),
     (32, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 33, 31, 1, 0.05),  # many tiles, tasks over positions
+    (7, 5, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 6, 6, 2, 0.3),  # 32 + 4 positions: a ragged tile of 8
+    (7, 5, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 4, 11, 1, 0.3),  # 32 + 12: a ragged tile of 16
+    (6, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 5, 5, 1, 0.5),  # 35 computed positions: ragged 8, slack
 ]
 
 
@@ -168,6 +171,43 @@ def test_references_agree_with_onnxruntime_dense_ops():
     (Yc,) = _dense_session(node, [numpy_helper.from_array(Wc, "W")]).run(None, {"X": Xc})
     got = sparse_conv(Xc, *to_csr(Wc.reshape(5, -1)), C=3, kernel_shape=(3, 2), **conv)
     assert rel_l2(got, Yc) <= TOL
+
+
+def test_shapes_and_flops_of_the_analysis():
+    """onnxopt.analysis reads both ops' output shapes (through their shape twins) and counts 2 nnz FLOPs per
+    output row or pixel."""
+    from onnxopt.analysis import node_stats, tensor_shapes
+
+    gemm = to_csr(pruned((10, 13), 0.3, seed=9))
+    conv = to_csr(pruned((6, 10, 3, 3), 0.3, seed=10).reshape(6, -1))
+    names = ("v", "i", "p", "vc", "ic", "pc")
+    inits = [numpy_helper.from_array(a, n) for a, n in zip((*gemm, *conv), names, strict=True)]
+    nodes = [
+        helper.make_node(
+            "SparseConv",
+            ["X", "vc", "ic", "pc"],
+            ["h"],
+            domain="onnxopt",
+            name="c",
+            C=10,
+            kernel_shape=[3, 3],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+        ),
+        helper.make_node("ReduceMean", ["h"], ["r"], axes=[2, 3], keepdims=0),
+        helper.make_node("Pad", ["r", "pads"], ["q"]),
+        helper.make_node("SparseGemm", ["q", "v", "i", "p"], ["Y"], domain="onnxopt", name="g", K=13),
+    ]
+    inits.append(numpy_helper.from_array(np.array([0, 0, 0, 7]), "pads"))
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 10, 9, 7])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=OPSETS, ir_version=10
+    )
+    shapes = tensor_shapes(model, {"N": 2})
+    assert shapes["h"] == (2, 6, 5, 4) and shapes["Y"] == (2, 10), shapes
+    flops = {s.name: s.flops for s in node_stats(model, {"N": 2})}
+    assert flops["c"] == 2 * 2 * 5 * 4 * len(conv[0]) and flops["g"] == 2 * 2 * len(gemm[0]), flops
 
 
 def test_reference_evaluator_and_specs():
