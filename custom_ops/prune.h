@@ -103,6 +103,8 @@ const Kernels& Avx2Kernels();  // prune_avx2.cc; only for CPUs with AVX2 and FMA
 const Kernels& ChooseKernels();  // by HasAvx2Fma()
 
 constexpr int64_t kMaxTile = 32;
+// Columns per block of SparseGemm's tile packing: a block's rows of a transposed tile of 32 (16 KiB) stay in L1.
+constexpr int64_t kTileBlockCols = 128;
 
 }  // namespace prune
 
@@ -121,10 +123,19 @@ struct SparseGemmKernel {
   std::string node_name_;
   size_t present_inputs_ = 0;
   prune::Csr csr_;  // as read (its arrays are freed after packing; shapes kept for the run-time check)
+  // The column-blocked packing of the tile groups (5 or more X rows), made from the gather packing at the
+  // first call that has such rows and kept (a batch-1 session never pays its memory).
+  template <typename Index>
+  std::shared_ptr<const prune::Packed<Index>> Tiled(const prune::Packed<Index>& gather,
+                                                    std::shared_ptr<const prune::Packed<Index>>& slot) const;
+
   int64_t k_ = 0, n_ = 0, nnz_ = 0;
   bool narrow_ = false;  // 16-bit indices (K <= 65536)
-  prune::Packed<uint16_t> p16_;
+  prune::Packed<uint16_t> p16_;  // the gather packing: one block, rows padded to multiples of 8
   prune::Packed<int32_t> p32_;
+  mutable std::mutex tiled_mu_;
+  mutable std::shared_ptr<const prune::Packed<uint16_t>> t16_;
+  mutable std::shared_ptr<const prune::Packed<int32_t>> t32_;
   std::vector<float> bias_;
   const prune::Kernels* kernels_ = nullptr;
 };

@@ -7,6 +7,9 @@
 // once for all its rows. Each group's output rows n are split into parts of equal nonzero count; one task per
 // (group, part), through the session's thread pool.
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -35,6 +38,9 @@ struct GemmCall {
   float* y = nullptr;
   std::vector<Group> groups;
   int64_t parts = 1;
+  std::shared_ptr<const prune::Packed<uint16_t>> t16;  // the column-blocked packing, when there are tile groups
+  std::shared_ptr<const prune::Packed<int32_t>> t32;
+  std::atomic<bool> failed{false};
 };
 
 template <typename Index>
@@ -49,38 +55,58 @@ void RunGather(const SparseGemmKernel& k, const prune::Packed<Index>& p, const G
   }
 }
 
+// A tile group's rows [n0, n1): column block after column block (the block's rows of the transposed tile,
+// kTileBlockCols x T floats, stay in L1), the sums gathered in `sums` [n1 - n0][T], then stored transposed.
 template <typename Index>
 void RunTile(const SparseGemmKernel& k, const prune::Packed<Index>& p, const GemmCall& call, const Group& g,
-             int64_t n0, int64_t n1) {
+             int64_t n0, int64_t n1, float* sums) {
   const int log_t = g.tile == 8 ? 0 : g.tile == 16 ? 1 : 2;
-  float out[prune::kMaxTile];
-  float* y = call.y + g.row0 * k.n_;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t j = p.ptr[n], count = p.ptr[n + 1] - j;
-    if constexpr (sizeof(Index) == 2) {
-      k.kernels_->tile16[log_t](p.values.data() + j, p.idx.data() + j, count, k.bias_[n], false, g.xt, out);
-    } else {
-      k.kernels_->tile32[log_t](p.values.data() + j, p.idx.data() + j, count, k.bias_[n], false, g.xt, out);
+  const int64_t T = g.tile, rows = p.rows;
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t j = p.ptr[b * rows + n], count = p.ptr[b * rows + n + 1] - j;
+      float* out = sums + (n - n0) * T;
+      if constexpr (sizeof(Index) == 2) {
+        k.kernels_->tile16[log_t](p.values.data() + j, p.idx.data() + j, count, k.bias_[n], b > 0, g.xt, out);
+      } else {
+        k.kernels_->tile32[log_t](p.values.data() + j, p.idx.data() + j, count, k.bias_[n], b > 0, g.xt, out);
+      }
     }
-    for (int64_t l = 0; l < g.rows; ++l) y[l * k.n_ + n] = out[l];
+  }
+  float* y = call.y + g.row0 * k.n_;
+  for (int64_t l = 0; l < g.rows; ++l) {
+    for (int64_t n = n0; n < n1; ++n) y[l * k.n_ + n] = sums[(n - n0) * T + l];
   }
 }
 
 template <typename Index>
-void RunPart(const SparseGemmKernel& k, const prune::Packed<Index>& p, const GemmCall& call, size_t task) {
+void RunPart(const SparseGemmKernel& k, const prune::Packed<Index>& gather, const prune::Packed<Index>* tiled,
+             const GemmCall& call, size_t task) {
   const Group& g = call.groups[task / call.parts];
-  const auto [n0, n1] = prune::Part(p, static_cast<int64_t>(task) % call.parts, call.parts);
+  const int64_t part = static_cast<int64_t>(task) % call.parts;
   if (g.tile == 0) {
-    RunGather(k, p, call, g, n0, n1);
+    const auto [n0, n1] = prune::Part(gather, part, call.parts);
+    RunGather(k, gather, call, g, n0, n1);
   } else {
-    RunTile(k, p, call, g, n0, n1);
+    const auto [n0, n1] = prune::Part(*tiled, part, call.parts);
+    std::unique_ptr<float[]> sums(new float[static_cast<size_t>((n1 - n0) * g.tile)]);
+    RunTile(k, *tiled, call, g, n0, n1, sums.get());
   }
 }
 
 void PartTask(void* data, size_t task) {
   auto* call = static_cast<GemmCall*>(data);
   const SparseGemmKernel& k = *call->k;
-  k.narrow_ ? RunPart(k, k.p16_, *call, task) : RunPart(k, k.p32_, *call, task);
+  // Nothing may escape into onnxruntime's thread pool: an allocation failure is reported after the loop.
+  try {
+    if (k.narrow_) {
+      RunPart(k, k.p16_, call->t16.get(), *call, task);
+    } else {
+      RunPart(k, k.p32_, call->t32.get(), *call, task);
+    }
+  } catch (...) {
+    call->failed.store(true);
+  }
 }
 
 // Transposes tile group `i`'s rows into its [K][T] buffer, zero rows past the last.
@@ -147,6 +173,28 @@ SparseGemmKernel::SparseGemmKernel(const OrtApi* api, const OrtKernelInfo* info)
   kernels_ = &prune::ChooseKernels();
 }
 
+template <typename Index>
+std::shared_ptr<const prune::Packed<Index>> SparseGemmKernel::Tiled(
+    const prune::Packed<Index>& gather, std::shared_ptr<const prune::Packed<Index>>& slot) const {
+  std::lock_guard<std::mutex> lock(tiled_mu_);
+  if (!slot) {
+    // The nonzeros again from the gather packing (its zero padding, and any stored zero, add nothing).
+    prune::Csr csr;
+    csr.rows = n_, csr.cols = k_;
+    csr.row_ptr.assign(static_cast<size_t>(n_ + 1), 0);
+    for (int64_t n = 0; n < n_; ++n) {
+      for (int64_t j = gather.ptr[n]; j < gather.ptr[n + 1]; ++j) {
+        if (gather.values[j] == 0.0f) continue;
+        csr.values.push_back(gather.values[j]);
+        csr.indices.push_back(static_cast<int32_t>(gather.idx[j]));
+      }
+      csr.row_ptr[n + 1] = static_cast<int64_t>(csr.values.size());
+    }
+    slot = std::make_shared<const prune::Packed<Index>>(prune::Pack<Index>(csr, 1, prune::kTileBlockCols));
+  }
+  return slot;
+}
+
 std::string SparseGemmKernel::Where() const { return onnxopt::Where("SparseGemm", node_name_); }
 
 Ort::Status SparseGemmKernel::Compute(OrtKernelContext* context, const Tensor<float>& X,
@@ -194,8 +242,16 @@ void SparseGemmKernel::Run(OrtKernelContext* context, const Tensor<float>& X,
   const int64_t work = std::max<int64_t>(padded, n_) * std::min<int64_t>(rows, prune::kMaxTile);
   call.parts = std::clamp<int64_t>(work / kMinTaskWork, 1, kMaxParts);
   const int64_t groups = static_cast<int64_t>(call.groups.size());
-  if (xt_floats > 0) RunTasks(context, TransposeTask, groups, &call);
+  if (xt_floats > 0) {
+    if (narrow_) {
+      call.t16 = Tiled(p16_, t16_);
+    } else {
+      call.t32 = Tiled(p32_, t32_);
+    }
+    RunTasks(context, TransposeTask, groups, &call);
+  }
   RunTasks(context, PartTask, groups * call.parts, &call);
+  if (call.failed.load()) Fail(where, "out of memory for the sums of a task", ORT_FAIL);
 }
 
 Ort::Custom::OrtLiteCustomOp* MakeSparseGemmOp() { return new SafeOp<SparseGemmKernel>("SparseGemm"); }
