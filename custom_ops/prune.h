@@ -24,6 +24,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -103,6 +105,19 @@ const Kernels& Avx2Kernels();  // prune_avx2.cc; only for CPUs with AVX2 and FMA
 const Kernels& ChooseKernels();  // by HasAvx2Fma()
 
 constexpr int64_t kMaxTile = 32;
+
+// Floats on 64-byte boundaries: the rows of a packed tile (32 floats) then never straddle two cache lines,
+// which costs a load twice. Throws std::bad_alloc when out of memory.
+struct FreeAligned {
+  void operator()(float* p) const { std::free(p); }
+};
+using AlignedFloats = std::unique_ptr<float[], FreeAligned>;
+inline AlignedFloats AllocateAligned(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(float) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+  if (p == nullptr) throw std::bad_alloc();
+  return AlignedFloats(static_cast<float*>(p));
+}
 // Columns per block of SparseGemm's tile packing: a block's rows of a transposed tile of 32 (16 KiB) stay in L1.
 constexpr int64_t kTileBlockCols = 128;
 

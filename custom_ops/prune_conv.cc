@@ -166,7 +166,7 @@ void ComputeTask(void* data, size_t task) {
   const int64_t p0 = chunk * call->chunk_tiles * g.tile, p1 = std::min(g.positions, p0 + call->chunk_tiles * g.tile);
   // Nothing may escape into onnxruntime's thread pool: an allocation failure is reported after the loop.
   try {
-    std::unique_ptr<float[]> xt(g.direct ? new float[static_cast<size_t>(g.c * g.tile)] : nullptr);
+    prune::AlignedFloats xt(g.direct ? prune::AllocateAligned(g.c * g.tile) : nullptr);
     ComputeTile(*call, n, p0, p1, m0, m1, xt.get());
   } catch (...) {
     call->failed.store(true);

@@ -89,7 +89,7 @@ void RunPart(const SparseGemmKernel& k, const prune::Packed<Index>& gather, cons
     RunGather(k, gather, call, g, n0, n1);
   } else {
     const auto [n0, n1] = prune::Part(*tiled, part, call.parts);
-    std::unique_ptr<float[]> sums(new float[static_cast<size_t>((n1 - n0) * g.tile)]);
+    prune::AlignedFloats sums = prune::AllocateAligned((n1 - n0) * g.tile);
     RunTile(k, *tiled, call, g, n0, n1, sums.get());
   }
 }
@@ -233,9 +233,9 @@ void SparseGemmKernel::Run(OrtKernelContext* context, const Tensor<float>& X,
   call.groups = MakeGroups(rows);
   int64_t xt_floats = 0;
   for (const Group& g : call.groups) xt_floats += g.tile * k_;
-  std::vector<float> xt(static_cast<size_t>(xt_floats));
+  prune::AlignedFloats xt = prune::AllocateAligned(xt_floats);
   for (int64_t i = 0, at = 0; i < static_cast<int64_t>(call.groups.size()); ++i) {
-    call.groups[i].xt = xt.data() + at;
+    call.groups[i].xt = xt.get() + at;
     at += call.groups[i].tile * k_;
   }
   const int64_t padded = narrow_ ? p16_.ptr.back() : p32_.ptr.back();
