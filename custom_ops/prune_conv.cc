@@ -42,7 +42,7 @@ using Ort::Custom::Tensor;
 
 constexpr int64_t kMinTaskWork = int64_t{1} << 15;  // multiply-adds below which a task is not worth a split
 constexpr int64_t kMaxTasks = 64;
-constexpr int64_t kMinTasks = 8;  // fewer position chunks than this: output channels are split too
+constexpr int64_t kMinTasks = 16;  // fewer position chunks than this: output channels are split too
 // Input bytes the channels of one column block may read per tile: within the 32 KiB L1 with room for the
 // weights and outputs streaming through it (one block for all 256 channels of a 1x1 conv ran 1.4x slower).
 constexpr int64_t kL1Bytes = 20 << 10;
