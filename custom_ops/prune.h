@@ -9,18 +9,20 @@
 // Both reduce to one primitive, a sparse row times a dense panel:
 //     out[p] = bias + sum_{j in row} v[j] * x[idx[j] * stride + p],      p in [0, T)
 // computed for a tile of T = 8, 16 or 32 positions held in registers, the nonzeros streamed once per tile.
-//   - SparseGemm, batch of several rows: x is a tile of T input rows transposed to [K][T] (stride T), so each
-//     nonzero costs one broadcast and T/8 vector FMAs over the batch rows; the tile is stored transposed back.
+//   - SparseGemm, batch of 5 or more rows: x is a tile of T input rows transposed to [K][T] (stride T), so each
+//     nonzero costs one broadcast and T/8 vector FMAs over the batch rows; the weights are cut into blocks of
+//     128 columns (the block's 16 KiB of the tile stay in L1), added block after block, and stored transposed.
 //   - SparseGemm, 1 to 4 rows: a gather kernel, 8 nonzeros per register (vgatherdps from x, which stays in
 //     L1), several rows sharing each index load; the weights are streamed once, with 16-bit column indices
 //     when K <= 65536 (6 bytes per nonzero instead of 8: batch-1 FC is bound by reading them from DRAM).
 //   - SparseConv (prune_conv.cc): positions are output pixels. The input is copied once per call into
-//     stride-phase planes, zero-padded (the polyphase split below), so that every nonzero (c, dy, dx) becomes
+//     stride-phase planes, zero-padded (the polyphase split there), so that every nonzero (c, dy, dx) becomes
 //     ONE fixed offset into that buffer and a tile of consecutive outputs reads consecutive floats: no bounds
 //     test and no im2col in the inner loop. 1x1 stride-1 unpadded convs read X in place (XNNPACK-style sparse
 //     weight times dense activation).
-// Rows are packed once at kernel creation; work is split into tasks over output rows balanced by nonzero
-// count (RunTasks: the session's thread pool).
+// The CSR is checked and packed once at kernel creation (SparseGemm's column-blocked copy for batches at the
+// first call that has one); work is split into tasks over output rows balanced by nonzero count, or for
+// SparseConv over output positions first (RunTasks: the session's thread pool).
 #pragma once
 
 #include <cstdint>

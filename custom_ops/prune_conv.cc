@@ -17,10 +17,16 @@
 //
 // 1x1 convolutions with stride 1 and no padding skip the copy: X itself is the plane (Wq = W), Y the output
 // (XNNPACK's sparse-weight times dense-activation layout: for output channel m, Y[m, tile] += w X[c, tile]).
+// Each tile's columns of X are first packed into a 64-byte aligned [C][T] buffer (the rows of X lie a plane
+// apart: at 56x56 that stride put a tile's channels on few L1 sets, 1.3x slower), the tile after next
+// prefetched (C streams are too many for the hardware prefetcher).
 //
-// Loops: tasks are (image, part of the output channels balanced by nonzeros); a task walks the tiles of T = 32
-// positions (a last tile overlapping the previous one instead of a ragged tail) and, for each, all of its
-// output channels, so the input rows a tile reads stay in cache across the channels.
+// Loops: tasks are (image, chunk of positions, part of the output channels balanced by nonzeros; parts only
+// when a plane has too few tiles to keep the threads busy). A task walks its tiles of T = 32 positions and,
+// for each, all of its output channels, so the input the tile reads stays in cache across the channels. The
+// channels of C are cut into column blocks (prune::Pack) whose part of a tile's input fits in L1 (kL1Bytes);
+// the blocks add into the tile's outputs in turn. A ragged last tile is computed with the narrowest tile of
+// 8, 16 or 32 that covers it, into a scratch tile, so no output is written twice.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
