@@ -144,6 +144,21 @@ def test_sparse_conv_matches_reference(case, portable, monkeypatch):
         assert err <= TOL, f"{what} threads={threads}: rel L2 {err:.3e}"
 
 
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)], ids=["1x1", "3x3"])
+def test_sparse_conv_follows_the_input_size_from_call_to_call(kernel):
+    """The kernel keeps its nonzero offsets for the last input size: one session with a symbolic spatial size,
+    run at several sizes in turn, must match the reference at each."""
+    Wt = pruned((6, 5, *kernel), 0.4, seed=11)
+    csr = to_csr(Wt.reshape(6, -1))
+    attrs = dict(C=5, kernel_shape=list(kernel), pads=[kernel[0] // 2] * 4)
+    sess = onnxopt.make_session(make_model("SparseConv", csr, None, x_shape=["N", 5, "H", "W"], **attrs))
+    rng = np.random.default_rng(11)
+    for h, w in ((9, 7), (13, 11), (9, 7), (4, 3)):
+        X = rng.standard_normal((2, 5, h, w)).astype(F32)
+        (Y,) = sess.run(None, {"X": X})
+        assert rel_l2(Y, sparse_conv(X, *csr, **attrs)) <= TOL, f"{kernel} at {h}x{w}"
+
+
 def _dense_session(node: onnx.NodeProto, inits: list[onnx.TensorProto]):
     graph = helper.make_graph(
         [node],
