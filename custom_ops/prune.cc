@@ -98,9 +98,8 @@ std::vector<float> ReadBias(const Ort::ConstKernelInfo& info, size_t present, in
 }
 
 void CheckCsrShapes(const std::vector<int64_t>& values, const std::vector<int64_t>& indices,
-                    const std::vector<int64_t>& row_ptr, const std::vector<int64_t>* bias, const Csr& csr,
-                    const std::string& where) {
-  const int64_t nnz = static_cast<int64_t>(csr.values.size());
+                    const std::vector<int64_t>& row_ptr, const std::vector<int64_t>* bias, int64_t rows,
+                    int64_t nnz, const std::string& where) {
   auto same = [&](const char* what, const std::vector<int64_t>& now, int64_t len) {
     if (now != std::vector<int64_t>{len}) {
       Fail(where, std::string(what) + " has shape " + ShapeStr(now) + " at run time, but [" + std::to_string(len) +
@@ -109,8 +108,8 @@ void CheckCsrShapes(const std::vector<int64_t>& values, const std::vector<int64_
   };
   same("values", values, nnz);
   same("indices", indices, nnz);
-  same("row_ptr", row_ptr, csr.rows + 1);
-  if (bias != nullptr) same("bias", *bias, csr.rows);
+  same("row_ptr", row_ptr, rows + 1);
+  if (bias != nullptr) same("bias", *bias, rows);
 }
 
 template <typename Index>

@@ -58,8 +58,8 @@ std::vector<float> ReadBias(const Ort::ConstKernelInfo& info, size_t present, in
 
 // At run time: the constant inputs still have the lengths they had at creation.
 void CheckCsrShapes(const std::vector<int64_t>& values, const std::vector<int64_t>& indices,
-                    const std::vector<int64_t>& row_ptr, const std::vector<int64_t>* bias, const Csr& csr,
-                    const std::string& where);
+                    const std::vector<int64_t>& row_ptr, const std::vector<int64_t>* bias, int64_t rows,
+                    int64_t nnz, const std::string& where);
 
 // A CSR matrix packed for the kernels, cut into `blocks` column blocks of block_cols columns (the last may be
 // shorter), stored block after block: the segment of row r in block b is [ptr[b rows + r], ptr[b rows + r + 1]).
@@ -139,7 +139,6 @@ struct SparseGemmKernel {
 
   std::string node_name_;
   size_t present_inputs_ = 0;
-  prune::Csr csr_;  // as read (its arrays are freed after packing; shapes kept for the run-time check)
   // The column-blocked packing of the tile groups (5 or more X rows), made from the gather packing at the
   // first call that has such rows and kept (a batch-1 session never pays its memory).
   template <typename Index>
@@ -176,11 +175,11 @@ struct SparseConvKernel {
 
   std::string node_name_;
   size_t present_inputs_ = 0;
-  prune::Csr csr_;
+  int64_t nnz_ = 0;  // as read (for the run-time check of the constants' lengths)
   int64_t c_ = 0, m_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1;
   int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
   prune::Packed<int32_t> packed_;  // idx: the column (c kh + dy) kw + dx
-  std::vector<int64_t> plane_, qy_, qx_;  // per nonzero (packed order): its phase plane and shift
+  std::vector<int32_t> plane_, qy_, qx_;  // per nonzero (packed order): its phase plane and shift
   mutable std::mutex offsets_mu_;
   mutable std::shared_ptr<const std::vector<int32_t>> offsets_;
   mutable int64_t offsets_key_[2] = {-1, -1};

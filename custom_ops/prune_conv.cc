@@ -52,6 +52,9 @@ constexpr int64_t kMinTasks = 16;  // fewer position chunks than this: output ch
 // Input bytes the channels of one column block may read per tile: within the 32 KiB L1 with room for the
 // weights and outputs streaming through it (one block for all 256 channels of a 1x1 conv ran 1.4x slower).
 constexpr int64_t kL1Bytes = 20 << 10;
+// Bound of C, kernel sizes, strides, dilations and pads: far beyond any real layer, and products of them stay
+// well within int64 (the buffer sizes are then checked against 2^31).
+constexpr int64_t kMaxAttribute = int64_t{1} << 24;
 
 struct Geometry {
   int64_t n = 0, c = 0, h = 0, w = 0, m = 0, oh = 0, ow = 0;
@@ -207,33 +210,32 @@ SparseConvKernel::SparseConvKernel(const OrtApi* api, const OrtKernelInfo* info)
                     std::to_string(present_inputs_));
   }
   ReadAttributes(api, info, where);
-  csr_ = prune::ReadCsr(kinfo, c_ * kh_ * kw_, where);
-  m_ = csr_.rows;
+  const prune::Csr csr = prune::ReadCsr(kinfo, c_ * kh_ * kw_, where);
+  m_ = csr.rows;
+  nnz_ = static_cast<int64_t>(csr.values.size());
   bias_ = prune::ReadBias(kinfo, present_inputs_, m_, "M", where);
-  packed_ = prune::Pack<int32_t>(csr_, 1, BlockChannels() * kh_ * kw_);
+  packed_ = prune::Pack<int32_t>(csr, 1, BlockChannels() * kh_ * kw_);
   // Each nonzero's column (c kh + dy) kw + dx split into its phase plane and shift (see the header); the
   // offsets they make depend on the input size and are computed per size (Offsets).
   const size_t nnz = packed_.idx.size();
   plane_.resize(nnz), qy_.resize(nnz), qx_.resize(nnz);
   for (size_t j = 0; j < nnz; ++j) {
     const int64_t col = packed_.idx[j], c = col / (kh_ * kw_), ry = col / kw_ % kh_ * dh_, rx = col % kw_ * dw_;
-    plane_[j] = (c * sh_ + ry % sh_) * sw_ + rx % sw_;
-    qy_[j] = ry / sh_;
-    qx_[j] = rx / sw_;
+    plane_[j] = static_cast<int32_t>((c * sh_ + ry % sh_) * sw_ + rx % sw_);
+    qy_[j] = static_cast<int32_t>(ry / sh_);
+    qx_[j] = static_cast<int32_t>(rx / sw_);
   }
-  csr_.values.assign(csr_.values.size(), 0.0f);  // only the lengths are needed from here on
-  csr_.values.shrink_to_fit();
-  csr_.indices = {};
-  csr_.row_ptr = {};
   kernels_ = &prune::ChooseKernels();
 }
 
 void SparseConvKernel::ReadAttributes(const OrtApi* api, const OrtKernelInfo* info, const std::string& where) {
   const auto c = IntAttribute(api, info, "C", where);
   if (!c || *c < 1) Fail(where, "attribute 'C' (input channels, >= 1) is required");
+  if (*c > kMaxAttribute) Fail(where, "attribute 'C' is too large: " + std::to_string(*c));
   c_ = *c;
   const auto ks = IntsAttribute(api, info, "kernel_shape", where);
-  if (!ks || ks->size() != 2 || (*ks)[0] < 1 || (*ks)[1] < 1) {
+  if (!ks || ks->size() != 2 || (*ks)[0] < 1 || (*ks)[1] < 1 || (*ks)[0] > kMaxAttribute ||
+      (*ks)[1] > kMaxAttribute) {
     Fail(where, "attribute 'kernel_shape' must be 2 positive ints [kh, kw]" +
                     (ks ? ", got " + ShapeStr(*ks) : std::string(", and is required")));
   }
@@ -242,8 +244,8 @@ void SparseConvKernel::ReadAttributes(const OrtApi* api, const OrtKernelInfo* in
   if (c_ * kh_ * kw_ > std::numeric_limits<int32_t>::max()) Fail(where, "C kh kw must be below 2^31");
   auto pair = [&](const char* name, int64_t& a, int64_t& b) {
     if (auto v = IntsAttribute(api, info, name, where)) {
-      if (v->size() != 2 || (*v)[0] < 1 || (*v)[1] < 1) {
-        Fail(where, std::string("attribute '") + name + "' must be 2 ints >= 1, got " + ShapeStr(*v));
+      if (v->size() != 2 || (*v)[0] < 1 || (*v)[1] < 1 || (*v)[0] > kMaxAttribute || (*v)[1] > kMaxAttribute) {
+        Fail(where, std::string("attribute '") + name + "' must be 2 ints in [1, 2^24], got " + ShapeStr(*v));
       }
       a = (*v)[0];
       b = (*v)[1];
@@ -252,6 +254,9 @@ void SparseConvKernel::ReadAttributes(const OrtApi* api, const OrtKernelInfo* in
   pair("strides", sh_, sw_);
   pair("dilations", dh_, dw_);
   const auto pads = ReadPads(api, info, where);
+  if (*std::max_element(pads.begin(), pads.end()) > kMaxAttribute) {
+    Fail(where, "attribute 'pads' must be at most 2^24, got " + ShapeStr({pads[0], pads[1], pads[2], pads[3]}));
+  }
   std::copy(pads.begin(), pads.end(), pads_);
   if (auto group = IntAttribute(api, info, "group", where); group && *group != 1) {
     Fail(where, "only group = 1 is supported, got " + std::to_string(*group));
@@ -277,7 +282,7 @@ std::shared_ptr<const std::vector<int32_t>> SparseConvKernel::Offsets(int64_t pl
   }
   auto fresh = std::make_shared<std::vector<int32_t>>(plane_.size());
   for (size_t j = 0; j < plane_.size(); ++j) {
-    (*fresh)[j] = static_cast<int32_t>(plane_[j] * plane + qy_[j] * wq + qx_[j]);
+    (*fresh)[j] = static_cast<int32_t>(int64_t{plane_[j]} * plane + int64_t{qy_[j]} * wq + qx_[j]);
   }
   std::lock_guard<std::mutex> lock(offsets_mu_);
   offsets_ = fresh;
@@ -294,7 +299,7 @@ Ort::Status SparseConvKernel::Compute(OrtKernelContext* context, const Tensor<fl
   return Guarded(Where(), [&] {
     const bool has_b = bias.has_value() && *bias != nullptr;
     prune::CheckCsrShapes(values.Shape(), indices.Shape(), row_ptr.Shape(), has_b ? &(*bias)->Shape() : nullptr,
-                          csr_, Where());
+                          m_, nnz_, Where());
     Run(context, X, bias, Y);
   });
 }

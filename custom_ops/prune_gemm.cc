@@ -157,22 +157,17 @@ SparseGemmKernel::SparseGemmKernel(const OrtApi* api, const OrtKernelInfo* info)
   if (!k) Fail(where, "attribute 'K' (the input width) is required");
   if (*k <= 0 || *k > (int64_t{1} << 30)) Fail(where, "attribute 'K' must be in [1, 2^30], got " + std::to_string(*k));
   k_ = *k;
-  csr_ = prune::ReadCsr(kinfo, k_, where);
-  n_ = csr_.rows;
-  nnz_ = static_cast<int64_t>(csr_.values.size());
+  const prune::Csr csr = prune::ReadCsr(kinfo, k_, where);
+  n_ = csr.rows;
+  nnz_ = static_cast<int64_t>(csr.values.size());
   bias_ = prune::ReadBias(kinfo, present_inputs_, n_, "N", where);
   // Rows padded to multiples of 8: the gather kernel takes 8 nonzeros per register.
   narrow_ = k_ <= 65536;
   if (narrow_) {
-    p16_ = prune::Pack<uint16_t>(csr_, 8, k_);
+    p16_ = prune::Pack<uint16_t>(csr, 8, k_);
   } else {
-    p32_ = prune::Pack<int32_t>(csr_, 8, k_);
+    p32_ = prune::Pack<int32_t>(csr, 8, k_);
   }
-  // Only the lengths are needed from here on (the run-time check).
-  csr_.values.assign(static_cast<size_t>(nnz_), 0.0f);
-  csr_.values.shrink_to_fit();
-  csr_.indices = {};
-  csr_.row_ptr = {};
   kernels_ = &prune::ChooseKernels();
 }
 
@@ -207,7 +202,7 @@ Ort::Status SparseGemmKernel::Compute(OrtKernelContext* context, const Tensor<fl
   return Guarded(Where(), [&] {
     const bool has_b = bias.has_value() && *bias != nullptr;
     prune::CheckCsrShapes(values.Shape(), indices.Shape(), row_ptr.Shape(), has_b ? &(*bias)->Shape() : nullptr,
-                          csr_, Where());
+                          n_, nnz_, Where());
     Run(context, X, bias, Y);
   });
 }

@@ -352,7 +352,7 @@ CREATION_ERRORS = [
     pytest.param(
         "SparseConv",
         dict(attrs=dict(C=5, kernel_shape=[1, 1], strides=[0, 1])),
-        r"'strides' must be 2 ints >= 1",
+        r"'strides' must be 2 ints in \[1, 2\^24\]",
         id="conv-stride-0",
     ),
     pytest.param(
@@ -360,6 +360,12 @@ CREATION_ERRORS = [
         dict(attrs=dict(C=5, kernel_shape=[1, 1], pads=[1, 1])),
         r"'pads' must have 4 values",
         id="conv-pads",
+    ),
+    pytest.param(
+        "SparseConv",
+        dict(attrs=dict(C=5, kernel_shape=[1, 1], pads=[0, 0, 1 << 40, 0])),
+        r"'pads' must be at most 2\^24",
+        id="conv-pads-huge",
     ),
     pytest.param(
         "SparseConv",
