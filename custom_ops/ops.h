@@ -16,5 +16,7 @@ Ort::Custom::OrtLiteCustomOp* MakeFFTConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeCirculantMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeFastfoodMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeACDCMatMulOp();
+Ort::Custom::OrtLiteCustomOp* MakeSparseGemmOp();
+Ort::Custom::OrtLiteCustomOp* MakeSparseConvOp();
 
 }  // namespace onnxopt

@@ -45,6 +45,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       ops.emplace_back(onnxopt::MakeCirculantMatMulOp());
       ops.emplace_back(onnxopt::MakeFastfoodMatMulOp());
       ops.emplace_back(onnxopt::MakeACDCMatMulOp());
+      ops.emplace_back(onnxopt::MakeSparseGemmOp());
+      ops.emplace_back(onnxopt::MakeSparseConvOp());
     }
     Ort::CustomOpDomain domain{onnxopt::kDomain};
     for (auto& op : ops) domain.Add(op.get());

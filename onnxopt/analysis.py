@@ -13,6 +13,7 @@ CirculantMatMul (C [K/b, N/b, b]): per row K/b + N/b real FFTs of length b, ~2.5
 FastfoodMatMul (B [d, n]): per row and block two fast Walsh-Hadamard transforms, n log2 n adds each, plus
 3 n for the diagonals: d (2 n log2 n + 3 n);
 ACDCMatMul (A [L, n]): per row and layer two DCTs of length n, ~2.5 n log2 n each, plus 2 n for the diagonals.
+SparseGemm / SparseConv (values [nnz]): 2 nnz per output row / per output pixel: only the kept weights.
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -185,6 +186,16 @@ def _acdc_flops(inputs, outputs, attrs, shapes) -> int:
     return int(math.prod(y[:-1]) * layers * (5 * n * math.log2(n) + 2 * n))
 
 
+def _sparse_gemm_flops(inputs, outputs, attrs, shapes) -> int:
+    v, y = shapes.get(inputs[1]), shapes.get(outputs[0])
+    return 2 * math.prod(y[:-1]) * v[0] if v and y else 0
+
+
+def _sparse_conv_flops(inputs, outputs, attrs, shapes) -> int:
+    v, y = shapes.get(inputs[1]), shapes.get(outputs[0])
+    return 2 * y[0] * math.prod(y[2:]) * v[0] if v and y else 0
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
@@ -196,6 +207,8 @@ FLOP_RULES: dict[str, Callable] = {
     "CirculantMatMul": _circulant_flops,
     "FastfoodMatMul": _fastfood_flops,
     "ACDCMatMul": _acdc_flops,
+    "SparseGemm": _sparse_gemm_flops,
+    "SparseConv": _sparse_conv_flops,
 }
 
 
@@ -257,6 +270,48 @@ def _acdc_twin(node: onnx.NodeProto) -> onnx.NodeProto:
     return helper.make_node("Identity", [x], [y], name=node.name)
 
 
+def _csr_rows(node: onnx.NodeProto, t: str) -> list[onnx.NodeProto]:
+    """Nodes computing [R] = Shape(row_ptr) - 1 (the CSR's row count) into t + "_rows"."""
+    one = helper.make_tensor(t + "_one", onnx.TensorProto.INT64, [1], [1])
+    return [
+        helper.make_node("Shape", [node.input[3]], [t + "_ptr"]),
+        helper.make_node("Constant", [], [t + "_1"], value=one),
+        helper.make_node("Sub", [t + "_ptr", t + "_1"], [t + "_rows"]),
+    ]
+
+
+def _sparse_gemm_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """SparseGemm(X, values, indices, row_ptr[, bias]) -> Y [..., N], N = len(row_ptr) - 1: ConstantOfShape
+    of Shape(X)[:-1] + [N], which data propagation resolves."""
+    x, y = node.input[0], node.output[0]
+    t = f"{y}__twin"
+    zero = helper.make_tensor(t + "_zero", onnx.TensorProto.FLOAT, [1], [0.0])
+    return [
+        *_csr_rows(node, t),
+        helper.make_node("Shape", [x], [t + "_xshape"], end=-1),
+        helper.make_node("Concat", [t + "_xshape", t + "_rows"], [t + "_shape"], axis=0),
+        helper.make_node("ConstantOfShape", [t + "_shape"], [y], name=node.name, value=zero),
+    ]
+
+
+def _sparse_conv_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """SparseConv(X, values, indices, row_ptr[, bias]) -> the Conv of its attributes with a stand-in weight
+    [M, C, kh, kw] (M = len(row_ptr) - 1) made by ConstantOfShape, which data propagation resolves."""
+    a = attributes(node)
+    t = f"{node.output[0]}__twin"
+    kh, kw = (int(k) for k in a.get("kernel_shape", (1, 1)))
+    rest = helper.make_tensor(t + "_ckk", onnx.TensorProto.INT64, [3], [int(a.get("C", 1)), kh, kw])
+    zero = helper.make_tensor(t + "_zero", onnx.TensorProto.FLOAT, [1], [0.0])
+    kept = {k: a[k] for k in ("pads", "strides", "dilations", "kernel_shape") if k in a}
+    return [
+        *_csr_rows(node, t),
+        helper.make_node("Constant", [], [t + "_rest"], value=rest),
+        helper.make_node("Concat", [t + "_rows", t + "_rest"], [t + "_wshape"], axis=0),
+        helper.make_node("ConstantOfShape", [t + "_wshape"], [t + "_w"], value=zero),
+        helper.make_node("Conv", [node.input[0], t + "_w"], list(node.output), name=node.name, **kept),
+    ]
+
+
 # onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape
 # (or, where no single op has it, a short chain of them ending in the custom node's output: CirculantMatMul).
 # DepthwiseConv carries group=C (onnx's Conv inference reads only the output channels from W, so a node
@@ -268,6 +323,8 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto | list[onnx.Nod
     "CirculantMatMul": _circulant_twin,
     "FastfoodMatMul": _fastfood_twin,
     "ACDCMatMul": _acdc_twin,
+    "SparseGemm": _sparse_gemm_twin,
+    "SparseConv": _sparse_conv_twin,
 }
 
 

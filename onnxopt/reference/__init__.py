@@ -7,11 +7,20 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import acdc, circulant, depthwise, fastfood, fftconv, winograd
+from onnxopt.reference import acdc, circulant, depthwise, fastfood, fftconv, prune, winograd
 
 SPECS: dict[str, OpSpec] = {
     spec.name: spec
-    for spec in (winograd.SPEC, fftconv.SPEC, depthwise.SPEC, circulant.SPEC, fastfood.SPEC, acdc.SPEC)
+    for spec in (
+        winograd.SPEC,
+        fftconv.SPEC,
+        depthwise.SPEC,
+        circulant.SPEC,
+        fastfood.SPEC,
+        acdc.SPEC,
+        prune.GEMM_SPEC,
+        prune.CONV_SPEC,
+    )
 }
 
 # OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS).
@@ -22,6 +31,8 @@ REFERENCE_OPS = [
     circulant.CirculantMatMul,
     fastfood.FastfoodMatMul,
     acdc.ACDCMatMul,
+    prune.SparseGemm,
+    prune.SparseConv,
 ]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]
