@@ -65,7 +65,8 @@ def records_table(records: list[dict]) -> str:
     for r in records:
         if r["status"] == "applied":
             d = r["detail"]
-            what = ", ".join(f"{k}={v}" for k, v in d.items() if k in ("rank", "fit", "tile", "activation"))
+            shown = ("rank", "fit", "tile", "activation", "mode")
+            what = ", ".join(f"{k}={v}" for k, v in d.items() if k in shown)
             cost = (
                 f"{_ratio(r['bytes_before'], r['bytes_after'])} bytes, "
                 f"{_ratio(r['flops_before'], r['flops_after'])} FLOPs"
