@@ -23,20 +23,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxopt.data import Feeds
+from onnxopt.analysis import node_stats
+from onnxopt.data import Feeds, take
 from onnxopt.errors import UserError
 from onnxopt.library import session_for
 from onnxopt.model_pass import ModelContext, ModelPass, ModelResult
 from onnxopt.passes.int8_quantize import (
     CALIBRATORS,
-    CUSTOM_DOMAIN,
     LAYER_OPS,
     Quantizer,
     QuantSettings,
     split_samples,
 )
 from onnxopt.rewrite import Record, provenance
-from onnxopt.verify import compare_arrays
+from onnxopt.verify import compare_arrays, complete_shapes
 
 PROBE_SAMPLES = 16
 REFINE_STEPS = 6  # kept layers tried in int8 again, one at a time, after the bisection
@@ -143,7 +143,11 @@ class Int8(ModelPass):
             )
         samples = ctx.samples or split_samples(ctx.feeds)
         with Quantizer(model, samples, qs) as q:
-            return _control(model, ctx, q, qs, found, declined, samples)
+            result = _control(model, ctx, q, qs, found, declined, samples)
+        flops = _flops(model, ctx.feeds)
+        for r in result.records:  # int8 runs the same multiply-adds, in integers
+            r.flops_before = r.flops_after = flops.get(r.node, 0)
+        return result
 
 
 def _control(model, ctx, q, qs, found, declined, samples) -> ModelResult:
@@ -205,8 +209,8 @@ def _sens_detail(sens: dict[str, float], name: str) -> dict:
 
 
 def _result(model, quantized, measured, found, kept, sens, declined, qs, why) -> ModelResult:
-    before = _layer_bytes(model)
-    after = _layer_bytes(quantized)
+    before = _layer_bytes(model, model)
+    after = _layer_bytes(model, quantized)
     made = _new_nodes(model, quantized)
     records = []
     for n in found:
@@ -228,27 +232,28 @@ def _result(model, quantized, measured, found, kept, sens, declined, qs, why) ->
     return ModelResult(quantized, records, True, measured)
 
 
-def _layer_bytes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """Per layer: constant parameters and their bytes, through DequantizeLinear nodes of constants (the
-    int8 weight, its scales and zero points count for the layer that reads them)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-
-    def cost(names) -> tuple[int, int]:
+def _layer_bytes(model: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Per layer of `model`: parameters and bytes of its constant inputs in `quantized`, where the quantizer
+    replaced a constant c by c_quantized (int8 weights, int32 bias) with c_scale and c_zero_point, or
+    c_quantized_scale and c_quantized_zero_point (both quantizers name them so)."""
+    inits = {t.name: t for t in quantized.graph.initializer}
+    suffixes = ("_quantized", "_scale", "_zero_point", "_quantized_scale", "_quantized_zero_point")
+    consts = {t.name for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
         params = nbytes = 0
-        for name in names:
-            if name in dq and all(i in inits for i in dq[name].input if i):
-                p, b = cost(dq[name].input[:1])
-                params, nbytes = (
-                    params + p,
-                    nbytes + b + sum(_nbytes(inits[i]) for i in dq[name].input[1:] if i),
-                )
-            elif name in inits:
-                params += int(np.prod(inits[name].dims))
-                nbytes += _nbytes(inits[name])
-        return params, nbytes
+        for c in (i for i in node.input if i in consts):
+            parts = [inits[c]] if c in inits else [inits[c + s] for s in suffixes if c + s in inits]
+            params += int(np.prod(parts[0].dims)) if parts else 0
+            nbytes += sum(_nbytes(t) for t in parts)
+        out[node.name] = (params, nbytes)
+    return out
 
-    return {n.name: cost(n.input) for n in model.graph.node if n.op_type in LAYER_OPS}
+
+def _flops(model: onnx.ModelProto, feeds: Feeds) -> dict[str, int]:
+    """FLOPs per node at the shapes of the first calibration sample."""
+    shapes = complete_shapes(model, take(feeds, 1))
+    return {s.name: s.flops for s in node_stats(model, shapes=shapes)}
 
 
 def _nbytes(t: onnx.TensorProto) -> int:
@@ -256,20 +261,21 @@ def _nbytes(t: onnx.TensorProto) -> int:
 
 
 def _new_nodes(model: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, list[str]]:
-    """Per layer: the quantizer's nodes next to it (the DequantizeLinear nodes feeding it and the
-    QuantizeLinear / dynamic-quantization nodes it feeds), for provenance."""
+    """Per layer: the quantizer's nodes that stand for it (dynamic mode replaces a node by ones named after
+    it) or sit next to it (the DequantizeLinear nodes feeding it, the QuantizeLinear nodes it feeds)."""
     old = {n.name for n in model.graph.node}
     producer = {o: n for n in quantized.graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in quantized.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    out = {}
+    new = [n for n in quantized.graph.node if n.name not in old]
+    out: dict[str, set[str]] = {}
     for n in quantized.graph.node:
-        if n.name not in old or n.domain == CUSTOM_DOMAIN:
-            continue
-        near = [producer[i] for i in n.input if i in producer] + [
-            c for o in n.output for c in consumers.get(o, [])
-        ]
-        out[n.name] = sorted({m.name for m in near if m.name not in old})
-    return out
+        if n.name in old:
+            near = [producer[i] for i in n.input if i in producer]
+            near += [c for o in n.output for c in consumers.get(o, [])]
+            out[n.name] = {m.name for m in near if m.name not in old}
+    for name in old:
+        out.setdefault(name, set()).update(n.name for n in new if n.name.startswith(name + "_"))
+    return {k: sorted(v) for k, v in out.items()}

@@ -1,0 +1,193 @@
+"""int8 on the real models: accuracy and latency of fp32, onnxruntime's plain quantize_static, and onnxopt's
+int8 with per-layer accuracy control.
+
+- plain: `quantize_static(model, out, reader)` with every default (QDQ, per-tensor int8 weights and
+  activations, MinMax), what a user would pick instead; fed the same calibration samples.
+- int8: `onnxopt optimize --methods int8` (static, per-channel int8 weights, uint8 activations on
+  Conv/Gemm/MatMul), under a metric budget. The budget's metric is measured on data kept apart from the
+  reported one (Fashion-MNIST: 2,000 training images; OCR: other rendered lines and pages), so the layers
+  kept in fp32 are not chosen on the test data.
+- The recognizer is calibrated on 32 lines at their own widths (320 to ~750 px), one sample at a time.
+
+Latency: whole models in onnxruntime, A/B interleaved in one process (onnxopt.bench.latency), median of up
+to 40 rounds, batch 1, at 1 and 2 threads; every timing holds /tmp/onnxopt-bench.lock so that other
+benchmarks on this machine do not run at the same time.
+
+Run from the repo root after scripts/setup.sh:  .venv/bin/python benchmarks/int8.py [--models fmnist rec det]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import fashion_mnist, ocr  # noqa: E402
+from onnxopt.bench import latency  # noqa: E402
+from onnxopt.budget import MetricBudget  # noqa: E402
+from onnxopt.errors import BudgetError  # noqa: E402
+from onnxopt.graph import normalize  # noqa: E402
+from onnxopt.library import session_for  # noqa: E402
+from onnxopt.manager import optimize  # noqa: E402
+from onnxopt.passes.int8 import Int8  # noqa: E402
+from onnxopt.passes.int8_quantize import SampleReader, split_samples  # noqa: E402
+
+LOCK = "/tmp/onnxopt-bench.lock"
+
+
+def _fm_held_out(session) -> float:
+    """Top-1 (percent) on the last 2,000 training images: the budget's metric, apart from the test set."""
+    x, y = fashion_mnist.load_train()
+    x, y = x[-2000:], y[-2000:]
+    name = session.get_inputs()[0].name
+    hits = sum(
+        int((session.run(None, {name: x[i : i + 500]})[0].argmax(1) == y[i : i + 500]).sum())
+        for i in range(0, 2000, 500)
+    )
+    return 100.0 * hits / len(x)
+
+
+def cases() -> dict[str, dict]:
+    """Per model: path, calibration samples, the budget's metric and drop, the reported metric."""
+    paths = ocr.fetch()
+    fm_x = np.load(fashion_mnist.write_calibration(ROOT / "models/data/bench/fmnist.npz", n=256))["input"]
+    lines = ocr.render_lines(32, seed=1000, min_words=1, max_words=4)
+    det_x = np.load(ocr.write_det_calibration(ROOT / "models/data/bench/det.npz", n=4))["x"]
+    return {
+        "fmnist": dict(
+            path=ROOT / "models/fashion_mnist.onnx",
+            samples=split_samples({"input": fm_x}),
+            budget=(_fm_held_out, 0.3, "held-out top-1 %"),
+            report=("top-1 %", lambda s: fashion_mnist.top1(s), True),
+            x={"input": fm_x[:1]},
+        ),
+        "rec": dict(
+            path=paths["rec"],
+            samples=[{"x": ocr.rec_batch([im])} for _, im in lines],
+            budget=(lambda s: -ocr.cer(s, n=100, seed=7), 0.3, "-CER % on 100 other lines"),
+            report=("CER %", lambda s: ocr.cer(s, n=200, seed=0), False),
+            x={"x": ocr.rec_batch([lines[0][1]], width=320)},
+        ),
+        "det": dict(
+            path=paths["det"],
+            samples=split_samples({"x": det_x}),
+            budget=(lambda s: ocr.det_iou(s, n=6, seed=7), 1.0, "box IoU % on 6 other pages"),
+            report=("box IoU %", lambda s: ocr.det_iou(s, n=8, seed=0), True),
+            x={"x": det_x[:1]},
+        ),
+    }
+
+
+@contextmanager
+def bench_lock():
+    with open(LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def plain(path: Path, samples: list[dict]) -> onnx.ModelProto:
+    """onnxruntime's quantize_static with its defaults, on the same calibration samples."""
+    from onnxruntime.quantization import quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plain.onnx"
+        quantize_static(str(path), str(out), SampleReader(samples))
+        return onnx.load(str(out))
+
+
+def ours(model: onnx.ModelProto, samples: list[dict], budget: MetricBudget) -> tuple[onnx.ModelProto, str]:
+    feeds = {k: v for k, v in samples[0].items()}  # the budget is a metric: feeds only seed the reference
+    try:
+        result = optimize(model, [Int8()], feeds, budget, calibrated=True, samples=samples)
+    except BudgetError as e:
+        return model, f"undone: {e}"
+    recs = [r for r in result.records if r.method == "int8"]
+    kept = [r.node for r in recs if r.status != "applied"]
+    n_int8 = len(recs) - len(kept)
+    return result.model, f"{n_int8}/{len(recs)} layers int8" + (f"; fp32: {', '.join(kept)}" if kept else "")
+
+
+def run(name: str, case: dict) -> list[list[str]]:
+    model = onnx.load(str(case["path"]))
+    normalize(model)
+    fn, drop, what = case["budget"]
+    t0 = time.time()
+    budget = MetricBudget(model, fn, drop, name=what)
+    q_ours, how = ours(model, case["samples"], budget)
+    spent = time.time() - t0
+    q_plain = plain(case["path"], case["samples"])
+    label, metric, higher = case["report"]
+    variants = [
+        ("fp32", model, "-"),
+        ("plain quantize_static", q_plain, "all"),
+        ("onnxopt int8", q_ours, how),
+    ]
+    scores = [metric(session_for(m)) for _, m, _ in variants]
+    with bench_lock():
+        lat = {t: latency([m for _, m, _ in variants], case["x"], threads=t, rounds=40) for t in (1, 2)}
+    rows = []
+    for i, (variant, m, note) in enumerate(variants):
+        loss = (scores[0] - scores[i]) if higher else (scores[i] - scores[0])
+        timing = [
+            f"{lat[t][i]['median_ms']:.2f} ({lat[t][0]['median_ms'] / lat[t][i]['median_ms']:.2f}x)"
+            for t in (1, 2)
+        ]
+        rows.append(
+            [
+                name,
+                variant,
+                f"{scores[i]:.2f} {label}",
+                f"{loss:+.2f}",
+                *timing,
+                f"{m.ByteSize() / 1e6:.2f}",
+                note,
+            ]
+        )
+    rows[-1][-1] += f" (budget: {what} drop <= {drop:g}; chosen in {spent:.0f} s)"
+    return rows
+
+
+HEADER = [
+    "model",
+    "variant",
+    "metric",
+    "loss vs fp32",
+    "ms 1 thread (x fp32)",
+    "ms 2 threads (x fp32)",
+    "MB",
+    "notes",
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["fmnist", "rec", "det"], choices=["fmnist", "rec", "det"])
+    args = ap.parse_args()
+    all_cases = cases()
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for name in args.models:
+        for row in run(name, all_cases[name]):
+            lines.append("| " + " | ".join(row) + " |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
