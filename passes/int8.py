@@ -15,7 +15,8 @@ Settings (`--set int8.KEY=VALUE`): mode=static|dynamic (default static when --ca
 dynamic: activation ranges calibrated on synthetic inputs would be meaningless), per_channel=1|0,
 reduce_range=0|1, activation=uint8|int8, calibrate=minmax|percentile, ops=Conv,Gemm,MatMul (the op types
 onnxruntime quantizes; `all` for every type it can), probe=16 (samples for the sensitivities), control=1|0
-(0: quantize every layer or nothing).
+(0: quantize every layer or nothing), samples=FILE.npz (calibration samples of differing shapes, keyed
+`<input>/<i>`, see onnxopt.data.load_samples; default: the --calib samples, one at a time).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import onnx
 
 from onnxopt.analysis import node_stats
-from onnxopt.data import Feeds, take
+from onnxopt.data import Feeds, load_samples, take
 from onnxopt.errors import UserError
 from onnxopt.library import session_for
 from onnxopt.model_pass import ModelContext, ModelPass, ModelResult
@@ -45,7 +46,17 @@ _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no"
 
 def settings_from(ctx: ModelContext) -> QuantSettings:
     """QuantSettings from the user's `--set int8.*`; UserError on a value it does not know."""
-    known = {"mode", "per_channel", "reduce_range", "activation", "calibrate", "ops", "probe", "control"}
+    known = {
+        "mode",
+        "per_channel",
+        "reduce_range",
+        "activation",
+        "calibrate",
+        "ops",
+        "probe",
+        "control",
+        "samples",
+    }
     unknown = sorted(set(ctx.settings) - known)
     if unknown:
         raise UserError(f"int8: unknown setting(s) {unknown}; known: {sorted(known)}")
@@ -142,6 +153,8 @@ class Int8(ModelPass):
                 model, declined, False, messages=["int8: no Conv/Gemm/MatMul layer to quantize"]
             )
         samples = ctx.samples or split_samples(ctx.feeds)
+        if "samples" in ctx.settings:
+            samples = load_samples(ctx.settings["samples"], model)
         with Quantizer(model, samples, qs) as q:
             result = _control(model, ctx, q, qs, found, declined, samples)
         flops = _flops(model, ctx.feeds)

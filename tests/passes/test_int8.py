@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.synthetic import conv_net, mlp
 from onnxopt.budget import OutputBudget
-from onnxopt.data import synthetic_inputs
+from onnxopt.data import load_samples, synthetic_inputs
 from onnxopt.errors import BudgetError, UserError
 from onnxopt.manager import optimize
 from onnxopt.model_pass import ModelContext
@@ -207,3 +207,26 @@ def test_unsupported_dtype_and_settings_are_user_errors():
     for settings in ({"mode": "int4"}, {"bits": "8"}, {"calibrate": "entropy"}):
         with pytest.raises(UserError):
             Int8().run(model, ModelContext(feeds, OutputBudget(model, feeds, 5e-2), settings))
+
+
+def test_samples_file_of_varying_shapes(tmp_path):
+    model = _dynamic_size_conv()
+    rng = np.random.default_rng(2)
+    shapes = [(8, 8), (12, 9), (5, 16), (7, 7)]
+    arrays = {
+        f"x/{i}": rng.standard_normal((1, 3, h, w)).astype(np.float32) for i, (h, w) in enumerate(shapes)
+    }
+    np.savez(tmp_path / "widths.npz", **arrays)
+    assert [s["x"].shape for s in load_samples(tmp_path / "widths.npz", model)] == [
+        (1, 3, h, w) for h, w in shapes
+    ]
+    feeds = {"x": rng.standard_normal((4, 3, 10, 7)).astype(np.float32)}
+    settings = {"int8": {"samples": str(tmp_path / "widths.npz"), "mode": "static"}}
+    result = optimize(model, [Int8()], feeds, OutputBudget(model, feeds, 5e-2), settings=settings)
+    assert all(r.status == "applied" for r in _int8(result).values())
+    np.savez(tmp_path / "bad.npz", **{"x/0": arrays["x/0"], "x/1": np.zeros((1, 4, 8, 8), np.float32)})
+    with pytest.raises(UserError, match="sample 1"):
+        load_samples(tmp_path / "bad.npz", model)
+    np.savez(tmp_path / "keys.npz", x=arrays["x/0"])
+    with pytest.raises(UserError, match="<input>/<sample number>"):
+        load_samples(tmp_path / "keys.npz", model)
