@@ -212,13 +212,14 @@ def _control(model, ctx, q, qs, found, declined, samples) -> ModelResult:
 def _undone(model, found, declined, why, sens=None) -> ModelResult:
     sens = sens or {}
     records = [
-        Record("int8", n.name, n.op_type, "undone", why, detail=_sens_detail(sens, n.name)) for n in found
+        Record("int8", n.name, n.op_type, "undone", why, detail=_sens_detail(sens, n.name, "control=0"))
+        for n in found
     ]
     return ModelResult(model, records + declined, False, failure=why)
 
 
-def _sens_detail(sens: dict[str, float], name: str) -> dict:
-    return {"sensitivity": round(sens[name], 6)} if name in sens else {}
+def _sens_detail(sens: dict[str, float], name: str, unmeasured: str) -> dict:
+    return {"sensitivity": float(sens[name]) if name in sens else f"not measured ({unmeasured})"}
 
 
 def _result(model, quantized, measured, found, kept, sens, declined, qs, why) -> ModelResult:
@@ -229,7 +230,7 @@ def _result(model, quantized, measured, found, kept, sens, declined, qs, why) ->
     for n in found:
         b = before.get(n.name, (0, 0))
         rec = Record("int8", n.name, n.op_type, "applied", params_before=b[0], bytes_before=b[1])
-        rec.detail = {**_sens_detail(sens, n.name)}
+        rec.detail = _sens_detail(sens, n.name, "every layer in int8 fits the budget")
         if n.name in kept:
             rec.status = "undone"
             rec.reason = f"{why}; sensitivity {sens[n.name]:.3g} (output rel L2 with only it in int8)"
