@@ -67,6 +67,9 @@ def settings_from(ctx: ModelContext) -> QuantSettings:
             raise UserError(f"--set int8.{key}={value}: expected one of {sorted(allowed)}")
         return value
 
+    choice("control", _FLAGS, "1")  # read by _control; checked here with the rest
+    if not ctx.setting("probe", str, "1").isdigit() or int(ctx.setting("probe", str, "1")) < 1:
+        raise UserError(f"--set int8.probe={ctx.settings['probe']}: expected a positive number of samples")
     ops = ctx.setting("ops", str, ",".join(LAYER_OPS))
     return QuantSettings(
         mode=choice("mode", ("static", "dynamic"), "static" if ctx.calibrated else "dynamic"),
@@ -170,7 +173,7 @@ def _control(model, ctx, q, qs, found, declined, samples) -> ModelResult:
     full = q.quantize(exclude=skip)
     ok, measured = ctx.budget.check(full)
     ctx.log(f"int8 ({qs.mode}): every layer quantized: {'within' if ok else 'over'} budget")
-    if ok or not ctx.setting("control", lambda v: _FLAGS.get(v, True), True):
+    if ok or not ctx.setting("control", _FLAGS.get, True):
         if ok:
             return _result(model, full, measured, found, set(), {}, declined, qs, "")
         why = f"undone: with every layer in int8 the model is over budget ({ctx.budget.summarise(measured)})"
@@ -190,10 +193,9 @@ def _control(model, ctx, q, qs, found, declined, samples) -> ModelResult:
         else:
             lo = mid
     if best is None:
-        why = (
-            f"undone: over budget ({ctx.budget.summarise(measured)}) with every layer in int8, and still "
-            f"over with all but the least sensitive layer kept fp32"
-        )
+        why = f"undone: over budget ({ctx.budget.summarise(measured)}) with every layer in int8"
+        if len(order) > 1:
+            why += ", and still over with all but the least sensitive layer kept fp32"
         return _undone(model, found, declined, why, sens)
     kept = order[:hi]
     for name in list(reversed(kept))[:REFINE_STEPS]:  # least sensitive first

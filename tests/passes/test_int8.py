@@ -126,6 +126,9 @@ def test_budget_that_cannot_be_met_undoes_everything_with_a_reason():
     got = Int8().run(model, ctx)
     assert not got.changed and got.model is model and got.failure
     assert all(r.status == "undone" and "over budget" in r.reason for r in got.records)
+    assert all(isinstance(r.detail["sensitivity"], float) for r in got.records)  # measured, then undone
+    got = Int8().run(model, ModelContext(feeds, ctx.budget, {"control": "0"}))
+    assert not got.changed and all("not measured" in r.detail["sensitivity"] for r in got.records)
 
 
 def _dynamic_size_conv() -> onnx.ModelProto:
@@ -204,7 +207,13 @@ def test_unsupported_dtype_and_settings_are_user_errors():
         Int8().run(half, ModelContext(feeds, None, {}))
     model = mlp([16, 32, 8])
     feeds = synthetic_inputs(model, samples=4)
-    for settings in ({"mode": "int4"}, {"bits": "8"}, {"calibrate": "entropy"}):
+    for settings in (
+        {"mode": "int4"},
+        {"bits": "8"},
+        {"calibrate": "entropy"},
+        {"probe": "x"},
+        {"control": "2"},
+    ):
         with pytest.raises(UserError):
             Int8().run(model, ModelContext(feeds, OutputBudget(model, feeds, 5e-2), settings))
 
