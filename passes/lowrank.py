@@ -10,6 +10,9 @@ S = C^{1/2}, the SVD S W = P diag(s) Q^T gives L = S^{-1} P, the best rank r in 
 layer's outputs, not its weights, are what must stay close.
 Either way W - W_r = sum_{i>r} L_i s_i q_i^T with orthonormal q_i, so the error on X is
 ||X W - X W_r||_F^2 = sum_{i>r} s_i^2 ||X L_i||^2, relative to ||X W + b||_F.
+Output-aware (default when the layer feeds one more constant Gemm/MatMul, through a ReLU or not): the
+error is weighted by what that next layer passes on, and measured at its output (lowrank_output.py);
+`--set lowrank.output_aware=0` keeps the data-aware fit.
 The rank is the smallest whose estimate fits the budget (or `--set lowrank.rank=R`); less lossy options
 (the error halved, quartered, ...) are offered for the pass manager's rollback.
 Conv layers (group 1) are factorized into chains of Convs with `--set lowrank.conv=1`: see lowrank_conv.py.
@@ -22,6 +25,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight
+from onnxopt.passes.lowrank_output import (
+    NextLayer,
+    next_layer,
+    next_output_norm,
+    output_aware_svd,
+    output_weight,
+)
+from onnxopt.passes.lowrank_output import error_by_rank as output_error_by_rank
 from onnxopt.rewrite import (
     LOCAL_SLACK,
     Decline,
@@ -138,6 +149,21 @@ def fit(
     return "plain", plain, err_plain
 
 
+def _flag(value: str) -> bool:
+    return value.lower() not in ("0", "false", "no")
+
+
+def output_aware_fit(
+    W: np.ndarray, X: np.ndarray, bias: np.ndarray | None, nxt: NextLayer
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """(factors, err by rank) of the output-aware fit (lowrank_output), fitted on every other row of X and
+    measured, relative to the next layer's output, on the rest."""
+    train, held = X[0::2], X[1::2]
+    factors = output_aware_svd(W, train, output_weight(train, W, bias, nxt))
+    norm = next_output_norm(held, W, bias, nxt)
+    return factors, output_error_by_rank(factors[0], factors[1], held, norm)
+
+
 def tolerance_ladder(tol: float) -> list[float]:
     """The error tolerances of the options offered per node: tol, tol / 2, ... (STEPS of them)."""
     return [tol / 2**k for k in range(STEPS)]
@@ -181,9 +207,12 @@ class LowRank(Pass):
         bias = dense_bias(node, N)
         X = ctx.activations.get(node.inputs[0].name)
         X = rows(X, K) if X is not None else None
-        data_aware = ctx.setting("data_aware", lambda v: v.lower() not in ("0", "false", "no"), True)
+        data_aware = ctx.setting("data_aware", _flag, True)
         r_max = min(max_useful_rank(K, N), K, N)
         kind, factors, err = fit(W, X, bias, ctx.local_tolerance, r_max, data_aware)
+        if X is not None and len(X) >= 4 and data_aware and ctx.setting("output_aware", _flag, True):
+            if (nxt := next_layer(node, {t.name for t in ctx.graph.outputs}, N)) is not None:
+                kind, factors, err = "output-aware", *output_aware_fit(W, X, bias, nxt)
         fixed = ctx.setting("rank", int)
         if fixed is not None:
             if not 1 <= fixed <= r_max:
