@@ -127,7 +127,9 @@ def ours(
         return model, f"undone: {e}"
     recs = [r for r in result.records if r.method == "int8"]
     kept = [r.node for r in recs if r.status != "applied"]
-    how = f"{len(recs) - len(kept)}/{len(recs)} layers int8" + (f"; fp32: {', '.join(kept)}" if kept else "")
+    how = f"{len(recs) - len(kept)}/{len(recs)} layers int8"
+    if kept:
+        how += f"; fp32: {', '.join(kept[:6])}" + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
     other = [r for r in result.records if r.method != "int8" and r.status == "applied"]
     if other:
         how = f"{len(other)} {other[0].method} rewrites, then {how}"
