@@ -10,7 +10,8 @@ quantized the same way ahead of time, activations at run time from each input's 
 Nothing here re-implements quantization: the ranges come from onnxruntime's calibrators and the rewrite
 from quantize_static / quantize_dynamic. What this module adds is what onnxopt needs around them:
 - calibration samples are fed one at a time (the OCR recognizer's inputs differ in width, so they cannot be
-  stacked), and the ranges are computed once and cached, so each of the many quantizations that the
+  stacked), in one collect_data call per input shape (the histogram calibrators stack the outputs of one
+  call), and the ranges are computed once and cached, so each of the many quantizations that the
   per-layer control tries skips calibration;
 - the calibration session registers onnxopt's operator library (the model may hold onnxopt custom ops from
   earlier passes), and those ops are excluded from quantization;
@@ -83,6 +84,14 @@ def split_samples(feeds: Feeds) -> list[Feeds]:
         return []
     n = min(v.shape[0] for v in feeds.values() if v.ndim)
     return [{k: (v[i : i + 1] if v.ndim else v) for k, v in feeds.items()} for i in range(n)]
+
+
+def same_shape_groups(samples: list[Feeds]) -> list[list[Feeds]]:
+    """The samples grouped by the shapes of their inputs, in order of first appearance."""
+    groups: dict[tuple, list[Feeds]] = {}
+    for s in samples:
+        groups.setdefault(tuple((k, v.shape) for k, v in sorted(s.items())), []).append(s)
+    return list(groups.values())
 
 
 def check_samples(model: onnx.ModelProto, samples: list[Feeds]) -> None:
@@ -188,9 +197,12 @@ class Quantizer:
         calibrator.augment_graph()
         calibrator.create_inference_session()
         try:
-            calibrator.collect_data(SampleReader(samples))
+            # The histogram calibrators stack what one collect_data call sees: samples of one shape per call
+            # (both kinds merge their statistics across calls).
+            for group in same_shape_groups(samples):
+                calibrator.collect_data(SampleReader(group))
         except Exception as e:  # onnxruntime's errors share no base; data that does not fit lands here
-            raise UserError(f"int8: the calibration data does not fit the model: {e}") from e
+            raise UserError(f"int8: calibration failed on this data (does it fit the model?): {e}") from e
         save_tensors_data(calibrator.compute_data(), self.cache)
         del calibrator
 

@@ -140,7 +140,10 @@ def _dynamic_size_conv() -> onnx.ModelProto:
     return model
 
 
-def test_calibration_samples_of_varying_shapes():
+@pytest.mark.parametrize("calibrate", ["minmax", "percentile"])
+def test_calibration_samples_of_varying_shapes(calibrate):
+    # (onnxruntime's histogram calibrator stacks the samples of one collect_data call: fed all at once,
+    # shapes that differ fail)
     model = _dynamic_size_conv()
     rng = np.random.default_rng(0)
     samples = [
@@ -148,7 +151,9 @@ def test_calibration_samples_of_varying_shapes():
     ]
     samples *= 3
     feeds = {"x": rng.standard_normal((4, 3, 10, 7)).astype(np.float32)}
-    result = optimize(model, [Int8()], feeds, OutputBudget(model, feeds, 5e-2), samples=samples)
+    settings = {"int8": {"calibrate": calibrate}}
+    budget = OutputBudget(model, feeds, 5e-2)
+    result = optimize(model, [Int8()], feeds, budget, settings=settings, samples=samples)
     assert all(r.status == "applied" for r in _int8(result).values())
     for s in samples[:3]:  # every shape runs and stays close
         ref, got = run_model(model, s)["y"], run_model(result.model, s)["y"]
@@ -188,7 +193,7 @@ def test_calibration_data_that_does_not_fit_is_a_user_error():
     feeds = synthetic_inputs(model, samples=4)
     bad_width = [{"x": np.zeros((1, 17), np.float32)}]
     ctx = ModelContext(feeds, OutputBudget(model, feeds, 5e-2), {}, samples=bad_width)
-    with pytest.raises(UserError, match="calibration data does not fit"):
+    with pytest.raises(UserError, match="calibration failed on this data"):
         Int8().run(model, ctx)
     for bad in ([{"x": np.zeros((1, 16), np.float64)}], [{"y": np.zeros((1, 16), np.float32)}]):
         with pytest.raises(UserError, match="calibration sample 0"):
