@@ -59,6 +59,8 @@ def test_static_conv_net_is_qdq_within_budget():
     recs = _int8(result)
     assert sorted(recs) == ["conv0", "conv1", "conv2"]
     assert all(r.status == "applied" and r.detail["mode"] == "static" for r in recs.values())
+    chosen = {r.detail["calibrate"] for r in recs.values()}  # auto: the calibrator of lower output error
+    assert len(chosen) == 1 and any(f"calibration {chosen.pop()} chosen" in m for m in result.messages)
     assert all(r.bytes_after < r.bytes_before / 2 for r in recs.values())  # int8 weights, fp32 scales
     _clean(result.model)
     assert max(e.rel_l2 for e in compare_models(model, result.model, feeds)) <= 5e-2
