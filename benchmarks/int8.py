@@ -4,7 +4,7 @@ int8 with per-layer accuracy control.
 - plain: `quantize_static(model, out, reader)` with every default (QDQ, per-tensor int8 weights and
   activations, MinMax), what a user would pick instead; fed the same calibration samples.
 - int8: `onnxopt optimize --methods int8` (static, per-channel int8 weights, uint8 activations on
-  Conv/Gemm/MatMul), under a metric budget. The budget's metric is measured on data kept apart from the
+  Conv/Gemm/MatMul, MinMax or percentile ranges: whichever is closer to fp32), under a metric budget. The budget's metric is measured on data kept apart from the
   reported one (Fashion-MNIST: 2,000 training images; OCR: other rendered lines and pages), so the layers
   kept in fp32 are not chosen on the test data.
 - The recognizer is calibrated on 32 lines at their own widths (320 to ~750 px), one sample at a time.
