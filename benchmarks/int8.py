@@ -136,7 +136,7 @@ def ours(
     return result.model, how
 
 
-def run(name: str, case: dict) -> list[list[str]]:
+def run(name: str, case: dict, save: Path | None = None) -> list[list[str]]:
     model = onnx.load(str(case["path"]))
     normalize(model)
     fn, drops, what = case["budget"]
@@ -149,6 +149,11 @@ def run(name: str, case: dict) -> list[list[str]]:
             variants.append((f"onnxopt {'+'.join(methods)}, drop <= {drop:g}", q, note))
     label, metric, higher = case["report"]
     scores = [metric(session_for(m)) for _, m, _ in variants]
+    if save:  # for re-timing alone: onnxopt bench SAVE/<model>_fp32.onnx --vs SAVE/<model>_<i>.onnx
+        save.mkdir(parents=True, exist_ok=True)
+        for i, (_, m, _) in enumerate(variants):
+            onnx.save(m, str(save / f"{name}_{'fp32' if i == 0 else i}.onnx"))
+        np.savez(save / f"{name}_x.npz", **case["x"])
     with bench_lock():
         lat = {t: latency([m for _, m, _ in variants], case["x"], threads=t, rounds=40) for t in (1, 2)}
     rows = []
@@ -187,11 +192,12 @@ HEADER = [
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["fmnist", "rec", "det"], choices=["fmnist", "rec", "det"])
+    ap.add_argument("--save", type=Path, help="also write every variant's model here (for re-timing)")
     args = ap.parse_args()
     all_cases = cases()
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for name in args.models:
-        for row in run(name, all_cases[name]):
+        for row in run(name, all_cases[name], args.save):
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))

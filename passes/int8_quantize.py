@@ -20,6 +20,8 @@ from quantize_static / quantize_dynamic. What this module adds is what onnxopt n
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -196,14 +198,16 @@ class Quantizer:
         )
         calibrator.augment_graph()
         calibrator.create_inference_session()
-        try:
-            # The histogram calibrators stack what one collect_data call sees: samples of one shape per call
-            # (both kinds merge their statistics across calls).
-            for group in same_shape_groups(samples):
-                calibrator.collect_data(SampleReader(group))
-        except Exception as e:  # onnxruntime's errors share no base; data that does not fit lands here
-            raise UserError(f"int8: calibration failed on this data (does it fit the model?): {e}") from e
-        save_tensors_data(calibrator.compute_data(), self.cache)
+        # The histogram calibrators print their progress to stdout, which is the CLI's report.
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                # The histogram calibrators stack what one collect_data call sees: samples of one shape per
+                # call (both kinds merge their statistics across calls).
+                for group in same_shape_groups(samples):
+                    calibrator.collect_data(SampleReader(group))
+            except Exception as e:  # onnxruntime's errors share no base; data that does not fit lands here
+                raise UserError(f"int8: calibration failed on this data (does it fit the model?): {e}") from e
+            save_tensors_data(calibrator.compute_data(), self.cache)
         del calibrator
 
     def quantize(self, exclude: list[str] = (), only: list[str] | None = None) -> onnx.ModelProto:
