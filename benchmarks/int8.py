@@ -4,16 +4,18 @@ int8 with per-layer accuracy control.
 - plain: `quantize_static(model, out, reader)` with every default (QDQ, per-tensor int8 weights and
   activations, MinMax), what a user would pick instead; fed the same calibration samples.
 - int8: `onnxopt optimize --methods int8` (static, per-channel int8 weights, uint8 activations on
-  Conv/Gemm/MatMul, MinMax or percentile ranges: whichever is closer to fp32), under a metric budget. The budget's metric is measured on data kept apart from the
-  reported one (Fashion-MNIST: 2,000 training images; OCR: other rendered lines and pages), so the layers
-  kept in fp32 are not chosen on the test data.
+  Conv/Gemm/MatMul, MinMax or percentile ranges: whichever is closer to fp32), under a metric budget. The
+  budget's metric is measured on data kept apart from the reported one (Fashion-MNIST: 2,000 training
+  images; OCR: other rendered lines and pages), so the layers kept in fp32 are not chosen on the test data.
+  On Fashion-MNIST also `--methods lowrank,int8`.
 - The recognizer is calibrated on 32 lines at their own widths (320 to ~750 px), one sample at a time.
 
 Latency: whole models in onnxruntime, A/B interleaved in one process (onnxopt.bench.latency), median of up
 to 40 rounds, batch 1, at 1 and 2 threads; every timing holds /tmp/onnxopt-bench.lock so that other
 benchmarks on this machine do not run at the same time.
 
-Run from the repo root after scripts/setup.sh:  .venv/bin/python benchmarks/int8.py [--models fmnist rec det]
+Run from the repo root after scripts/setup.sh:
+    .venv/bin/python benchmarks/int8.py [--models fmnist rec det] [--save DIR]
 """
 
 from __future__ import annotations
