@@ -30,7 +30,7 @@ Metrics (higher is better where the CLI needs it):
 
 Command line (from the repo root):
     python models/ocr.py fetch [--dest DIR]
-    python models/ocr.py calib {rec,det,cls} OUT.npz [--n N] [--seed S]
+    python models/ocr.py calib {rec,det,cls,rec-widths} OUT.npz [--n N] [--seed S]
     python models/ocr.py eval {rec,det,cls} MODEL.onnx [--n N]
 """
 
@@ -451,6 +451,16 @@ def write_calibration(path: str | Path, n: int = 32, seed: int = 0, width: int =
     return _save(path, rec_batch([im for _, im in lines], width=width))
 
 
+def write_rec_samples(path: str | Path, n: int = 32, seed: int = 0) -> Path:
+    """rec calibration lines at their own widths (320 px and up), for `--set int8.samples=FILE`: keys
+    "x/<i>", each float32 [1, 3, 48, W_i]; the same lines as ``write_calibration``'s, up to 4 words."""
+    lines = render_lines(n, seed + 1000, min_words=1, max_words=4)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{f"{INPUT_NAME}/{i}": rec_batch([im]) for i, (_, im) in enumerate(lines)})
+    return path
+
+
 def write_det_calibration(
     path: str | Path, n: int = 4, seed: int = 0, size: tuple[int, int] = (320, 320)
 ) -> Path:
@@ -480,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     p_f = sub.add_parser("fetch", help="copy the ONNX files out of rapidocr-onnxruntime")
     p_f.add_argument("--dest", type=Path, default=DATA_DIR)
     p_c = sub.add_parser("calib", help="write a calibration .npz keyed by the graph input name")
-    p_c.add_argument("model", choices=sorted(MODEL_FILES))
+    p_c.add_argument("model", choices=[*sorted(MODEL_FILES), "rec-widths"])
     p_c.add_argument("out", type=Path)
     p_c.add_argument("--n", type=int, default=None)
     p_c.add_argument("--seed", type=int, default=0)
@@ -494,10 +504,17 @@ def main(argv: list[str] | None = None) -> int:
         for key, p in fetch(args.dest).items():
             print(f"{key}: {p}")
     elif args.cmd == "calib":
-        writer = {"rec": write_calibration, "det": write_det_calibration, "cls": write_cls_calibration}
+        writer = {
+            "rec": write_calibration,
+            "det": write_det_calibration,
+            "cls": write_cls_calibration,
+            "rec-widths": write_rec_samples,
+        }
         kwargs = {"seed": args.seed} | ({"n": args.n} if args.n else {})
         out = writer[args.model](args.out, **kwargs)
-        print(f"wrote {out} (key {INPUT_NAME!r}, shape {np.load(out)[INPUT_NAME].shape})")
+        with np.load(out) as z:
+            shapes = sorted({z[k].shape for k in z.files})
+        print(f"wrote {out} ({len(z.files)} arrays, shapes {shapes[0]} to {shapes[-1]})")
     else:
         import onnxopt  # optimized models may use onnxopt's custom ops: register its library
 

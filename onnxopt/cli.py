@@ -118,6 +118,7 @@ def cmd_optimize(args) -> int:
             progress=_progress(args),
             log=lambda s: _say(args, s) if args.verbose else None,
             threads=args.threads or 1,
+            calibrated=bool(args.calib),
         )
     except BudgetError as e:
         report.update(status="budget not met", reason=str(e))

@@ -62,8 +62,7 @@ def _fixed_batch(vi: onnx.ValueInfoProto) -> int | None:
     return None
 
 
-def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> Feeds:
-    """Load a data file and check it against the model's inputs: names, ranks, fixed dims; cast dtypes."""
+def _read_npz(path: str | os.PathLike) -> tuple[Path, dict[str, np.ndarray]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such data file")
@@ -72,6 +71,18 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> Feeds:
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{p}: not a readable .npz file ({e})") from e
+    return p, data
+
+
+def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> Feeds:
+    """Load a data file and check it against the model's inputs: names, ranks, fixed dims; cast dtypes."""
+    p, data = _read_npz(path)
+    return checked_feeds(data, model, str(p))
+
+
+def checked_feeds(data: dict[str, np.ndarray], model: onnx.ModelProto, p: str) -> Feeds:
+    """`data` checked against the model's inputs (names, ranks, fixed dims, dtypes) and cast; `p` names the
+    data in the errors."""
     inputs = graph_inputs(model)
     names = [vi.name for vi in inputs]
     missing = [n for n in names if n not in data]
@@ -102,6 +113,23 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> Feeds:
     if len(counts) > 1:
         raise UserError(f"{p}: inputs hold different numbers of samples: {sorted(counts)}")
     return feeds
+
+
+def load_samples(path: str | os.PathLike, model: onnx.ModelProto) -> list[Feeds]:
+    """Samples of differing shapes (images of varying width, say) from an .npz keyed `<input>/<i>`: sample i
+    is {input: array} for every graph input, each array with its own batch axis. Ranks, fixed dims and
+    dtypes are checked against the model as in `load_npz`."""
+    p, data = _read_npz(path)
+    index: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in data.items():
+        name, _, i = key.rpartition("/")
+        if not name or not i.isdigit():
+            raise UserError(f"{p}: key {key!r} is not <input>/<sample number>")
+        index.setdefault(i, {})[name] = arr
+    samples = [checked_feeds(index[i], model, f"{p}: sample {i}") for i in sorted(index, key=int)]
+    if not samples:
+        raise UserError(f"{p}: no samples")
+    return samples
 
 
 def batches(model: onnx.ModelProto, feeds: Feeds, max_batch: int = 64) -> Iterator[Feeds]:

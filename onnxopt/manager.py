@@ -12,6 +12,8 @@
    the model still passes (one threshold cannot know which layers' errors the model tolerates); when no
    threshold passes at all, the steps start from every rewrite undone. The result is never over budget; if
    every rewrite had to be undone, BudgetError says why.
+4. Model-level passes (onnxopt.model_pass: int8 quantization, which rewrites the whole graph in one call)
+   run last, on the model the per-node passes produced, each verified with the same Budget object.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from onnxopt.budget import Budget
 from onnxopt.data import Feeds
 from onnxopt.errors import BudgetError, OnnxoptError
 from onnxopt.graph import finish, is_normalized, normalize, tidy
+from onnxopt.model_pass import ModelContext, ModelPass
 from onnxopt.rewrite import LOCAL_SLACK, Decline, Option, Pass, PassContext, Record, provenance
 from onnxopt.verify import complete_shapes, extra_outputs, run_model
 
@@ -215,7 +218,7 @@ def _finalise(c: Candidate) -> Record:
 
 def optimize(
     model: onnx.ModelProto,
-    passes: list[Pass],
+    passes: list[Pass | ModelPass],
     feeds: Feeds,
     budget: Budget,
     max_error: float = 1e-2,
@@ -224,10 +227,70 @@ def optimize(
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
     threads: int = 1,
+    calibrated: bool = True,
+    samples: list[Feeds] | None = None,
 ) -> Result:
-    """Optimize `model` with `passes` under `budget`. The input proto is not modified: it is copied if it
-    needs normalizing (`graph.normalize` beforehand avoids that copy of a large model)."""
+    """Optimize `model` with `passes` under `budget`: the per-node passes first (plan, apply, fit the budget),
+    then the model-level passes (onnxopt.model_pass) on their result, each within the same budget.
+    `calibrated`: `feeds` are real data, not synthetic; `samples`: calibration samples of differing shapes
+    for the model-level passes (default: `feeds`, one sample at a time). The input proto is not modified: it
+    is copied if it needs normalizing (`graph.normalize` beforehand avoids that copy of a large model)."""
+    node_passes = [p for p in passes if not isinstance(p, ModelPass)]
+    model_passes = [p for p in passes if isinstance(p, ModelPass)]
+    args = (feeds, budget, max_error, settings or {}, dims, progress, log, threads)
+    if not model_passes:
+        return _optimize_nodes(model, node_passes, *args)
+    messages = []
+    try:
+        result = _optimize_nodes(model, node_passes, *args) if node_passes else None
+    except BudgetError as e:
+        result, messages = None, [f"per-node rewrites undone: {e}"]
+    if result is None or not result.changed:
+        normalized = model
+        if not is_normalized(model):  # model-level passes name the nodes they leave alone
+            normalized = onnx.ModelProto()
+            normalized.CopyFrom(model)
+            normalize(normalized)
+        records = result.records if result else []
+        result = Result(
+            normalized, records, False, budget.baseline(), messages + (result.messages if result else [])
+        )
+    return _run_model_passes(
+        result, model_passes, feeds, budget, settings or {}, calibrated, samples, threads, log
+    )
 
+
+def _run_model_passes(result, model_passes, feeds, budget, settings, calibrated, samples, threads, log):
+    """Each model-level pass on the model so far; its records join the report. BudgetError if nothing at
+    all was changed and a model-level pass had to undo its rewrites for the budget."""
+    failures = []
+    for mp in model_passes:
+        ctx = ModelContext(feeds, budget, settings.get(mp.name, {}), calibrated, threads, log, samples)
+        got = mp.run(result.model, ctx)
+        result.records.extend(got.records)
+        result.messages.extend(got.messages)
+        if got.changed:
+            result.model, result.verification, result.changed = got.model, got.verification, True
+        elif got.failure:
+            failures.append(f"{mp.name}: {got.failure}")
+    if not result.changed and failures:
+        raise BudgetError("; ".join(failures))
+    return result
+
+
+def _optimize_nodes(
+    model: onnx.ModelProto,
+    passes: list[Pass],
+    feeds: Feeds,
+    budget: Budget,
+    max_error: float,
+    settings: dict[str, dict[str, str]],
+    dims: dict[str, int] | None,
+    progress: bool,
+    log: Callable[[str], None],
+    threads: int,
+) -> Result:
+    """The per-node passes: plan, apply, fit the budget (see the module doc)."""
     original = model
     if not is_normalized(model):
         original = onnx.ModelProto()

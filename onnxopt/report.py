@@ -65,7 +65,8 @@ def records_table(records: list[dict]) -> str:
     for r in records:
         if r["status"] == "applied":
             d = r["detail"]
-            what = ", ".join(f"{k}={v}" for k, v in d.items() if k in ("rank", "fit", "tile", "activation"))
+            shown = ("rank", "fit", "tile", "activation", "mode")
+            what = ", ".join(f"{k}={v}" for k, v in d.items() if k in shown)
             cost = (
                 f"{_ratio(r['bytes_before'], r['bytes_after'])} bytes, "
                 f"{_ratio(r['flops_before'], r['flops_after'])} FLOPs"
@@ -75,7 +76,11 @@ def records_table(records: list[dict]) -> str:
                     f", {d['ms_before']:.3f} -> {d['ms_after']:.3f} ms ({d['speedup']:.2f}x at "
                     f"{d['threads']} thread(s))"
                 )
-            rows.append([r["node"], r["method"], "applied", f"{cost}, est.err {r['est_error']:.2e} {what}"])
+            err = f"est.err {r['est_error']:.2e}"
+            if "sensitivity" in d:  # a measured error, or why it was not measured
+                v = d["sensitivity"]
+                err = f"sensitivity {v:.2e}" if isinstance(v, float) else f"sensitivity {v}"
+            rows.append([r["node"], r["method"], "applied", f"{cost}, {err} {what}"])
         else:
             rows.append([r["node"], r["method"], r["status"], r["reason"]])
     return table(rows, ["node", "method", "status", "detail"]) if rows else "(no node matched)"

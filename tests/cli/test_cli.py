@@ -186,3 +186,21 @@ def test_model_onnxruntime_rejects_is_a_clean_error(tmp_path, capsys):
     assert main(["optimize", str(p), "-o", str(tmp_path / "o.onnx")]) == 1
     err = capsys.readouterr().err
     assert "onnxruntime cannot load the model" in err and "Traceback" not in err
+
+
+def test_int8_from_the_command_line(tmp_path, capsys):
+    model = conv_net([3, 8, 8], size=11)
+    src, out, rep = tmp_path / "c.onnx", tmp_path / "c.int8.onnx", tmp_path / "r.json"
+    onnx.save(model, str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 11, 11)).astype(np.float32))
+    args = ["-q", "optimize", str(src), "--methods", "int8", "--calib", str(calib), "--no-bench"]
+    assert main([*args, "-o", str(out), "--max-error", "5e-2", "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    recs = [r for r in report["records"] if r["method"] == "int8"]
+    assert len(recs) == 2 and all(r["status"] == "applied" and r["detail"]["mode"] == "static" for r in recs)
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    other = tmp_path / "none.onnx"
+    assert main([*args, "-o", str(other), "--max-error", "1e-8"]) == 2
+    assert "int8: undone" in capsys.readouterr().err and not other.exists()
+    assert main([*args, "-o", str(other), "--set", "int8.mode=int4"]) == 1
