@@ -13,12 +13,24 @@ from onnxopt.passes.depthwise import Depthwise
 from onnxopt.passes.fastfood import Fastfood
 from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.lowrank import LowRank
+from onnxopt.passes.prune import Prune
 from onnxopt.passes.tensor_train import TensorTrain
 from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
 
 METHODS: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, ACDC, TensorTrain)
+    cls.name: cls
+    for cls in (
+        LowRank,
+        Winograd,
+        FFTConv,
+        Depthwise,
+        Circulant,
+        Fastfood,
+        ACDC,
+        TensorTrain,
+        Prune,
+    )
 }
 
 
