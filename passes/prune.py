@@ -11,7 +11,7 @@ error estimate, the CSR layout) is in prune_fit.py.
 Settings: `prune.sparsity=S` (one level), `prune.pattern=unstructured|N:M|RxC` (e.g. 2:4, 1x4, 4x4: R outputs
 by C consecutive inputs, the rows of W^T a sparse kernel streams), `prune.reconstruct=0` (masking only),
 `prune.saliency=magnitude` (Han et al.'s |w| instead of OBS), `prune.restore=R` (prune-and-restore rounds),
-`prune.damping=D`.
+`prune.damping=D`, `prune.layers=all|fc|conv` (which layer kinds to prune).
 
 Emission: the same op with the pruned dense weight (standard ONNX, runs anywhere, compresses well); the
 Record counts params_after as the nonzeros (+ bias) and bytes_after as a CSR of W^T would store them
@@ -64,6 +64,11 @@ class Prune(Pass):
             pattern = fit.parse_pattern(ctx.setting("pattern", str, "unstructured"))
         except ValueError as e:
             return str(e)
+        layers = ctx.setting("layers", str, "all")
+        if layers not in ("all", "fc", "conv"):
+            return f"layers={layers!r} is not all, fc or conv"
+        if layers != ("conv" if node.op == "Conv" else "fc") and layers != "all":
+            return f"{node.op} layers are not selected (prune.layers={layers})"
         problem = conv_problem(node, ctx) if node.op == "Conv" else structured_problem(node, ctx, 1)
         if problem:
             return problem
