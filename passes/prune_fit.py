@@ -52,7 +52,8 @@ BATCH_ELEMENTS = 1 << 23  # float64 elements per batch of gathered systems (64 M
 
 @dataclass(frozen=True)
 class Pattern:
-    """unstructured; nm (keep n of every m consecutive k of one output); block (rows outputs x cols k)."""
+    """A sparsity pattern: unstructured; nm (keep n of every m consecutive k of one output); block (n outputs
+    by m consecutive k)."""
 
     kind: str
     n: int = 1
@@ -253,7 +254,7 @@ def prune(
         keep = select_mask(W.astype(np.float64) ** 2, sparsity, pattern)
         if X is None or not reconstruct:
             return Pruned(np.where(keep, W, 0).astype(np.float32), keep, 0, "magnitude")
-    H, Hinv = factors if factors is not None else _factors(X, damping)
+    H, Hinv = factors if factors is not None else hessian_pair(X, damping)
     hinv_diag = np.diag(Hinv)
     if saliency != "magnitude":
         keep = select_mask(obs_saliency(W, hinv_diag), sparsity, pattern)
@@ -274,14 +275,10 @@ def prune(
     return Pruned(W_new.astype(np.float32), keep, restores, saliency)
 
 
-def _factors(X: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+def hessian_pair(X: np.ndarray, damping: float = DAMPING) -> tuple[np.ndarray, np.ndarray]:
+    """(H, H^-1) of fit rows X (shared by every sparsity of a layer)."""
     H = hessian(X, damping)
     return H, np.linalg.inv(H)
-
-
-def factors(X: np.ndarray, damping: float = DAMPING) -> tuple[np.ndarray, np.ndarray]:
-    """(H, H^-1) of fit rows X (shared by every sparsity of a layer)."""
-    return _factors(X, damping)
 
 
 def relative_error(W: np.ndarray, W_new: np.ndarray, X: np.ndarray | None, bias: np.ndarray | None) -> float:

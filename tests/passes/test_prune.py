@@ -90,7 +90,7 @@ def test_pattern_problem_names_the_shape():
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.8])  # the pruned form, both, the support form
 def test_refit_is_the_masked_least_squares(sparsity):
     W, X = _layer(3)
-    H, Hinv = pf.factors(X)
+    H, Hinv = pf.hessian_pair(X)
     keep = pf.select_mask(np.random.default_rng(4).random(W.shape), sparsity, UNSTRUCTURED)
     got = pf.refit(W, keep, H, Hinv)
     assert np.all(got[~keep] == 0)
@@ -122,7 +122,7 @@ def test_obs_saliency_beats_magnitude_on_uneven_inputs():
 
 def test_prune_and_restore_never_fits_worse():
     W, X = _layer(7, n=600)
-    H, Hinv = pf.factors(X)
+    H, Hinv = pf.hessian_pair(X)
     for s in (0.6, 0.85):
         once = pf.prune(W, X, s, UNSTRUCTURED, restore_steps=0, factors=(H, Hinv))
         more = pf.prune(W, X, s, UNSTRUCTURED, restore_steps=3, factors=(H, Hinv))
@@ -301,6 +301,10 @@ def test_declines_with_reasons():
     result, _ = _run(first, max_error=1.0, samples=4, settings={"pattern": "2:4"})
     reasons = {r.node: r.reason for r in result.records if r.status == "declined"}
     assert "K=9" in reasons["conv0"] and "conv1" not in reasons
+
+    result, _ = _run(first, max_error=1.0, samples=4)
+    reasons = {r.node: r.reason for r in result.records if r.status == "declined"}
+    assert "too few" in reasons["conv0"] and "conv1" not in reasons
 
     bad = _run(mlp([16, 8]), settings={"pattern": "diagonal"})[0]
     assert "not understood" in bad.records[0].reason
