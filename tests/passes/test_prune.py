@@ -335,6 +335,12 @@ def test_sparsity_contradicting_the_pattern_is_declined():
     assert "contradicts" in result.records[0].reason
 
 
+def test_registered_and_opt_in():
+    from onnxopt.passes import METHODS, default_methods
+
+    assert METHODS["prune"] is Prune and "prune" not in default_methods()
+
+
 @pytest.mark.slow
 def test_fashion_mnist_conv_reconstruction_pays(tmp_path):
     """The real classifier's Conv layers at 50% sparsity: the re-fit keeps the top-1 that masking loses."""
