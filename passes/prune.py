@@ -124,6 +124,7 @@ class Prune(Pass):
                         "saliency": p.saliency,
                         "reconstructed": bool(reconstruct and fit_rows is not None),
                         "restores": p.restores,
+                        "refit": p.refit,
                         "shape": [K, N],
                         "nnz": nnz,
                         "sparse_flops": 2 * rows_out * nnz,

@@ -20,8 +20,12 @@ same solution; the smaller system is solved:
     support form   H_SS w'_S = (H w)_S                                          (|S| unknowns)
     pruned form    w' = w - [H^-1]_{:P} ([H^-1]_PP)^-1 w_P                      (|P| unknowns, OBS)
 so the cost per column is min(|S|, |P|)^3, largest at 50% sparsity; columns are sorted by that size and
-solved in batches (LAPACK, float64). SparseGPT's column-by-column update is cheaper (one Cholesky of H^-1
-for all columns) but only approximates this optimum, since a weight it has passed is never revisited.
+solved in batches (LAPACK, float64): ~1 s for a 1024 x 1024 layer at 80% sparsity. SparseGPT's update
+(inputs k in order, each pruned weight's OBS correction applied to the inputs after it, through the Cholesky
+factor of H^-1) costs O(K^2 N) for every mask but only approximates this optimum, since an input it has
+passed is never revisited (Fashion-MNIST's fc1 at 80%, held-out error: masked 0.30, sequential 0.16, exact
+0.06); it takes over only where the exact solve would cost more than MAX_EXACT_REFIT (layers of a few
+thousand inputs and outputs near 50% sparsity).
 
 Prune-and-restore (Gao et al.): after a re-fit, the mask is chosen again from the refitted weights, pruned
 ones included: a kept weight scores its removal cost w'_k^2 / [H^-1]_kk, a pruned weight the error its
@@ -44,6 +48,8 @@ import numpy as np
 
 DAMPING = 0.1  # of the mean diagonal of X^T X / n (measured best of 0.01, 0.1, 1 on few rows)
 RESTORE_STEPS = 2
+# Above this many multiply-adds per re-fit (seconds here) the exact solve gives way to the sequential one.
+MAX_EXACT_REFIT = 1e11
 BATCH_ELEMENTS = 1 << 23  # float64 elements per batch of gathered systems (64 MiB)
 
 
@@ -176,6 +182,31 @@ def refit(W: np.ndarray, keep: np.ndarray, H: np.ndarray, Hinv: np.ndarray) -> n
     return out
 
 
+def refit_cost(keep: np.ndarray) -> float:
+    """Multiply-adds of `refit` (LU of the smaller system per column, 2/3 s^3)."""
+    kept = keep.sum(axis=0).astype(np.float64)
+    return float(np.sum(np.minimum(kept, keep.shape[0] - kept) ** 3) * 2 / 3)
+
+
+def refit_sequential(W: np.ndarray, keep: np.ndarray, Hinv: np.ndarray, block: int = 128) -> np.ndarray:
+    """SparseGPT's update for a fixed mask (the module doc's fallback for large layers): inputs k in order,
+    each pruned w_kn removed with the OBS correction of the inputs after k, through the upper Cholesky factor
+    U of H^-1 (H^-1 = U^T U); the corrections of a block of inputs reach the later ones in one product."""
+    Wd = W.astype(np.float64).copy()
+    U = np.linalg.cholesky(Hinv).T  # upper: row k holds the OBS direction of input k over inputs >= k
+    K = W.shape[0]
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        Ub, Wb = U[i1:i2, i1:i2], Wd[i1:i2]
+        E = np.zeros_like(Wb)
+        for k in range(i2 - i1):
+            e = np.where(keep[i1 + k], 0.0, Wb[k] / Ub[k, k])
+            Wb[k:] -= np.outer(Ub[k, k:], e)
+            E[k] = e
+        Wd[i2:] -= U[i1:i2, i2:].T @ E
+    return np.where(keep, Wd, 0.0)
+
+
 def _batches(keep: np.ndarray, columns: list[int], on_support: bool):
     """(positions into `columns`, index matrix, validity) per batch: each column's support (or pruned set)
     padded to the batch's largest, columns sorted by that size so the padding stays small, and a batch's
@@ -235,6 +266,7 @@ class Pruned:
     keep: np.ndarray
     restores: int  # prune-and-restore rounds that improved the fit
     saliency: str
+    refit: str = "none"  # "exact", "sequential" (SparseGPT's update, for large layers) or "none"
 
 
 def prune(
@@ -260,19 +292,24 @@ def prune(
         keep = select_mask(obs_saliency(W, hinv_diag), sparsity, pattern)
     if not reconstruct:
         return Pruned(np.where(keep, W, 0).astype(np.float32), keep, 0, saliency)
-    W_new = refit(W, keep, H, Hinv)
+    exact = refit_cost(keep) <= MAX_EXACT_REFIT
+
+    def solve(mask: np.ndarray) -> np.ndarray:
+        return refit(W, mask, H, Hinv) if exact else refit_sequential(W, mask, Hinv)
+
+    W_new = solve(keep)
     err = fit_error(W, W_new, H)
     restores = 0
     for _ in range(restore_steps):
         keep2 = select_mask(restore_scores(W, W_new, keep, H, hinv_diag), sparsity, pattern)
         if np.array_equal(keep2, keep):
             break
-        W2 = refit(W, keep2, H, Hinv)
+        W2 = solve(keep2)
         err2 = fit_error(W, W2, H)
         if err2 >= err:
             break
         keep, W_new, err, restores = keep2, W2, err2, restores + 1
-    return Pruned(W_new.astype(np.float32), keep, restores, saliency)
+    return Pruned(W_new.astype(np.float32), keep, restores, saliency, "exact" if exact else "sequential")
 
 
 def hessian_pair(X: np.ndarray, damping: float = DAMPING) -> tuple[np.ndarray, np.ndarray]:

@@ -100,6 +100,27 @@ def test_refit_is_the_masked_least_squares(sparsity):
         np.testing.assert_allclose(got[S, n], direct, rtol=1e-8, atol=1e-8, err_msg=f"column {n}")
 
 
+def test_sequential_refit_between_masking_and_the_exact_optimum():
+    W, X = _layer(13)
+    H, Hinv = pf.hessian_pair(X)
+    for s in (0.5, 0.8):
+        keep = pf.select_mask(pf.obs_saliency(W, np.diag(Hinv)), s, UNSTRUCTURED)
+        seq = pf.refit_sequential(W, keep, Hinv, block=16)  # blocks smaller than K: the lazy updates too
+        assert np.all(seq[~keep] == 0)
+        errors = [pf.fit_error(W, w, H) for w in (pf.refit(W, keep, H, Hinv), seq, np.where(keep, W, 0.0))]
+        assert errors[0] <= errors[1] * (1 + 1e-9) and errors[1] < errors[2], (s, errors)
+    np.testing.assert_allclose(pf.refit_sequential(W, np.ones(W.shape, bool), Hinv), W, rtol=1e-12)
+
+
+def test_large_layers_take_the_sequential_refit(monkeypatch):
+    W, X = _layer(14)
+    monkeypatch.setattr(pf, "MAX_EXACT_REFIT", 0.0)
+    p = pf.prune(W, X, 0.6, UNSTRUCTURED)
+    assert p.refit == "sequential" and np.count_nonzero(p.weight) == round(0.4 * W.size)
+    monkeypatch.setattr(pf, "MAX_EXACT_REFIT", 1e11)
+    assert pf.prune(W, X, 0.6, UNSTRUCTURED).refit == "exact"
+
+
 def test_reconstruction_lowers_the_held_out_error():
     W, X = _layer(5, n=600)
     fit_rows, held = X[0::2], X[1::2]
