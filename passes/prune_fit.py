@@ -49,7 +49,7 @@ import numpy as np
 DAMPING = 0.1  # of the mean diagonal of X^T X / n (measured best of 0.01, 0.1, 1 on few rows)
 RESTORE_STEPS = 2
 # Above this many multiply-adds per re-fit (seconds here) the exact solve gives way to the sequential one.
-MAX_EXACT_REFIT = 1e11
+MAX_EXACT_REFIT = 2e11
 BATCH_ELEMENTS = 1 << 23  # float64 elements per batch of gathered systems (64 MiB)
 
 
