@@ -364,7 +364,7 @@ def test_registered_and_opt_in():
 
 @pytest.mark.slow
 def test_fashion_mnist_conv_reconstruction_pays(tmp_path):
-    """The real classifier's Conv layers at 50% sparsity: the re-fit keeps the top-1 that masking loses."""
+    """The real classifier's Conv layers at 70% sparsity: the re-fit keeps the top-1 that masking loses."""
     from models import fashion_mnist
     from onnxopt import make_session
     from onnxopt.data import load_npz
@@ -373,11 +373,11 @@ def test_fashion_mnist_conv_reconstruction_pays(tmp_path):
     feeds = load_npz(fashion_mnist.write_calibration(tmp_path / "calib.npz", n=128), model)
     top1 = {}
     for rec in ("1", "0"):
-        settings = {"layers": "conv", "sparsity": "0.5", "restore": "0", "reconstruct": rec}
+        settings = {"layers": "conv", "sparsity": "0.7", "restore": "0", "reconstruct": rec}
         result = optimize(
             model, [Prune()], feeds, OutputBudget(model, feeds, 10.0), 10.0, settings={"prune": settings}
         )
         top1[rec] = fashion_mnist.top1(make_session(result.model.SerializeToString()), n=2000)
     base = fashion_mnist.top1(make_session(model.SerializeToString()), n=2000)
-    # measured: 93.5 original, 90.2 re-fitted, 50.9 masked (2,000 test images)
-    assert top1["1"] > top1["0"] + 10.0 and base - top1["1"] < 6.0, (base, top1)
+    # measured: 93.5 original, 92.85 re-fitted, 70.7 masked (2,000 test images)
+    assert top1["1"] > top1["0"] + 10.0 and base - top1["1"] < 2.0, (base, top1)
