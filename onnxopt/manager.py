@@ -9,8 +9,9 @@
    compressive option under a threshold tau on the estimated error, and tau is bisected over the options'
    estimated errors (a few verifications, not one per option) to the largest that passes. Then a few greedy
    per-node steps: the node whose next more compressive option saves the most tries it alone and keeps it if
-   the model still passes (one threshold cannot know which layers' errors the model tolerates). The result
-   is never over budget; if every rewrite had to be undone, BudgetError says why.
+   the model still passes (one threshold cannot know which layers' errors the model tolerates); when no
+   threshold passes at all, the steps start from every rewrite undone. The result is never over budget; if
+   every rewrite had to be undone, BudgetError says why.
 """
 
 from __future__ import annotations
@@ -334,7 +335,12 @@ def _fit_budget(original, passes, candidates, budget, progress, log):
         probe = (lo + hi + 1) // 2
     bar.close()
     if best is None:
-        return None, None, failures
+        # Even the least lossy threshold failed, which may be one layer's doing: start from every rewrite
+        # undone and let the greedy steps add the ones the model tolerates, one at a time.
+        for c in candidates:
+            c.choice = len(c.options)
+        optimized, summary = _refine(original, passes, candidates, budget, None, None, log)
+        return optimized, summary, failures
     summary, index = best
     if index != probe:  # the last attempt failed: rebuild the best one that passed (deterministic)
         _choose(candidates, taus[index])

@@ -7,6 +7,7 @@ trained W that has structure along K is not fitted systematically worse), and P 
 b x b circulant blocks circ(c_ij)[m, n] = c_ij[(m - n) mod b]. The op computes output block j as
 y_j = irfft( sum_i conj(rfft(c_ij)) . rfft((D x)_i) ) (a circular correlation, onnxopt.reference.circulant).
 Params K N / b (+ K signs); the full-circulant case is one block, b = the padded max(K, N).
+A pointwise (1x1) Conv is the same map on every pixel: it runs channels-last between two Transposes.
 
 Plain fit (no data). Since D^-1 = D, fit P to D W block by block: the Frobenius-nearest circulant matrix to a
 b x b block A averages its wrapped diagonals, c[k] = (1/b) sum_m A[m, (m - k) mod b] (the circulants are
@@ -32,7 +33,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
-from onnxopt.passes.dense import dense_bias, dense_weight, pad_last_axis, structured_problem
+from onnxopt.passes.dense import (
+    channels_last,
+    dense_bias,
+    dense_weight,
+    input_rows,
+    output_rows,
+    pad_last_axis,
+    structured_problem,
+)
 from onnxopt.reference.circulant import circulant_matmul
 from onnxopt.rewrite import (
     Decline,
@@ -148,10 +157,10 @@ def fit(
 
 class Circulant(Pass):
     name = "circulant"
-    op_types = ("Gemm", "MatMul")
+    op_types = ("Gemm", "MatMul", "Conv")
     lossy = True
     default = False
-    summary = "Gemm/MatMul -> CirculantMatMul (block-circulant weight with sign flip, FFT custom op)"
+    summary = "Gemm/MatMul/1x1 Conv -> CirculantMatMul (block-circulant weight with sign flip, FFT custom op)"
     custom_ops = ("CirculantMatMul",)
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
@@ -169,12 +178,12 @@ class Circulant(Pass):
         K, N = W.shape
         bias = dense_bias(node, N)
         X = ctx.activations.get(node.inputs[0].name)
-        X = X.reshape(-1, K) if X is not None else None
+        X = input_rows(node, X, K) if X is not None else None
         data_aware = ctx.setting("data_aware", lambda v: v.lower() not in ("0", "false", "no"), True)
         fixed = ctx.setting("block", int)
         sizes = [fixed] if fixed is not None else block_sizes(K, N)
         rank = len(ctx.shapes[node.inputs[0].name])
-        rows = int(np.prod(ctx.shapes.get(node.outputs[0].name, (1, N))[:-1]))
+        rows = output_rows(node, ctx, N)
         options, tried = [], []
         for b in sizes:
             if b < 2 or b & (b - 1):
@@ -210,8 +219,9 @@ class Circulant(Pass):
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
             C, s = load()
             Kp, Np = s.shape[0], C.shape[1] * b
-            x, y = node.inputs[0], node.outputs[0]
-            x, nodes = pad_last_axis(x, Kp - K, rank, prefix)
+            x, y, nodes, tail = channels_last(node, prefix)
+            x, pad = pad_last_axis(x, Kp - K, rank, prefix)
+            nodes += pad
             inputs = [x, gs.Constant(new_name(prefix, "C"), C), gs.Constant(new_name(prefix, "S"), s)]
             if bias is not None:
                 inputs.append(
@@ -234,6 +244,6 @@ class Circulant(Pass):
                     for n, v in (("starts", 0), ("ends", N), ("axes", -1))
                 ]
                 nodes.append(gs.Node("Slice", new_name(prefix, "crop"), inputs=[out, *const], outputs=[y]))
-            return replace_node(graph, node, nodes)
+            return replace_node(graph, node, nodes + tail)
 
         return emit

@@ -2,7 +2,7 @@
 
 W = L diag(s) Q^T;  W_r = (L_r s_r^{1/2}) (s_r^{1/2} Q_r^T) = U V, U: K x r, V: r x N.
 y = x W + b  ->  y = (x U) V + b: params and FLOPs fall from K·N to r·(K + N), a gain only for
-r < K·N / (K + N).
+r < K·N / (K + N); a rank is offered only where it cuts them by MIN_GAIN (1.25x).
 Plain: L = P from the SVD W = P diag(s) Q^T, the best rank r in ||W - W_r||_F.
 Data-aware (default when calibration activations X, the rows of the layer's input, are known): with
 C = X^T X / n + d·mean(eig C)·I (damping d keeps directions the calibration data never visits) and
@@ -10,6 +10,9 @@ S = C^{1/2}, the SVD S W = P diag(s) Q^T gives L = S^{-1} P, the best rank r in 
 layer's outputs, not its weights, are what must stay close.
 Either way W - W_r = sum_{i>r} L_i s_i q_i^T with orthonormal q_i, so the error on X is
 ||X W - X W_r||_F^2 = sum_{i>r} s_i^2 ||X L_i||^2, relative to ||X W + b||_F.
+Output-aware (default when the layer feeds one more constant Gemm/MatMul, through a ReLU or not): the
+error is weighted by what that next layer passes on, and measured at its output (lowrank_output.py);
+`--set lowrank.output_aware=0` keeps the data-aware fit.
 The rank is the smallest whose estimate fits the budget (or `--set lowrank.rank=R`); less lossy options
 (the error halved, quartered, ...) are offered for the pass manager's rollback.
 Conv layers (group 1) are factorized into chains of Convs with `--set lowrank.conv=1`: see lowrank_conv.py.
@@ -22,6 +25,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight
+from onnxopt.passes.lowrank_output import (
+    NextLayer,
+    next_layer,
+    next_output_norm,
+    output_aware_svd,
+    output_weight,
+)
+from onnxopt.passes.lowrank_output import error_by_rank as output_error_by_rank
 from onnxopt.rewrite import (
     LOCAL_SLACK,
     Decline,
@@ -34,6 +45,10 @@ from onnxopt.rewrite import (
 )
 
 MAX_ROWS = 8192
+# A factorization must cut the layer's params at least this much: below it, the extra node costs about what
+# the smaller GEMMs save, and a near-full-rank factor of a small layer (a 1024x10 head at rank 9 saves 10%)
+# would spend the model's error budget that a large layer turns into real savings.
+MIN_GAIN = 1.25
 STEPS = 8  # number of progressively less lossy options offered per node (tolerance halved each)
 DAMPING = 0.01  # of the mean eigenvalue of X^T X / n, added to its diagonal
 
@@ -94,8 +109,8 @@ def error_by_rank(
 
 
 def max_useful_rank(K: int, N: int) -> int:
-    """Largest rank that still cuts params and FLOPs: r (K + N) < K N."""
-    return (K * N - 1) // (K + N)
+    """Largest rank that cuts params and FLOPs by at least MIN_GAIN: r (K + N) MIN_GAIN <= K N."""
+    return int(K * N / (MIN_GAIN * (K + N)))
 
 
 def rows(X: np.ndarray, K: int, seed: int = 0) -> np.ndarray:
@@ -136,6 +151,21 @@ def fit(
     if _first_fit(err_weighted, tol, r_max) < _first_fit(err_plain, tol, r_max):
         return "data-aware", weighted, err_weighted
     return "plain", plain, err_plain
+
+
+def _flag(value: str) -> bool:
+    return value.lower() not in ("0", "false", "no")
+
+
+def output_aware_fit(
+    W: np.ndarray, X: np.ndarray, bias: np.ndarray | None, nxt: NextLayer
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """(factors, err by rank) of the output-aware fit (lowrank_output), fitted on every other row of X and
+    measured, relative to the next layer's output, on the rest."""
+    train, held = X[0::2], X[1::2]
+    factors = output_aware_svd(W, train, output_weight(train, W, bias, nxt))
+    norm = next_output_norm(held, W, bias, nxt)
+    return factors, output_error_by_rank(factors[0], factors[1], held, norm)
 
 
 def tolerance_ladder(tol: float) -> list[float]:
@@ -181,9 +211,12 @@ class LowRank(Pass):
         bias = dense_bias(node, N)
         X = ctx.activations.get(node.inputs[0].name)
         X = rows(X, K) if X is not None else None
-        data_aware = ctx.setting("data_aware", lambda v: v.lower() not in ("0", "false", "no"), True)
+        data_aware = ctx.setting("data_aware", _flag, True)
         r_max = min(max_useful_rank(K, N), K, N)
         kind, factors, err = fit(W, X, bias, ctx.local_tolerance, r_max, data_aware)
+        if X is not None and len(X) >= 4 and data_aware and ctx.setting("output_aware", _flag, True):
+            if (nxt := next_layer(node, {t.name for t in ctx.graph.outputs}, N)) is not None:
+                kind, factors, err = "output-aware", *output_aware_fit(W, X, bias, nxt)
         fixed = ctx.setting("rank", int)
         if fixed is not None:
             if not 1 <= fixed <= r_max:
@@ -199,8 +232,9 @@ class LowRank(Pass):
                         ranks.append(r)
             if not ranks:
                 raise Decline(
-                    f"no rank up to {r_max} (where it stops paying off) fits: error at rank {r_max} is "
-                    f"{err[r_max]:.3g} > {ctx.local_tolerance:g} ({LOCAL_SLACK:g}x the budget)"
+                    f"no rank up to {r_max} (where it stops cutting the layer by {MIN_GAIN:g}x) fits: "
+                    f"error at rank {r_max} is {err[r_max]:.3g} > {ctx.local_tolerance:g} "
+                    f"({LOCAL_SLACK:g}x the budget)"
                 )
         M_rows = int(np.prod(ctx.shapes.get(node.outputs[0].name, (1, N))[:-1]))
         # The factors every option needs (up to the least lossy one's rank) wait on disk, not in memory.

@@ -101,3 +101,30 @@ def test_refine_steps_each_node_alone_and_keeps_what_fits(monkeypatch):
     model, summary = manager._refine(None, [], [big, small], Budget(), "start", {}, lambda s: None)
     assert (big.choice, small.choice) == (0, 1)
     assert model == (0, 1) and summary == {"choices": (0, 1)}
+
+
+def test_when_no_threshold_passes_single_rewrites_are_still_tried(monkeypatch):
+    """A layer whose estimate is far too low fails every threshold of the bisection (its least lossy option
+    has the smallest estimate); the greedy steps from 'all undone' still keep the other layer's rewrite."""
+    import onnxopt.manager as manager
+    from onnxopt.rewrite import Option, Record
+
+    def option(err, nbytes):
+        return Option(err, 0, nbytes, 0, emit=None)
+
+    liar = manager.Candidate(0, Record("m", "liar", "Gemm", "applied", bytes_before=100), [option(1e-4, 50)])
+    good = manager.Candidate(
+        0, Record("m", "good", "Gemm", "applied", bytes_before=1000), [option(0.05, 100), option(0.01, 300)]
+    )
+    monkeypatch.setattr(manager, "build", lambda original, passes, candidates: (liar.choice, good.choice))
+
+    class Budget:  # any model with the liar's rewrite is over budget; the good node's options all pass
+        def check(self, model):
+            return model[0] != 0, {"choices": model}
+
+        def summarise(self, measured):
+            return f"choices {measured['choices']}"
+
+    model, summary, failures = manager._fit_budget(None, [], [liar, good], Budget(), False, lambda s: None)
+    assert (liar.choice, good.choice) == (1, 0)
+    assert model == (1, 0) and summary == {"choices": (1, 0)} and failures

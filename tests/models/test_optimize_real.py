@@ -76,7 +76,9 @@ def test_ocr_models_optimize_verify_and_load(tmp_path, which, methods):
         "cls": ocr.write_cls_calibration,
     }
     calib = writer[which](tmp_path / "calib.npz", n=2 if which == "det" else 8)
-    result, feeds = _optimize(model, calib, methods)
+    # The recognizer's SVTR layers barely factorize at the default budget: a looser one makes sure this
+    # tests rewriting, verifying and loading it.
+    result, feeds = _optimize(model, calib, methods, max_error=5e-2 if which == "rec" else 1e-2)
     _plain_session(result.model).run(None, take(feeds, 1))
     if which == "det":  # PP-OCRv4's detector has both dense 3x3 and depthwise 3x3 convolutions
         ops = {n.op_type for n in result.model.graph.node}

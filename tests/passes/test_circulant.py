@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from models.synthetic import mlp
+from models.synthetic import conv_net, mlp
 from onnxopt.budget import OutputBudget
 from onnxopt.data import synthetic_inputs
 from onnxopt.manager import optimize
@@ -124,3 +124,49 @@ def test_random_dense_layer_is_declined_with_reason():
     assert not result.changed
     fc0 = next(r for r in result.records if r.node == "fc0")
     assert fc0.status in ("declined", "undone") and "block-circulant" in fc0.reason, fc0.as_dict()
+
+
+def _circulant_pointwise(b: int, size: int = 5) -> onnx.ModelProto:
+    """conv_net 96 -> 80 -> 8, 1x1 kernels, the first weight an exactly block-circulant D P (as C x M)."""
+    model = conv_net([96, 80, 8], size=size, kernel=1, pads=0, seed=5)
+    C = (np.random.default_rng(6).standard_normal((96 // b, 80 // b, b)) / np.sqrt(96)).astype(np.float32)
+    W = dense_weight(C, signs(96)).astype(np.float32).T[:, :, None, None].copy()
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "W0":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(W, "W0"))
+    return model
+
+
+def test_pointwise_conv_runs_channels_last_and_exact():
+    model = _circulant_pointwise(16)
+    result, feeds = _run(model, max_error=1e-3)
+    conv0 = next(r for r in result.records if r.node == "conv0")
+    assert conv0.status == "applied", [r.as_dict() for r in result.records]
+    assert conv0.detail["block"] == 16 and conv0.detail["padded"] == [96, 80]
+    onnx.checker.check_model(result.model)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("Transpose") == 2 and ops.count("CirculantMatMul") == 1, ops
+    assert max(e.rel_l2 for e in compare_models(model, result.model, feeds)) <= 1e-5
+    conv1 = next(r for r in result.records if r.node == "conv1")
+    assert conv1.status == "declined" and "too small" in conv1.reason
+
+
+def test_padded_pointwise_conv_pads_channels_and_crops():
+    model = conv_net([80, 96, 8], size=4, kernel=1, pads=0, seed=8)
+    result, feeds = _run(model, max_error=10.0, settings={"circulant": {"block": "64"}})
+    conv0 = next(r for r in result.records if r.node == "conv0")
+    assert conv0.status == "applied" and conv0.detail["padded"] == [128, 128], conv0.as_dict()
+    onnx.checker.check_model(result.model, full_check=True)
+    assert max(e.rel_l2 for e in compare_models(model, result.model, feeds)) < 1.5
+
+
+def test_convs_that_are_not_pointwise_are_declined_with_reason():
+    for model, why in (
+        (conv_net([64, 64, 8], kernel=3), "not a 1x1 kernel"),
+        (conv_net([64, 64, 8], kernel=1, pads=0, strides=2), "stride 1"),
+        (conv_net([64, 64, 8], kernel=1, pads=1), "padded"),
+        (conv_net([64, 64, 8], kernel=1, pads=0, group=2), "group 1"),
+    ):
+        result, _ = _run(model, max_error=10.0, settings={"circulant": {"block": "64"}})
+        conv0 = next(r for r in result.records if r.node == "conv0")
+        assert conv0.status == "declined" and why in conv0.reason, conv0.as_dict()

@@ -10,7 +10,7 @@ from models.synthetic import dense_weight, mlp
 from onnxopt.budget import OutputBudget
 from onnxopt.data import synthetic_inputs
 from onnxopt.manager import optimize
-from onnxopt.passes.lowrank import LowRank, error_by_rank, factorize, max_useful_rank
+from onnxopt.passes.lowrank import MIN_GAIN, LowRank, error_by_rank, factorize, max_useful_rank
 from onnxopt.verify import compare_models
 
 
@@ -55,7 +55,7 @@ def test_error_decreases_with_rank():
 def test_max_useful_rank_cuts_params():
     for k, n in [(64, 64), (100, 10), (7, 5)]:
         r = max_useful_rank(k, n)
-        assert r * (k + n) < k * n <= (r + 1) * (k + n)
+        assert r * (k + n) * MIN_GAIN <= k * n < (r + 1) * (k + n) * MIN_GAIN
 
 
 @pytest.mark.parametrize("use_gemm,trans_b", [(True, False), (True, True), (False, False)])
