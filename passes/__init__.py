@@ -16,13 +16,14 @@ from onnxopt.passes.fastfood import Fastfood
 from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.int8 import Int8
 from onnxopt.passes.lowrank import LowRank
+from onnxopt.passes.prune import Prune
 from onnxopt.passes.tensor_train import TensorTrain
 from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
 
 METHODS: dict[str, type[Pass] | type[ModelPass]] = {
     cls.name: cls
-    for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, ACDC, TensorTrain, Int8)
+    for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, ACDC, TensorTrain, Prune, Int8)
 }
 
 
