@@ -14,10 +14,10 @@ by C consecutive inputs, the rows of W^T a sparse kernel streams), `prune.recons
 `prune.damping=D`, `prune.layers=all|fc|conv` (which layer kinds to prune), `prune.min_k=K` (layers
 whose outputs see fewer inputs are declined, default MIN_K).
 
-Emission: the same op with the pruned dense weight (standard ONNX, runs anywhere, compresses well); the
-Record counts params_after as the nonzeros (+ bias) and bytes_after as a CSR of W^T would store them
-(prune_fit.csr_bytes), FLOPs as the dense op still computes them (detail["sparse_flops"]: what a sparse
-kernel streaming only the nonzeros would do). prune_fit.to_csr gives that CSR for SparseGemm/SparseConv.
+Emission (prune_sparse.py): per level, SparseGemm / SparseConv over the CSR of the pruned weight where the
+layer measures faster that way, else the same op with the pruned dense weight (standard ONNX, runs anywhere,
+smaller once the file is compressed). The Record counts params_after as the nonzeros (+ bias); bytes_after
+and FLOPs as the emitted form stores and computes them (CSR and 2 per kept weight, or the dense weight).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.passes import prune_fit as fit
+from onnxopt.passes import prune_sparse as sparse_exec
 from onnxopt.passes.convolution import has_bias
 from onnxopt.passes.dense import dense_bias, dense_kn, dense_weight, structured_problem
 from onnxopt.passes.lowrank import MAX_ROWS, rows
@@ -104,19 +105,21 @@ class Prune(Pass):
             if reconstruct or saliency == "obs":
                 factors = fit.hessian_pair(fit_rows, ctx.setting("damping", float, fit.DAMPING))
         dense_flops = 2 * rows_out * K * N
-        options = []
+        extra = N if bias is not None else 0
+        dense_bytes = 4 * (K * N + extra)  # a dense weight holding zeros is stored in full
+        options, loads = [], []
         for s in levels:
             p = fit.prune(W, fit_rows, s, pattern, reconstruct, saliency, restore, factors=factors)
             err = fit.relative_error(W, p.weight, held, bias)
             nnz = int(np.count_nonzero(p.weight))
-            extra = N if bias is not None else 0
+            loads.append(ctx.park(p.weight))
             options.append(
                 Option(
                     est_error=err,
                     params_after=nnz + extra,
-                    bytes_after=fit.csr_bytes(nnz, N) + 4 * extra,
+                    bytes_after=dense_bytes,
                     flops_after=dense_flops,
-                    emit=self._emitter(ctx.park(p.weight)),
+                    emit=self._emitter(loads[-1]),
                     detail={
                         "sparsity": round(1.0 - nnz / (K * N), 4),
                         "target": s,
@@ -127,13 +130,21 @@ class Prune(Pass):
                         "refit": p.refit,
                         "shape": [K, N],
                         "nnz": nnz,
-                        "sparse_flops": 2 * rows_out * nnz,
                         "emitted": "dense",
                     },
                 )
             )
             if err <= ctx.local_tolerance * FLOOR:
                 break
+        for o, load, sparse in zip(
+            options, loads, sparse_exec.choose(node, ctx, options, loads, bias), strict=True
+        ):
+            if sparse:  # the file holds the CSR, and the kernel does 2 multiply-adds per kept weight
+                nnz = o.detail["nnz"]
+                o.bytes_after = fit.csr_bytes(nnz, N) + 4 * extra
+                o.flops_after = 2 * rows_out * nnz
+                o.emit = sparse_exec.emitter(load, bias, True, o.emit)
+                o.detail["emitted"] = "sparse"
         return options
 
     def _emitter(self, load):

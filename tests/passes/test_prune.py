@@ -200,9 +200,10 @@ def test_to_csr_round_trip():
 def _run(model, max_error=5e-2, settings=None, samples=64, feeds=None):
     feeds = feeds or synthetic_inputs(model, samples=samples, seed=1)
     budget = OutputBudget(model, feeds, max_error)
-    result = optimize(
-        model, [Prune()], feeds, budget, max_error=max_error, settings={"prune": settings or {}}
-    )
+    # Dense emission unless a test asks otherwise: these tests read the pruned weights back from the graph,
+    # and the measured choice of sparse execution (tests/passes/test_prune_sparse.py) depends on timing.
+    settings = {"sparse": "0", **(settings or {})}
+    result = optimize(model, [Prune()], feeds, budget, max_error=max_error, settings={"prune": settings})
     return result, feeds
 
 
@@ -251,7 +252,8 @@ def test_gemm_pruned_at_the_fixed_sparsity(alpha, beta, trans_b):
     W = _weights(result.model)[node.input[1]]
     assert W.shape == ((32, 64) if trans_b else (64, 32))
     assert np.count_nonzero(W) == 1024 and rec.params_after == 1024 + 32
-    assert rec.bytes_after == 8 * 1024 + 8 * 33 + 4 * 32 and rec.detail["sparsity"] == 0.5
+    # Emitted dense (the test's sparse=0), the file keeps the full weight with its zeros.
+    assert rec.bytes_after == 4 * (64 * 32 + 32) and rec.detail["sparsity"] == 0.5
 
 
 def test_matmul_mlp_within_budget_and_sparse():

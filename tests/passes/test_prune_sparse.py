@@ -1,0 +1,75 @@
+"""prune's sparse execution: SparseGemm / SparseConv emitted in place of dense pruned weights, exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from models.synthetic import conv_net, mlp
+from onnxopt.budget import OutputBudget
+from onnxopt.data import synthetic_inputs
+from onnxopt.library import session_for
+from onnxopt.manager import optimize
+from onnxopt.passes.prune import Prune
+
+
+def _run(model, settings, max_error=10.0, samples=32):
+    feeds = synthetic_inputs(model, samples=samples, seed=1)
+    budget = OutputBudget(model, feeds, max_error)
+    return optimize(model, [Prune()], feeds, budget, max_error, settings={"prune": settings}), feeds
+
+
+def _outputs(model, feeds):
+    return session_for(model, 1).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize(
+    "model,op",
+    [
+        (mlp([40, 72, 24, 10], seed=3), "SparseGemm"),
+        (mlp([40, 72, 24, 10], seed=3, use_gemm=False), "SparseGemm"),
+        (mlp([40, 72, 24, 10], seed=3, trans_b=True), "SparseGemm"),
+        (conv_net([8, 20, 12], size=9, kernel=3, pads=1), "SparseConv"),
+        (conv_net([8, 20, 12], size=9, kernel=3, pads=0, strides=2), "SparseConv"),
+    ],
+)
+def test_sparse_execution_matches_the_dense_pruned_model(model, op):
+    fixed = {"sparsity": "0.8", "min_k": "1"}
+    sparse, feeds = _run(model, {**fixed, "sparse": "1"})
+    dense, _ = _run(model, {**fixed, "sparse": "0"})
+    ops = [n.op_type for n in sparse.model.graph.node]
+    assert op in ops, ops
+    assert op not in [n.op_type for n in dense.model.graph.node]
+    onnx.checker.check_model(sparse.model, full_check=True)
+    for r in sparse.records:
+        if r.status == "applied":
+            assert r.detail["emitted"] == "sparse"
+            assert r.flops_after == 2 * r.detail["nnz"] * (r.flops_before // (2 * np.prod(r.detail["shape"])))
+            assert r.bytes_after < r.bytes_before
+    y_sparse, y_dense = _outputs(sparse.model, feeds), _outputs(dense.model, feeds)
+    scale = np.abs(y_dense).max()
+    np.testing.assert_allclose(y_sparse, y_dense, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("sparsity,expect", [("0.5", "dense"), ("0.9", "sparse")])
+def test_without_timing_sparse_from_the_threshold_up(sparsity, expect):
+    model = mlp([64, 96, 10], seed=4)
+    result, _ = _run(model, {"sparsity": sparsity, "measure": "0"})
+    applied = [r for r in result.records if r.status == "applied"]
+    assert applied and all(r.detail["emitted"] == expect for r in applied), [r.detail for r in applied]
+
+
+def test_measured_choice_records_its_timings():
+    model = mlp([256, 256, 10], seed=5)
+    result, _ = _run(model, {"sparsity": "0.9"})
+    fc0 = next(r for r in result.records if r.node == "fc0")
+    assert fc0.status == "applied"
+    assert fc0.detail["emitted"] in ("sparse", "dense")
+    assert fc0.detail["ms_dense"] > 0 and fc0.detail["ms_sparse_est"] > 0
+
+
+def test_unknown_sparse_mode_is_declined_with_the_reason():
+    result, _ = _run(mlp([64, 96, 10]), {"sparsity": "0.9", "sparse": "maybe"})
+    assert not result.changed
+    assert all("prune.sparse='maybe'" in r.reason for r in result.records if r.node.startswith("fc"))
