@@ -59,7 +59,7 @@ class Prune(Pass):
     name = "prune"
     op_types = ("Gemm", "MatMul", "Conv")
     lossy = True
-    default = False  # opt-in until the sparse kernels make the pruned layers faster
+    default = False  # opt-in: planning re-fits every layer at every sparsity level (minutes on a real model)
     summary = (
         "Gemm/MatMul/Conv -> the same op with a pruned weight (OBS or magnitude mask, least-squares re-fit)"
     )
