@@ -109,6 +109,7 @@ def plan(
     consumers = _consumers(graph)
     declined: list[Record] = []
     claimed: set[str] = set()
+    owned: dict[str, tuple[str, str]] = {}  # node -> the candidate whose rewrite also changes it (Pass.owned)
     pending: list[tuple[int, Pass, gs.Node, PassContext]] = []
     for i, p in enumerate(passes):
         ctx = PassContext(
@@ -123,12 +124,17 @@ def plan(
         for node in graph.nodes:
             if node.name in claimed or not p.match(node):
                 continue
+            if node.name in owned and owned[node.name][0] != p.name:
+                why = f"its rewrite by {owned[node.name][0]} of {owned[node.name][1]} changes this node"
+                declined.append(Record(p.name, node.name, node.op, "declined", why))
+                continue
             reason = p.check(node, ctx)
             if reason:
                 declined.append(Record(p.name, node.name, node.op, "declined", reason))
             else:
                 claimed.add(node.name)
                 pending.append((i, p, node, ctx))
+                owned.update((name, (p.name, node.name)) for name in p.owned(node, ctx))
     wanted = {t for _, p, node, _ in pending for t in p.activations_needed(node)}
     activations = _capture(model, feeds, wanted) if wanted else {}
     candidates = []
@@ -150,7 +156,7 @@ def plan(
                 declined.append(Record(p.name, node.name, node.op, "declined", why))
                 continue
             options = fits
-        before = _node_cost(node, ctx)
+        before = p.cost(node, ctx) or _node_cost(node, ctx)
         rec = Record(p.name, node.name, node.op, "applied", **before)
         candidates.append(Candidate(i, rec, options))
     return candidates, declined

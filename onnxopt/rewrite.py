@@ -144,6 +144,16 @@ class Pass(ABC):
         """Names of tensors whose calibration values `options` wants in ctx.activations."""
         return []
 
+    def owned(self, node: gs.Node, ctx: PassContext) -> list[str]:
+        """Names of other nodes this node's rewrite also changes (called after `check` accepted it): no
+        later pass may claim them, since its options would be computed on what this rewrite changes."""
+        return []
+
+    def cost(self, node: gs.Node, ctx: PassContext) -> dict[str, int] | None:
+        """params_before, bytes_before and flops_before of what the rewrite touches, when that is more than
+        the node itself (None: the node's own cost)."""
+        return None
+
     @abstractmethod
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
         """Rewrites of the node, most compressive first; raise Decline when none pays off."""

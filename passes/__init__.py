@@ -2,7 +2,7 @@
 
 METHODS maps each method name (the name used by the pass, its kernel, its reference and its tests) to its
 pass class, in the order the pass manager runs them (model-level passes such as int8 run after every per-node
-pass, see onnxopt.model_pass).
+pass, see onnxopt.model_pass; filter_prune runs first, as its rewrites reshape its candidates' consumers).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from onnxopt.passes.circulant import Circulant
 from onnxopt.passes.depthwise import Depthwise
 from onnxopt.passes.fastfood import Fastfood
 from onnxopt.passes.fftconv import FFTConv
+from onnxopt.passes.filter_prune import FilterPrune
 from onnxopt.passes.int8 import Int8
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.prune import Prune
@@ -23,7 +24,19 @@ from onnxopt.rewrite import Pass
 
 METHODS: dict[str, type[Pass] | type[ModelPass]] = {
     cls.name: cls
-    for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, ACDC, TensorTrain, Prune, Int8)
+    for cls in (
+        FilterPrune,  # first: its rewrites reshape the consumers of the Convs it prunes
+        LowRank,
+        Winograd,
+        FFTConv,
+        Depthwise,
+        Circulant,
+        Fastfood,
+        ACDC,
+        TensorTrain,
+        Prune,
+        Int8,
+    )
 }
 
 

@@ -1,0 +1,116 @@
+"""filter_prune's numpy side: which filters to keep, and the consumer weights that absorb the removed ones.
+
+Notation: a Conv A has M filters; its channel m reaches the consumer (after per-channel BatchNormalization,
+activations and pools) as the activation map y_m. The consumer computes z = sum_m sum_t y_m[t] Wc[m, t] + b,
+Wc [M, k, N]: for a Conv consumer t runs over its kh x kw taps (k = kh kw, N its filters), for
+Flatten -> Gemm/MatMul over the H x W pixels channel m owns (k = H W, N the outputs).
+
+Keeping the set S (removing R) the consumer sees y_S only. Plain removal keeps Wc[S]. The reconstruction
+(Mariet & Sra's "diversity networks" merging, without retraining) fits each removed map as a least-squares
+combination of the kept ones plus a constant, y_R ≈ y_S alpha + beta, on calibration positions, and folds
+it into the consumer: Wc'[s] = Wc[s] + sum_r alpha[s, r] Wc[r], b' = b + sum_r beta_r sum_t Wc[r, t]. The fit
+is exact where y_R is a combination of y_S (redundant filters) and degrades gracefully elsewhere; the
+constant is exact where the map is (dead or saturated filters). Near a Conv consumer's zero padding the
+constant term is an approximation; the held-out error below includes that.
+
+Selection orders (most important first): `l1` sorts filters by the L1 norm of their weights (Li et al.),
+`apoz` by their Average Percentage of Zeros after the ReLU (Hu et al.: mostly-zero filters go first),
+`merge` removes greedily the filter whose map is best predicted by the others, weighted by the consumer's use
+of it: cost_m = ||Wc[m]||^2 / (G^-1)_mm, G the Gram matrix of [y, 1] over the remaining filters, whose
+1 / (G^-1)_mm is the residual of y_m's least-squares fit on the others; G^-1 is downdated after each removal.
+
+The estimated error is the relative L2 error of the consumer's output on held-out calibration rows (images
+the fit did not see): ||z' - z|| / ||z||.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAMPING = 1e-6  # relative ridge on the Gram matrices: dead filters make them singular
+CRITERIA = ("merge", "apoz", "l1")
+
+
+def gram(Y: np.ndarray) -> np.ndarray:
+    """G = [Y, 1]^T [Y, 1] in float64 for rows Y [n, M]; the constant is the last index."""
+    Z = np.concatenate([Y.astype(np.float64), np.ones((len(Y), 1))], axis=1)
+    return Z.T @ Z
+
+
+def _ridge(G: np.ndarray) -> float:
+    return DAMPING * max(float(np.trace(G)) / len(G), 1e-30)
+
+
+def l1_order(W: np.ndarray) -> np.ndarray:
+    """Filters of W [M, ...] by decreasing L1 norm."""
+    return np.argsort(-np.abs(W).reshape(len(W), -1).sum(axis=1), kind="stable")
+
+
+def apoz_order(A: np.ndarray) -> np.ndarray:
+    """Channels of the activations A [n, M, ...] by increasing fraction of zeros (the busiest first)."""
+    zeros = (A <= 0).mean(axis=tuple(i for i in range(A.ndim) if i != 1))
+    return np.argsort(zeros, kind="stable")
+
+
+def merge_order(G: np.ndarray, energy: np.ndarray) -> np.ndarray:
+    """Filters by greedy backward elimination (see the module doc): the last removed first."""
+    M = len(energy)
+    inv = np.linalg.inv(G + _ridge(G) * np.eye(M + 1))
+    alive = list(range(M + 1))  # positions in `inv`; index M is the constant, never removed
+    removed = []
+    for _ in range(M - 1):
+        diag = np.diag(inv)[:-1]
+        cost = energy[alive[:-1]] / np.maximum(diag, 1e-300)
+        p = int(np.argmin(cost))
+        removed.append(alive.pop(p))
+        col = np.delete(inv[:, p], p)
+        inv = np.delete(np.delete(inv, p, axis=0), p, axis=1) - np.outer(col, col) / inv[p, p]
+    return np.array(alive[:-1] + removed[::-1], dtype=np.int64)
+
+
+def merge_coefficients(G: np.ndarray, keep: np.ndarray, intercept: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha [|S|, |R|], beta [|R|]) of y_R ≈ y_S alpha + beta, from the Gram matrix G of [y, 1]."""
+    M = len(G) - 1
+    drop = np.setdiff1d(np.arange(M), keep)
+    feats = np.concatenate([keep, [M]]) if intercept else keep
+    A = G[np.ix_(feats, feats)]
+    sol = np.linalg.solve(A + _ridge(A) * np.eye(len(feats)), G[np.ix_(feats, drop)])
+    beta = sol[len(keep)] if intercept else np.zeros(len(drop))
+    return sol[: len(keep)], beta
+
+
+def consumer_update(
+    Wc: np.ndarray, b: np.ndarray | None, keep: np.ndarray, alpha: np.ndarray | None, beta: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The consumer's weights on the kept channels [|S|, k, N] and its bias (None if it had none and gains
+    none); alpha/beta None is plain removal."""
+    W = Wc[keep].astype(np.float64)
+    if alpha is None:
+        return W.astype(np.float32), b
+    drop = np.setdiff1d(np.arange(len(Wc)), keep)
+    W += np.einsum("sr,rkn->skn", alpha, Wc[drop])
+    shift = np.einsum("r,rkn->n", beta, Wc[drop])
+    if b is None and not np.any(shift):
+        return W.astype(np.float32), None
+    return W.astype(np.float32), ((0.0 if b is None else b) + shift).astype(np.float32)
+
+
+def feature_index(keep: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the consumer's input rows (channel-major, k per channel) that the kept channels own."""
+    return (keep[:, None] * k + np.arange(k)).reshape(-1)
+
+
+def consumer_error(
+    P: np.ndarray,
+    Wc: np.ndarray,
+    b: np.ndarray | None,
+    keep: np.ndarray,
+    W_new: np.ndarray,
+    b_new: np.ndarray | None,
+) -> float:
+    """Relative L2 error of the consumer's output on rows P [n, M k] when it reads the kept channels only."""
+    M, k, N = Wc.shape
+    P = P.astype(np.float64, copy=False)
+    ref = P @ Wc.reshape(M * k, N) + (0.0 if b is None else b)
+    new = P[:, feature_index(keep, k)] @ W_new.reshape(-1, N) + (0.0 if b_new is None else b_new)
+    return float(np.linalg.norm(new - ref) / max(np.linalg.norm(ref), 1e-30))
