@@ -19,6 +19,15 @@ Selection orders (most important first): `l1` sorts filters by the L1 norm of th
 of it: cost_m = ||Wc[m]||^2 / (G^-1)_mm, G the Gram matrix of [y, 1] over the remaining filters, whose
 1 / (G^-1)_mm is the residual of y_m's least-squares fit on the others; G^-1 is downdated after each removal.
 
+Where the consumer's input row is small enough (M k <= PATCH_FIT_MAX) and the calibration rows are at least
+twice as many, the reconstruction is instead the least-squares fit of the consumer's output itself over its
+input rows p (a Conv's patches or a Gemm's flattened rows, channel-major):
+min over W', c of ||p_S W' + c - p Wc|| on calibration patches, solved from the Gram matrix H of [p, 1]:
+[W'; c] = (H_SS + lambda I)^-1 H_S: Wc, S the kept channels' columns plus the constant. It is never worse
+than plain removal on the fitted rows (Wc[S] is a feasible point) and accounts for the padding. Otherwise
+(an FC consumer whose K = M H W inputs outnumber the calibration images, a MatMul that has no bias for the
+constant) the channel merge is used where it lowers the output error on the fitted rows, else plain removal.
+
 The estimated error is the relative L2 error of the consumer's output on held-out calibration rows (images
 the fit did not see): ||z' - z|| / ||z||.
 """
@@ -29,6 +38,7 @@ import numpy as np
 
 DAMPING = 1e-6  # relative ridge on the Gram matrices: dead filters make them singular
 CRITERIA = ("merge", "apoz", "l1")
+PATCH_FIT_MAX = 2304  # largest consumer patch (M kh kw) fitted by least squares on patches (a 2304^2 solve)
 
 
 def gram(Y: np.ndarray) -> np.ndarray:
@@ -93,6 +103,27 @@ def consumer_update(
     if b is None and not np.any(shift):
         return W.astype(np.float32), None
     return W.astype(np.float32), ((0.0 if b is None else b) + shift).astype(np.float32)
+
+
+def patch_fit_fits(P: np.ndarray) -> bool:
+    """Whether the consumer's output is fitted over its input rows P [n, M k] (else the channel merge): a
+    solve of at most PATCH_FIT_MAX unknowns, with at least twice as many rows."""
+    return P.shape[1] <= PATCH_FIT_MAX and len(P) >= 2 * (P.shape[1] + 1)
+
+
+def patch_fit(
+    H: np.ndarray, Wc: np.ndarray, b: np.ndarray | None, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The consumer's weights on the kept channels [|S|, k, N] and bias [N] fitted to its own output over
+    input patches whose Gram matrix with a constant column is H (see the module doc)."""
+    M, k, N = Wc.shape
+    idx = feature_index(keep, k)
+    feats = np.concatenate([idx, [M * k]])
+    A = H[np.ix_(feats, feats)]
+    rhs = H[feats, : M * k] @ Wc.reshape(M * k, N).astype(np.float64)
+    sol = np.linalg.solve(A + _ridge(A) * np.eye(len(feats)), rhs)
+    b_new = (0.0 if b is None else b) + sol[-1]
+    return sol[:-1].reshape(len(keep), k, N).astype(np.float32), b_new.astype(np.float32)
 
 
 def feature_index(keep: np.ndarray, k: int) -> np.ndarray:

@@ -5,8 +5,9 @@ channels it stops producing are removed from everything downstream that is index
 consumer that mixes them (filter_graph.py): A's filters and bias, BatchNormalization parameters, and the
 consumer's input channels (a Conv's weight columns, or the H W rows per channel of a Gemm/MatMul after
 Flatten). Which filters go and how the consumer absorbs them is filter_fit.py: selection by `merge`
-(default), `apoz` or `l1`, and the least-squares merge of the removed maps into the kept ones
-(`filter_prune.reconstruct=0`: plain removal). The estimated error is the consumer's output error on
+(default), `apoz` or `l1`, and the least-squares re-fit of the consumer on the kept channels (over its
+input patches for a Conv consumer, else the merge of the removed maps into the kept ones;
+`filter_prune.reconstruct=0`: plain removal). The estimated error is the consumer's output error on
 held-out calibration images: that is what the rest of the model sees.
 
 One option rewrites several nodes: A (replaced), the BatchNormalizations between (parameters sliced in
@@ -30,6 +31,7 @@ from onnxopt.passes import filter_fit as fit
 from onnxopt.passes.convolution import has_bias
 from onnxopt.passes.dense import dense_bias, dense_weight
 from onnxopt.passes.filter_graph import BN_PARAMS, Chain, follow
+from onnxopt.passes.lowrank import MAX_ROWS
 from onnxopt.passes.lowrank_conv import geometry, patches
 from onnxopt.passes.prune import conv_problem
 from onnxopt.rewrite import Decline, Option, Pass, PassContext, constant_value, new_name, replace_node
@@ -92,7 +94,7 @@ class FilterPrune(Pass):
         if Y is None or len(Y) < 2:
             raise Decline("needs calibration activations of at least 2 images (fit and held-out)")
         consumer = _node(ctx.graph, chain.consumer)
-        Wc, b, to_rows = _consumer_form(consumer, M, ctx)
+        Wc, b, to_rows, to_patches = _consumer_form(consumer, M, ctx)
         fit_y, held_y = Y[0::2], Y[1::2]
         rows = np.moveaxis(fit_y, 1, -1).reshape(-1, M)
         if len(rows) > FIT_ROWS:
@@ -103,11 +105,24 @@ class FilterPrune(Pass):
         order = _order(criterion, node, chain, G, Wc, ctx)
         reconstruct = ctx.setting("reconstruct", _flag, True)
         intercept = consumer.op != "MatMul"  # MatMul has no bias to absorb the constant
+        H, P_fit = None, to_patches(fit_y)
+        if reconstruct and intercept and fit.patch_fit_fits(P_fit):
+            H = fit.gram(P_fit)
         options = []
         for k in keep_counts(M):
             keep = np.sort(order[:k])
-            alpha, beta = fit.merge_coefficients(G, keep, intercept) if reconstruct else (None, None)
-            W_new, b_new = fit.consumer_update(Wc, b, keep, alpha, beta)
+            how = "none"
+            W_new, b_new = fit.consumer_update(Wc, b, keep, None, None)
+            if H is not None:
+                (W_new, b_new), how = fit.patch_fit(H, Wc, b, keep), "patches"
+            elif reconstruct:
+                merged = fit.consumer_update(Wc, b, keep, *fit.merge_coefficients(G, keep, intercept))
+                # The merge fits the maps, not the consumer's output: keep it where it serves the output
+                # better on the calibration rows it was fitted on (held-out rows only measure the result).
+                if fit.consumer_error(P_fit, Wc, b, keep, *merged) < fit.consumer_error(
+                    P_fit, Wc, b, keep, W_new, b_new
+                ):
+                    (W_new, b_new), how = merged, "channels"
             err = fit.consumer_error(P, Wc, b, keep, W_new, b_new)
             params, flops = _chain_cost(node, chain, ctx, k, b_new)
             options.append(
@@ -122,6 +137,7 @@ class FilterPrune(Pass):
                         "of": M,
                         "criterion": criterion,
                         "reconstructed": reconstruct,
+                        "fit": how,
                         "nodes_touched": [node.name, *chain.between, chain.consumer],
                         "kept": keep.tolist(),
                     },
@@ -157,7 +173,8 @@ def _order(criterion: str, node: gs.Node, chain: Chain, G: np.ndarray, Wc: np.nd
 
 
 def _consumer_form(consumer: gs.Node, M: int, ctx: PassContext):
-    """(Wc [M, k, N], bias [N] or None, held-out NCHW activations -> consumer input rows [n, M k])."""
+    """(Wc [M, k, N], bias [N] or None, and two maps of NCHW activations to the consumer's input rows
+    [n, M k]: at most ERROR_ROWS to measure on, at most MAX_ROWS (other patches) to fit on)."""
     if consumer.op == "Conv":
         W4 = constant_value(consumer.inputs[1]).astype(np.float32)
         if W4.shape[1] != M:
@@ -165,12 +182,17 @@ def _consumer_form(consumer: gs.Node, M: int, ctx: PassContext):
         g = geometry(W4.shape, consumer.attrs)
         Wc = W4.transpose(1, 2, 3, 0).reshape(M, g.kh * g.kw, g.M)
         b = constant_value(consumer.inputs[2]).astype(np.float32).reshape(-1) if has_bias(consumer) else None
-        return Wc, b, lambda Y: patches(Y, g, ERROR_ROWS)
+        return Wc, b, lambda Y: patches(Y, g, ERROR_ROWS), lambda Y: patches(Y, g, MAX_ROWS, seed=1)
     W = dense_weight(consumer)
     K, N = W.shape
     if K % M:
         raise Decline(f"consumer {consumer.name} has {K} input rows, not a multiple of {M} channels")
-    return W.reshape(M, K // M, N), dense_bias(consumer, N), lambda Y: Y.reshape(len(Y), -1)[:ERROR_ROWS]
+    return (
+        W.reshape(M, K // M, N),
+        dense_bias(consumer, N),
+        lambda Y: Y.reshape(len(Y), -1)[:ERROR_ROWS],
+        lambda Y: Y.reshape(len(Y), -1)[:MAX_ROWS],
+    )
 
 
 def _chain_cost(node: gs.Node, chain: Chain, ctx: PassContext, k: int, b_new) -> tuple[int, int]:
