@@ -131,17 +131,18 @@ def feature_index(keep: np.ndarray, k: int) -> np.ndarray:
     return (keep[:, None] * k + np.arange(k)).reshape(-1)
 
 
-def consumer_error(
-    P: np.ndarray,
-    Wc: np.ndarray,
-    b: np.ndarray | None,
-    keep: np.ndarray,
-    W_new: np.ndarray,
-    b_new: np.ndarray | None,
-) -> float:
-    """Relative L2 error of the consumer's output on rows P [n, M k] when it reads the kept channels only."""
+def consumer_output(P: np.ndarray, Wc: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """The consumer's output on its input rows P [n, M k] (float32: an error estimate needs no more)."""
     M, k, N = Wc.shape
-    P = P.astype(np.float64, copy=False)
-    ref = P @ Wc.reshape(M * k, N) + (0.0 if b is None else b)
-    new = P[:, feature_index(keep, k)] @ W_new.reshape(-1, N) + (0.0 if b_new is None else b_new)
-    return float(np.linalg.norm(new - ref) / max(np.linalg.norm(ref), 1e-30))
+    return P.astype(np.float32, copy=False) @ Wc.reshape(M * k, N) + (0.0 if b is None else b)
+
+
+def consumer_error(
+    P: np.ndarray, ref: np.ndarray, keep: np.ndarray, W_new: np.ndarray, b_new: np.ndarray | None
+) -> float:
+    """Relative L2 error against `ref` (consumer_output of the original) of the consumer's output on rows
+    P [n, M k] when it reads the kept channels only, with weights W_new [|S|, k, N] and bias b_new."""
+    S, k, N = W_new.shape
+    new = P[:, feature_index(keep, k)].astype(np.float32, copy=False) @ W_new.reshape(S * k, N)
+    new = new + (0.0 if b_new is None else b_new)
+    return float(np.linalg.norm(new - ref) / max(float(np.linalg.norm(ref)), 1e-30))

@@ -108,6 +108,7 @@ class FilterPrune(Pass):
         H, P_fit = None, to_patches(fit_y)
         if reconstruct and intercept and fit.patch_fit_fits(P_fit):
             H = fit.gram(P_fit)
+        ref, ref_fit = fit.consumer_output(P, Wc, b), fit.consumer_output(P_fit, Wc, b)
         options = []
         for k in keep_counts(M):
             keep = np.sort(order[:k])
@@ -119,11 +120,11 @@ class FilterPrune(Pass):
                 merged = fit.consumer_update(Wc, b, keep, *fit.merge_coefficients(G, keep, intercept))
                 # The merge fits the maps, not the consumer's output: keep it where it serves the output
                 # better on the calibration rows it was fitted on (held-out rows only measure the result).
-                if fit.consumer_error(P_fit, Wc, b, keep, *merged) < fit.consumer_error(
-                    P_fit, Wc, b, keep, W_new, b_new
+                if fit.consumer_error(P_fit, ref_fit, keep, *merged) < fit.consumer_error(
+                    P_fit, ref_fit, keep, W_new, b_new
                 ):
                     (W_new, b_new), how = merged, "channels"
-            err = fit.consumer_error(P, Wc, b, keep, W_new, b_new)
+            err = fit.consumer_error(P, ref, keep, W_new, b_new)
             params, flops = _chain_cost(node, chain, ctx, k, b_new)
             options.append(
                 Option(
