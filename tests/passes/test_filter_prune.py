@@ -297,15 +297,14 @@ def test_registered_first_and_opt_in():
     assert not FilterPrune.default
 
 
-def test_fashion_mnist_flops_fall_within_the_default_budget():
+def test_fashion_mnist_flops_fall_within_the_default_budget(tmp_path):
     from models import fashion_mnist
     from onnxopt.analysis import node_stats, totals
     from onnxopt.data import load_npz
 
     root = Path(__file__).resolve().parents[2]
     model = onnx.load(str(root / "models" / "fashion_mnist.onnx"))
-    calib = root / "models" / "data" / "bench" / "fmnist.npz"
-    feeds = load_npz(fashion_mnist.write_calibration(calib, n=64), model)
+    feeds = load_npz(fashion_mnist.write_calibration(tmp_path / "fmnist.npz", n=64), model)
     budget = OutputBudget(model, feeds, 1e-2)
     result = optimize(model, [FilterPrune()], feeds, budget, 1e-2)
     onnx.checker.check_model(result.model, full_check=True)
