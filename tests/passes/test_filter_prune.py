@@ -330,3 +330,37 @@ def test_resnet18_graph_stays_valid():
     onnx.checker.check_model(out, full_check=True)
     onnx.shape_inference.infer_shapes(out, strict_mode=True)
     assert run_model(out, feeds)[out.graph.output[0].name].shape == (2, 1000)
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+def test_flatten_into_a_consumer_without_bias(op):
+    """conv (6, filters 1 and 4 zero) -> Relu -> Flatten -> MatMul, or Gemm without C: the MatMul gains no
+    bias input (it has none), the Gemm may gain one; both exact."""
+    rng = np.random.default_rng(3)
+    W, b = _weights(rng, 6, 2, zero=(1, 4))
+    node, inits = _conv("conv", "x", "c", W, b)
+    fc = rng.standard_normal((6 * 16, 3)).astype(np.float32)
+    inits.append(numpy_helper.from_array(fc, "fc.W"))
+    nodes = [
+        node,
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
+        helper.make_node(op, ["f", "fc.W"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "flat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    feeds = _feeds(model, n=64)
+    passes, cands, _ = _plan(model, feeds)
+    _choose_kept(cands, {"conv": 4})
+    out = build(model, passes, cands)
+    onnx.checker.check_model(out, full_check=True)
+    (fc_node,) = [n for n in out.graph.node if n.op_type == op]
+    if op == "MatMul":
+        assert len(fc_node.input) == 2
+    np.testing.assert_allclose(run_model(out, feeds)["y"], run_model(model, feeds)["y"], rtol=1e-5, atol=1e-5)
