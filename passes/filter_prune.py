@@ -36,7 +36,7 @@ from onnxopt.passes.lowrank_conv import geometry, patches
 from onnxopt.passes.prune import conv_problem
 from onnxopt.rewrite import Decline, Option, Pass, PassContext, constant_value, new_name, replace_node
 
-KEEP_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 15 / 16)
+KEEP_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 15 / 16, 31 / 32)
 FIT_ROWS = 200_000  # calibration positions the merge is fitted on (a seeded sample beyond that)
 ERROR_ROWS = 4096  # held-out consumer rows the error is measured on
 # Once an option's estimated error is this fraction of the local tolerance, keeping more filters is not
