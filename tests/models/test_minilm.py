@@ -121,6 +121,14 @@ def test_graph_matches_numpy_reference(paths, session):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
 
 
+def test_matches_sentence_transformers_published_output(session):
+    # The first values sentence-transformers' documentation prints for all-MiniLM-L6-v2 on this sentence:
+    # an independent check of the whole pipeline (tokenizer, encoder, pooling, normalisation).
+    published = [0.0676568896, 0.0634959415, 0.0487131029, 0.0793049559, 0.0374480858, 0.00265277266]
+    e = session.run(None, minilm.encode(["This is an example sentence"]))[0]
+    np.testing.assert_allclose(e[0, :6], published, atol=2e-6)
+
+
 def test_padding_does_not_change_the_embedding(session):
     feeds = minilm.encode(SENTENCES[:1])
     n = int(feeds["attention_mask"].sum())
