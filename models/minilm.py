@@ -23,8 +23,8 @@ int64 [batch, seq]; token_type_ids are all zero for one-segment input, so E_type
 Data: sentences of real English text that every Debian system has: the licence texts in
 /usr/share/common-licenses (base-files) and the model card README.md shipped in the package; split into
 sentences of 8-40 words, deduplicated, shuffled with a fixed seed. The first N_EVAL are the evaluation set,
-the calibration sentences come after them (disjoint). Tokenized to a fixed length SEQ_LEN (padded with
-[PAD] = 0, truncated keeping [SEP]).
+tokenized one by one to at most SEQ_LEN tokens; the calibration data is the sentences after them (disjoint),
+run together and cut into windows of SEQ_LEN tokens, so that no calibration row is padding.
 
 Metrics (both compare a session with the original model on the evaluation sentences):
     score(session)   retrieval agreement in percent: the share of sentences whose nearest neighbour (cosine)
@@ -368,13 +368,20 @@ def eval_sentences(n: int = N_EVAL) -> list[str]:
     return list(pool[:n])
 
 
-@functools.lru_cache(maxsize=1)
-def tokenizer() -> Any:
-    """The model's WordPiece tokenizer (tokenizers library), padding and truncating to SEQ_LEN."""
+def _load_tokenizer() -> Any:
     from tokenizers import Tokenizer
 
     d = DATA_DIR if (DATA_DIR / "tokenizer.json").is_file() else package_model_dir()
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.no_padding()  # tokenizer.json asks for fixed padding to 128 and truncation: the callers choose
+    tok.no_truncation()
+    return tok
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer() -> Any:
+    """The model's WordPiece tokenizer (tokenizers library), padding and truncating to SEQ_LEN."""
+    tok = _load_tokenizer()
     tok.enable_truncation(max_length=SEQ_LEN)
     tok.enable_padding(length=SEQ_LEN, pad_id=0, pad_token="[PAD]")
     return tok
@@ -457,13 +464,26 @@ def cosine(session: Any, n: int = N_EVAL) -> float:
 
 
 def write_calibration(path: str | Path, n: int = 32) -> Path:
-    """``n`` sentences after the evaluation set, tokenized: input_ids, attention_mask int64 [n, SEQ_LEN]."""
-    pool = sentence_pool()
-    if N_EVAL + n > len(pool):
-        raise ValueError(f"only {len(pool) - N_EVAL} calibration sentences available, asked for {n}")
+    """``n`` windows of SEQ_LEN tokens of running text: input_ids, attention_mask int64 [n, SEQ_LEN].
+
+    The sentences after the evaluation set, joined one after another and cut into [CLS] ... [SEP] windows
+    with no padding: every token row is real text, which is what the data-aware fits learn from (padded
+    single sentences would spend half the rows on padding positions the mask throws away).
+    """
+    tok = _load_tokenizer()
+    body = SEQ_LEN - 2
+    stream: list[int] = []
+    for sentence in sentence_pool()[N_EVAL:]:
+        stream += tok.encode(sentence, add_special_tokens=False).ids
+        if len(stream) >= n * body:
+            break
+    else:
+        raise ValueError(f"the calibration sentences hold {len(stream) // body} windows, asked for {n}")
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    ids = np.array([[cls, *stream[i * body : (i + 1) * body], sep] for i in range(n)], dtype=np.int64)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **encode(list(pool[N_EVAL : N_EVAL + n])))
+    np.savez(path, **{INPUT_NAMES[0]: ids, INPUT_NAMES[1]: np.ones_like(ids)})
     return path
 
 

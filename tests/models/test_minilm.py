@@ -157,12 +157,17 @@ def test_evaluation_text_and_metrics(session):
     assert minilm.mean_cosine(noisy, ref) < 0.99
 
 
-def test_calibration_file_is_disjoint_from_evaluation(tmp_path, paths):
+def test_calibration_is_unpadded_text_disjoint_from_evaluation(tmp_path, paths):
     path = minilm.write_calibration(tmp_path / "c.npz", n=8)
     feeds = load_npz(path, onnx.load(str(paths["onnx"]), load_external_data=False))
-    assert feeds["input_ids"].shape == feeds["attention_mask"].shape == (8, minilm.SEQ_LEN)
-    eval_ids = {tuple(r) for r in minilm.encode(minilm.eval_sentences())["input_ids"].tolist()}
-    assert not eval_ids & {tuple(r) for r in feeds["input_ids"].tolist()}
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    assert ids.shape == mask.shape == (8, minilm.SEQ_LEN) and mask.all()
+    assert (ids[:, 0] == 101).all() and (ids[:, -1] == 102).all() and (ids[:, 1:-1] > 102).all()
+    eval_ids = minilm.encode(minilm.eval_sentences())["input_ids"]
+    eval_words = {tuple(r[1 : r.index(102)]) for r in eval_ids.tolist()}
+    calib = " ".join(map(str, ids[:, 1:-1].ravel().tolist()))
+    # No evaluation sentence appears whole in the calibration text.
+    assert not any(" ".join(map(str, w)) in calib for w in eval_words)
 
 
 @pytest.mark.slow
