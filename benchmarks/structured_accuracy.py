@@ -126,11 +126,13 @@ def method_rows(spec: dict, method: str, quick: bool) -> list[list[str]]:
             )
         except BudgetError as e:
             rows.append([spec["name"], method, setting, f"none: {str(e)[:90]}", "-", "1.00x", "-", "-", "-"])
+            print(" | ".join(rows[-1]), f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
             continue
         what, bytes_ratio = _describe(result, setting)
         if not result.changed:
             why = next((r.reason for r in result.records if r.reason), "no candidate layer")
             rows.append([spec["name"], method, setting, f"none: {why[:90]}", "-", "1.00x", "-", "-", "-"])
+            print(" | ".join(rows[-1]), f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
             continue
         err = result.verification["worst_rel_l2"]
         session = make_session(result.model.SerializeToString())
