@@ -130,7 +130,12 @@ def method_rows(spec: dict, method: str, quick: bool) -> list[list[str]]:
             continue
         what, bytes_ratio = _describe(result, setting)
         if not result.changed:
-            why = next((r.reason for r in result.records if r.reason), "no candidate layer")
+            # The reason of a layer the method could have taken: not of an activation-by-activation MatMul
+            # (attention's), which no FC method ever takes.
+            why = next(
+                (r.reason for r in result.records if r.reason and not r.reason.startswith("weight is not a")),
+                "no candidate layer",
+            )
             rows.append([spec["name"], method, setting, f"none: {why[:90]}", "-", "1.00x", "-", "-", "-"])
             print(" | ".join(rows[-1]), f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
             continue
