@@ -16,7 +16,6 @@ import onnxopt
 from models import minilm
 from onnxopt.budget import OutputBudget
 from onnxopt.data import load_npz
-from onnxopt.errors import BudgetError
 from onnxopt.manager import optimize
 from onnxopt.passes import make_passes
 from onnxopt.verify import compare_models
@@ -172,22 +171,11 @@ def test_calibration_is_unpadded_text_disjoint_from_evaluation(tmp_path, paths):
 
 
 @pytest.mark.slow
-def test_lowrank_at_the_default_budget_is_rejected(tmp_path, paths):
-    # MiniLM's trained 384x384 and 384x1536 weights are close to full rank: the few layers whose factors fit
-    # the local tolerance still move the sentence embeddings past the default budget (relative L2 1e-2), so
-    # every rewrite is undone and the optimizer says so instead of returning a model outside the budget.
-    # (benchmarks/structured_accuracy.py --models minilm shows what each rank would cost.)
-    model = onnx.load(str(paths["onnx"]))
-    feeds = load_npz(minilm.write_calibration(tmp_path / "calib.npz", n=16), model)
-    max_error = 1e-2
-    with pytest.raises(BudgetError, match="had to be undone"):
-        optimize(model, make_passes(["lowrank"]), feeds, OutputBudget(model, feeds, max_error), max_error)
-
-
-@pytest.mark.slow
 def test_lowrank_rewrite_verifies_and_loads(tmp_path, paths):
     # A fixed rank on every dense layer (a loose budget keeps them all): the rewritten graph passes the
-    # checker, loads with onnxopt's library, and its measured error is what verification reports.
+    # checker, loads with onnxopt's library, and its measured error is what verification reports. At the
+    # default budget every lowrank rewrite of MiniLM is undone (its weights are near full rank; see
+    # benchmarks/structured_accuracy.py --models minilm), which a test would spend minutes to show.
     model = onnx.load(str(paths["onnx"]))
     feeds = load_npz(minilm.write_calibration(tmp_path / "calib.npz", n=8), model)
     budget = OutputBudget(model, feeds, 10.0)
