@@ -1,0 +1,74 @@
+// LowBitMatMul: y = x W + b with W (K x N) stored as group-wise quantized 2-, 3- or 4-bit codes (the `lowbit`
+// method; semantics and numpy reference in onnxopt/reference/lowbit.py).
+//
+// For output n and group g of G consecutive k:  W[k, n] = scale[n, g] (q[k, n] - zero[n, g]),  q < 2^bits.
+// K is padded to Kp, a multiple of G (the padded codes meet zero inputs). Codes are stored per output column,
+// in chunks of 32 consecutive k (G is a multiple of 32), laid out so that SIMD unpacking needs only and/shift:
+//   bits 4: 16 bytes; byte j holds q[j] (low nibble) and q[j + 16] (high nibble);
+//   bits 2: 8 bytes; byte j holds q[j + 8 i] in bits 2i, 2i + 1 (i = 0..3);
+//   bits 3: the low two bits as a bits-2 chunk (8 bytes), then 4 bytes: bit j of that little-endian uint32
+//           is bit 2 of q[j].
+//
+// Batch 1 (the case that must run at memory speed): per column and group the kernel accumulates
+// sum_k q[k] x[k] in registers and applies the group's scale once; the zero points enter through the
+// per-group input sums, y[n] = sum_g scale (sum_k q x) - sum_g (scale zero) sum_k x. Larger batches
+// dequantize 8 columns at a time into a float tile [Kp][8] and run every input row over it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace onnxopt {
+namespace lowbit {
+
+constexpr int64_t kChunk = 32;  // codes per packed chunk
+constexpr int64_t kTile = 8;    // columns of a dequantized tile
+
+// The checked, packed weights of one node.
+struct Weights {
+  int64_t k = 0, kp = 0, n = 0, bits = 0, group = 0, groups = 0;
+  int64_t col_bytes = 0;          // bytes of one column's codes: kp * bits / 8
+  std::vector<uint8_t> codes;     // [n][col_bytes]
+  std::vector<float> scale;       // [n][groups]
+  std::vector<float> scale_zero;  // [n][groups]: scale * zero, so the zero term is one product per group
+};
+
+// Columns [n0, n1) of one input row: y[n] = sum_g scale (sum_k q x) - sum_g scale_zero sumx[g]; x padded to
+// kp with zeros, sumx[g] the sum of x over group g.
+using GemvFn = void (*)(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y);
+// Dequantizes columns [n0, n0 + cols) (cols <= kTile) into tile[kp][kTile] (unused columns zero).
+using DequantFn = void (*)(const Weights& w, int64_t n0, int64_t cols, float* tile);
+// y[r * ldy + c] = sum_k x[r * ldx + k] tile[k][c] for r < rows, c < cols.
+using TileFn = void (*)(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t kp, float* y,
+                        int64_t ldy, int64_t cols);
+
+struct Kernels {
+  GemvFn gemv4;    // bits 4
+  GemvFn gemv;     // any bits (2 and 3 use it)
+  DequantFn dequant;
+  TileFn tile;
+};
+
+const Kernels& PortableKernels();
+const Kernels& Avx2Kernels();
+
+// The 32 codes of one packed chunk (layout above) into q[0..32).
+inline void UnpackChunk(const uint8_t* p, int64_t bits, uint8_t* q) {
+  if (bits == 4) {
+    for (int j = 0; j < 16; ++j) {
+      q[j] = p[j] & 15;
+      q[j + 16] = p[j] >> 4;
+    }
+    return;
+  }
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 8; ++j) q[j + 8 * i] = (p[j] >> (2 * i)) & 3;
+  }
+  if (bits == 3) {
+    const uint32_t hi = uint32_t{p[8]} | uint32_t{p[9]} << 8 | uint32_t{p[10]} << 16 | uint32_t{p[11]} << 24;
+    for (int j = 0; j < 32; ++j) q[j] |= static_cast<uint8_t>(((hi >> j) & 1u) << 2);
+  }
+}
+
+}  // namespace lowbit
+}  // namespace onnxopt
