@@ -1,10 +1,11 @@
 // AVX2 + FMA builds of the LowBitMatMul loops (see lowbit.h); compiled with -mavx2 -mfma and chosen at kernel
 // creation only where the CPU has both (HasAvx2Fma).
 //
-// Batch-1, 4 bits: four columns at a time share each load of x (which stays in L1); a chunk of 32 codes is one
-// 16-byte load, split into nibbles by and/shift, widened to int32 and converted to float, and FMAed against
-// x in two accumulators per column (8 independent FMA chains hide the FMA latency). At the end of a group the
-// partial sums are scaled once (acc += scale * partial), and one horizontal sum per column remains.
+// Batch 1: four columns at a time share each load of x (which stays in L1). A chunk of 32 codes is one load
+// (16 bytes at 4 bits, split into nibbles by and/shift; 8 bytes at 2 and 3 bits, split into bit pairs, with the
+// third bit taken from a 32-bit word by per-lane shifts), widened to int32, converted to float and FMAed
+// against x in two accumulators per column (8 independent FMA chains hide the FMA latency). At the end of a
+// group the partial sums are scaled once (acc += scale * partial); one horizontal sum per column remains.
 #include <immintrin.h>
 
 #define LOWBIT_IMPL avx2
@@ -24,60 +25,103 @@ inline float HSum(__m256 v) {
 
 inline __m256 Codes(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
-// Partial sums of one chunk of column c: pa += q[0..16) x[0..16), pb += q[16..32) x[16..32).
-inline void Chunk(const uint8_t* p, __m256 x0, __m256 x1, __m256 x2, __m256 x3, __m256& pa, __m256& pb) {
-  const __m128i mask = _mm_set1_epi8(15);
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i lo = _mm_and_si128(v, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-  pa = _mm256_fmadd_ps(Codes(lo), x0, pa);
-  pb = _mm256_fmadd_ps(Codes(hi), x2, pb);
-  pa = _mm256_fmadd_ps(Codes(_mm_srli_si128(lo, 8)), x1, pa);
-  pb = _mm256_fmadd_ps(Codes(_mm_srli_si128(hi, 8)), x3, pb);
+// 3 bits: bit 2 of codes 8 i .. 8 i + 7 from the chunk's high-bit word, as int32 lanes worth 0 or 4.
+inline __m256i HighBits(__m256i word, int i) {
+  const __m256i shift = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_add_epi32(shift, _mm256_set1_epi32(8 * i))),
+                                       _mm256_set1_epi32(1));
+  return _mm256_slli_epi32(bit, 2);
 }
 
-template <int kCols>
-inline void Gemv4Block(const Weights& w, const float* x, const float* sumx, int64_t n, float* y) {
-  const int64_t per_group = w.group / kChunk;
+// Partial sums of one 32-code chunk of a column: pa += q[0..16) x[0..16), pb += q[16..32) x[16..32).
+template <int kBits>
+inline void Chunk(const uint8_t* p, const __m256 (&x)[4], __m256& pa, __m256& pb) {
+  if constexpr (kBits == 4) {
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i lo = _mm_and_si128(v, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    pa = _mm256_fmadd_ps(Codes(lo), x[0], pa);
+    pb = _mm256_fmadd_ps(Codes(hi), x[2], pb);
+    pa = _mm256_fmadd_ps(Codes(_mm_srli_si128(lo, 8)), x[1], pa);
+    pb = _mm256_fmadd_ps(Codes(_mm_srli_si128(hi, 8)), x[3], pb);
+  } else {
+    const __m128i mask = _mm_set1_epi8(3);
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 2 * i), mask));
+    if constexpr (kBits == 3) {
+      uint32_t w;
+      __builtin_memcpy(&w, p + 8, 4);
+      const __m256i word = _mm256_set1_epi32(static_cast<int>(w));
+      for (int i = 0; i < 4; ++i) c[i] = _mm256_or_si256(c[i], HighBits(word, i));
+    }
+    pa = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[0]), x[0], pa);
+    pb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[2]), x[2], pb);
+    pa = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[1]), x[1], pa);
+    pb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[3]), x[3], pb);
+  }
+}
+
+// Columns n .. n + kCols - 1: per group, the partial sums scaled once; the zero term, sum_g scale_zero sumx,
+// as one contiguous dot product per column at the end.
+template <int kBits, int kCols>
+inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64_t n, float* y) {
+  constexpr int64_t kBytes = 4 * kBits;
+  const int64_t per_group = w.group / kChunk, groups = w.groups;
   const uint8_t* p[kCols];
+  const float* scale[kCols];
   __m256 acc[kCols];
-  float zero_term[kCols];
   for (int c = 0; c < kCols; ++c) {
     p[c] = w.codes.data() + (n + c) * w.col_bytes;
+    scale[c] = w.scale.data() + (n + c) * groups;
     acc[c] = _mm256_setzero_ps();
-    zero_term[c] = 0.0f;
   }
-  for (int64_t g = 0; g < w.groups; ++g) {
+  for (int64_t g = 0; g < groups; ++g) {
     __m256 pa[kCols], pb[kCols];
     for (int c = 0; c < kCols; ++c) pa[c] = pb[c] = _mm256_setzero_ps();
+    const float* xg = x + g * w.group;
     for (int64_t ch = 0; ch < per_group; ++ch) {
-      const float* xc = x + (g * per_group + ch) * kChunk;
-      const __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
-      const __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
+      const float* xc = xg + ch * kChunk;
+      const __m256 xv[4] = {_mm256_loadu_ps(xc), _mm256_loadu_ps(xc + 8), _mm256_loadu_ps(xc + 16),
+                            _mm256_loadu_ps(xc + 24)};
       for (int c = 0; c < kCols; ++c) {
-        Chunk(p[c], x0, x1, x2, x3, pa[c], pb[c]);
-        p[c] += 16;
+        Chunk<kBits>(p[c], xv, pa[c], pb[c]);
+        p[c] += kBytes;
       }
     }
     for (int c = 0; c < kCols; ++c) {
-      const int64_t i = (n + c) * w.groups + g;
-      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(w.scale[i]), _mm256_add_ps(pa[c], pb[c]), acc[c]);
-      zero_term[c] += w.scale_zero[i] * sumx[g];
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[c] + g), _mm256_add_ps(pa[c], pb[c]), acc[c]);
     }
   }
-  for (int c = 0; c < kCols; ++c) y[n + c] = HSum(acc[c]) - zero_term[c];
+  for (int c = 0; c < kCols; ++c) {
+    const float* sz = w.scale_zero.data() + (n + c) * groups;
+    __m256 z = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) z = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(sumx + g), z);
+    float zt = HSum(z);
+    for (; g < groups; ++g) zt += sz[g] * sumx[g];
+    y[n + c] = HSum(acc[c]) - zt;
+  }
 }
 
-void Gemv4(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y) {
+template <int kBits>
+void Gemv(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) Gemv4Block<4>(w, x, sumx, n, y);
-  for (; n < n1; ++n) Gemv4Block<1>(w, x, sumx, n, y);
+  for (; n + 4 <= n1; n += 4) GemvBlock<kBits, 4>(w, x, sumx, n, y);
+  for (; n < n1; ++n) GemvBlock<kBits, 1>(w, x, sumx, n, y);
+}
+
+void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y) {
+  if (w.bits == 4) return Gemv<4>(w, x, sumx, n0, n1, y);
+  if (w.bits == 3) return Gemv<3>(w, x, sumx, n0, n1, y);
+  Gemv<2>(w, x, sumx, n0, n1, y);
 }
 
 }  // namespace
 
 const Kernels& Avx2Kernels() {
-  static const Kernels k{Gemv4, avx2::GemvGeneric, avx2::Dequant, avx2::Tile};
+  static const Kernels k{Gemv<4>, GemvAny, avx2::Dequant, avx2::Tile};
   return k;
 }
 
