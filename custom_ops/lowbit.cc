@@ -161,8 +161,15 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
   w.col_bytes = w.kp * w.bits / 8;
   const std::vector<int64_t> per_group{w.n, w.groups};
 
+  w.np = (w.n + lowbit::kBlock - 1) / lowbit::kBlock * lowbit::kBlock;
   const lowbit::ConstantBytes q = lowbit::ConstantUint8Input(kinfo, 1, "Q", {w.n, w.col_bytes}, where);
-  w.codes.assign(q.data, q.data + q.count);
+  const int64_t cb = w.ChunkBytes(), chunks = w.kp / lowbit::kChunk;
+  w.codes.assign(static_cast<size_t>(w.np * w.col_bytes), 0);  // padded columns: zero codes and scales
+  for (int64_t n = 0; n < w.n; ++n) {
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      std::memcpy(w.codes.data() + w.ChunkOffset(n, ch), q.data + n * w.col_bytes + ch * cb, cb);
+    }
+  }
   const ConstantTensor s = ConstantFloatInput(kinfo, 2, "S", where);
   if (s.shape != per_group) {
     Fail(where, "S must have shape [N, ceil(K / group_size)] = " + ShapeStr(per_group) + ", got " +
@@ -171,9 +178,10 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
   for (size_t i = 0; i < s.data.size(); ++i) {
     if (!std::isfinite(s.data[i])) Fail(where, "S[" + std::to_string(i) + "] is not finite");
   }
-  w.scale = s.data;
+  w.scale.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
+  std::copy(s.data.begin(), s.data.end(), w.scale.begin());
   const lowbit::ConstantBytes z = lowbit::ConstantUint8Input(kinfo, 3, "Z", per_group, where);
-  w.scale_zero.resize(z.count);
+  w.scale_zero.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
   for (size_t i = 0; i < z.count; ++i) {
     if (z.data[i] >= (1 << w.bits)) {
       Fail(where, "Z[" + std::to_string(i) + "] = " + std::to_string(z.data[i]) + " is not a " +
