@@ -28,7 +28,8 @@ const Kernels& Avx2Kernels() { return PortableKernels(); }  // never chosen: Has
 
 namespace {
 
-constexpr int64_t kGemvCols = 64;  // columns per batch-1 task
+constexpr int64_t kGemvCols = 64;      // columns per batch-1 task
+constexpr int64_t kSlabFloats = 4096;  // x floats per K slab of batch 1 (16 KiB: stays in L1)
 
 struct ConstantBytes {
   std::vector<int64_t> shape;
@@ -116,7 +117,10 @@ void GemvTask(void* data, size_t t) {
   const int64_t n0 = static_cast<int64_t>(t) * lowbit::kGemvCols;
   const int64_t n1 = std::min(k.w_.n, n0 + lowbit::kGemvCols);
   const lowbit::GemvFn f = k.w_.bits == 4 ? k.kern_->gemv4 : k.kern_->gemv;
-  f(k.w_, call->x, call->sumx, n0, n1, call->y);
+  const int64_t slab = std::max<int64_t>(1, lowbit::kSlabFloats / k.w_.group);  // groups per slab
+  for (int64_t g0 = 0; g0 < k.w_.groups; g0 += slab) {
+    f(k.w_, call->x, call->sumx, n0, n1, g0, std::min(k.w_.groups, g0 + slab), call->y);
+  }
   AddBias(k, call->y, n0, n1);
 }
 

@@ -47,9 +47,11 @@ struct Weights {
   const uint8_t* Chunk(int64_t n, int64_t ch) const { return codes.data() + ChunkOffset(n, ch); }
 };
 
-// Columns [n0, n1) of one input row: y[n] = sum_g scale (sum_k q x) - sum_g scale_zero sumx[g]; x padded to
-// kp with zeros, sumx[g] the sum of x over group g.
-using GemvFn = void (*)(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y);
+// Columns [n0, n1) of one input row over groups [g0, g1): y[n] (= if g0 == 0, else +=) sum_g scale (sum_k q x)
+// - sum_g scale_zero sumx[g]; x padded to kp with zeros, sumx[g] the sum of x over group g. The caller cuts K
+// into slabs of groups whose x fits in L1 (a 25088-wide x read once per 4 columns would stream from L2).
+using GemvFn = void (*)(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0,
+                        int64_t g1, float* y);
 // Dequantizes columns [n0, n0 + cols) (cols <= kTile) into tile[cols][kp].
 using DequantFn = void (*)(const Weights& w, int64_t n0, int64_t cols, float* tile);
 // y[r * ldy + c] = sum_k x[r * ldx + k] tile[c][k] for r < rows, c < cols (kp a multiple of 32).

@@ -75,17 +75,18 @@ inline void Chunk(const uint8_t* p, const __m256 (&x)[4], __m256& pa, __m256& pb
 // sequential stream of interleaved chunks. Per group, the partial sums are scaled once; the zero term,
 // sum_g scale_zero sumx, is one contiguous dot product per column at the end. Only columns < n1 are written.
 template <int kBits>
-inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64_t n, int64_t n1, float* y) {
+inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64_t n, int64_t n1, int64_t g0,
+                      int64_t g1, float* y) {
   constexpr int64_t kBytes = 4 * kBits;
   const int64_t per_group = w.group / kChunk, groups = w.groups;
-  const uint8_t* p = w.Chunk(n, 0);
+  const uint8_t* p = w.Chunk(n, g0 * per_group);
   const float* scale[kBlock];
   __m256 acc[kBlock];
   for (int c = 0; c < kBlock; ++c) {
     scale[c] = w.scale.data() + (n + c) * groups;
     acc[c] = _mm256_setzero_ps();
   }
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     __m256 pa[kBlock], pb[kBlock];
     for (int c = 0; c < kBlock; ++c) pa[c] = pb[c] = _mm256_setzero_ps();
     const float* xg = x + g * w.group;
@@ -102,18 +103,20 @@ inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64
   for (int c = 0; c < kBlock && n + c < n1; ++c) {
     const float* sz = w.scale_zero.data() + (n + c) * groups;
     __m256 z = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) z = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(sumx + g), z);
+    int64_t g = g0;
+    for (; g + 8 <= g1; g += 8) z = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(sumx + g), z);
     float zt = HSum(z);
-    for (; g < groups; ++g) zt += sz[g] * sumx[g];
-    y[n + c] = HSum(acc[c]) - zt;
+    for (; g < g1; ++g) zt += sz[g] * sumx[g];
+    const float part = HSum(acc[c]) - zt;
+    y[n + c] = g0 == 0 ? part : y[n + c] + part;
   }
 }
 
 // n0 is a multiple of 4 (tasks cover multiples of 4 columns).
 template <int kBits>
-void Gemv(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y) {
-  for (int64_t n = n0; n < n1; n += kBlock) GemvBlock<kBits>(w, x, sumx, n, n1, y);
+void Gemv(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
+          float* y) {
+  for (int64_t n = n0; n < n1; n += kBlock) GemvBlock<kBits>(w, x, sumx, n, n1, g0, g1, y);
 }
 
 template <int kBits>
@@ -171,10 +174,11 @@ void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t 
   for (; r < rows; ++r) TileRows<1>(x + r * ldx, ldx, tile, kp, y + r * ldy, ldy, cols);
 }
 
-void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y) {
-  if (w.bits == 4) return Gemv<4>(w, x, sumx, n0, n1, y);
-  if (w.bits == 3) return Gemv<3>(w, x, sumx, n0, n1, y);
-  Gemv<2>(w, x, sumx, n0, n1, y);
+void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
+             float* y) {
+  if (w.bits == 4) return Gemv<4>(w, x, sumx, n0, n1, g0, g1, y);
+  if (w.bits == 3) return Gemv<3>(w, x, sumx, n0, n1, g0, g1, y);
+  Gemv<2>(w, x, sumx, n0, n1, g0, g1, y);
 }
 
 }  // namespace

@@ -11,14 +11,15 @@ namespace lowbit {
 namespace LOWBIT_IMPL {
 
 // Any bit width: per chunk, unpack to bytes, then a float dot product with x.
-inline void GemvGeneric(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, float* y) {
+inline void GemvGeneric(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0,
+                        int64_t g1, float* y) {
   const int64_t per_group = w.group / kChunk;
   uint8_t q[kChunk];
   for (int64_t n = n0; n < n1; ++n) {
     const float* sc = w.scale.data() + n * w.groups;
     const float* sz = w.scale_zero.data() + n * w.groups;
     float total = 0.0f;
-    for (int64_t g = 0; g < w.groups; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       float acc[kChunk] = {};
       for (int64_t c = 0; c < per_group; ++c) {
         const int64_t ch = g * per_group + c;
@@ -30,7 +31,7 @@ inline void GemvGeneric(const Weights& w, const float* x, const float* sumx, int
       for (int j = 0; j < kChunk; ++j) s += acc[j];
       total += sc[g] * s - sz[g] * sumx[g];
     }
-    y[n] = total;
+    y[n] = g0 == 0 ? total : y[n] + total;
   }
 }
 
