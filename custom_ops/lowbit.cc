@@ -117,7 +117,7 @@ void GemvTask(void* data, size_t t) {
   const int64_t n0 = static_cast<int64_t>(t) * lowbit::kGemvCols;
   const int64_t n1 = std::min(k.w_.n, n0 + lowbit::kGemvCols);
   const lowbit::GemvFn f = k.w_.bits == 4 ? k.kern_->gemv4 : k.kern_->gemv;
-  const int64_t slab = std::max<int64_t>(1, lowbit::kSlabFloats / k.w_.group);  // groups per slab
+  const int64_t slab = k.w_.slab_chunks * lowbit::kChunk / k.w_.group;  // groups per slab
   for (int64_t g0 = 0; g0 < k.w_.groups; g0 += slab) {
     f(k.w_, call->x, call->sumx, n0, n1, g0, std::min(k.w_.groups, g0 + slab), call->y);
   }
@@ -166,6 +166,7 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
   const std::vector<int64_t> per_group{w.n, w.groups};
 
   w.np = (w.n + lowbit::kBlock - 1) / lowbit::kBlock * lowbit::kBlock;
+  w.slab_chunks = std::max<int64_t>(1, lowbit::kSlabFloats / w.group) * w.group / lowbit::kChunk;
   const lowbit::ConstantBytes q = lowbit::ConstantUint8Input(kinfo, 1, "Q", {w.n, w.col_bytes}, where);
   const int64_t cb = w.ChunkBytes(), chunks = w.kp / lowbit::kChunk;
   w.codes.assign(static_cast<size_t>(w.np * w.col_bytes), 0);  // padded columns: zero codes and scales

@@ -17,9 +17,12 @@
 // At kernel creation the codes are repacked so that batch 1 reads ONE sequential stream: columns in blocks of
 // four (N padded to a multiple of 4 with zero columns), and within a block the chunks of its four columns
 // interleaved, chunk by chunk: [N/4][Kp/32][4][chunk bytes]. (Four separate column streams of 2 KiB each left
-// the hardware prefetcher behind and ran at half the memory bandwidth.)
+// the hardware prefetcher behind and ran at half the memory bandwidth.) Wide layers are cut along K into slabs
+// of 4096 inputs (x of a slab stays in L1), stored slab after slab, so that one batch-1 task (64 columns) still
+// reads its codes of a slab as one contiguous run.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -40,9 +43,13 @@ struct Weights {
   std::vector<float> scale_zero;  // [np][groups]: scale * zero, so the zero term is one product per group
 
   int64_t ChunkBytes() const { return 4 * bits; }
-  // Offset in `codes` of the packed chunk ch of column n, and the chunk itself.
+  int64_t slab_chunks = 0;  // chunks per K slab (a whole number of groups)
+  // Offset in `codes` of the packed chunk ch of column n, and the chunk itself. Slab-major: slab s holds
+  // chunks [s slab_chunks, ...) of every column, as [np / 4][chunks of the slab][4][chunk bytes].
   int64_t ChunkOffset(int64_t n, int64_t ch) const {
-    return (((n / kBlock) * (kp / kChunk) + ch) * kBlock + n % kBlock) * ChunkBytes();
+    const int64_t chunks = kp / kChunk, s = ch / slab_chunks, first = s * slab_chunks;
+    const int64_t in_slab = std::min(slab_chunks, chunks - first);
+    return np * first * ChunkBytes() + (((n / kBlock) * in_slab + ch - first) * kBlock + n % kBlock) * ChunkBytes();
   }
   const uint8_t* Chunk(int64_t n, int64_t ch) const { return codes.data() + ChunkOffset(n, ch); }
 };
