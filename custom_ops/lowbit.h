@@ -9,7 +9,7 @@
 //   bits 3: the low two bits as a bits-2 chunk (8 bytes), then 4 bytes: bit j of that little-endian uint32
 //           is bit 2 of q[j].
 //
-// Batch 1 (the case that must run at memory speed): per column and group the kernel accumulates
+// Batch 1 (the case that must approach memory speed): per column and group the kernel accumulates
 // sum_k q[k] x[k] in registers and applies the group's scale once; the zero points enter through the
 // per-group input sums, y[n] = sum_g scale (sum_k q x) - sum_g (scale zero) sum_k x. Larger batches
 // dequantize 8 columns at a time into a float tile [8][Kp] and run every input row over it.
