@@ -15,6 +15,7 @@ from onnxopt.passes.depthwise import Depthwise
 from onnxopt.passes.fastfood import Fastfood
 from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.int8 import Int8
+from onnxopt.passes.lowbit import LowBit
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.prune import Prune
 from onnxopt.passes.tensor_train import TensorTrain
@@ -23,7 +24,19 @@ from onnxopt.rewrite import Pass
 
 METHODS: dict[str, type[Pass] | type[ModelPass]] = {
     cls.name: cls
-    for cls in (LowRank, Winograd, FFTConv, Depthwise, Circulant, Fastfood, ACDC, TensorTrain, Prune, Int8)
+    for cls in (
+        LowRank,
+        Winograd,
+        FFTConv,
+        Depthwise,
+        Circulant,
+        Fastfood,
+        ACDC,
+        TensorTrain,
+        Prune,
+        LowBit,
+        Int8,
+    )
 }
 
 
