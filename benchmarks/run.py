@@ -252,12 +252,33 @@ figure the median of 3 sweeps. The issue's goals: FC 4096 x 4096 batch 1 >= 1.5x
 """
 
 
+def lowbit_section(quick: bool) -> str:
+    rounds = "7" if quick else "15"
+    return f"""## lowbit: weight-only 2/3/4-bit FC layers (`benchmarks/lowbit.py`, `lowbit_accuracy.py`)
+
+LowBitMatMul (group-wise codes, float32 scale and uint8 zero point per group) on one FC layer against
+onnxruntime's fp32 MatMul, its MatMulNBits (com.microsoft, 4 bits, block 32, with zero points; accuracy_level
+0 and 4) and its int8 (quantize_dynamic of the same MatMul): one-node models, A/B interleaved, a 64 MiB buffer
+touched before every run, median of {rounds} runs; ratios are fp32 time / other time. The issue's goal:
+>= 3x fp32 at batch 1 for 4 bits.
+
+{_script_table("lowbit.py", "--rounds", rounds)}
+
+Accuracy on Fashion-MNIST's FC layers, RTN against GPTQ rounding (top-1 on the 10,000 test images; the
+estimated error is the layer's relative output error on held-out calibration rows). The issue's goals: GPTQ at
+4 bits loses <= 0.5 points; GPTQ's error is below RTN's at 3 and 2 bits.
+
+{_script_table("lowbit_accuracy.py")}
+"""
+
+
 SECTIONS = {
     "models": models_section,
     "conv": conv_section,
     "lowrank": lowrank_section,
     "structured": structured_section,
     "sparse": sparse_section,
+    "lowbit": lowbit_section,
 }
 
 

@@ -18,5 +18,6 @@ Ort::Custom::OrtLiteCustomOp* MakeFastfoodMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeACDCMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeSparseGemmOp();
 Ort::Custom::OrtLiteCustomOp* MakeSparseConvOp();
+Ort::Custom::OrtLiteCustomOp* MakeLowBitMatMulOp();
 
 }  // namespace onnxopt

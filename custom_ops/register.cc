@@ -47,6 +47,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       ops.emplace_back(onnxopt::MakeACDCMatMulOp());
       ops.emplace_back(onnxopt::MakeSparseGemmOp());
       ops.emplace_back(onnxopt::MakeSparseConvOp());
+      ops.emplace_back(onnxopt::MakeLowBitMatMulOp());
     }
     Ort::CustomOpDomain domain{onnxopt::kDomain};
     for (auto& op : ops) domain.Add(op.get());

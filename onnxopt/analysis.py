@@ -14,6 +14,7 @@ FastfoodMatMul (B [d, n]): per row and block two fast Walsh-Hadamard transforms,
 3 n for the diagonals: d (2 n log2 n + 3 n);
 ACDCMatMul (A [L, n]): per row and layer two DCTs of length n, ~2.5 n log2 n each, plus 2 n for the diagonals.
 SparseGemm / SparseConv (values [nnz]): 2 nnz per output row / per output pixel: only the kept weights.
+LowBitMatMul (attributes K, N): 2 K N per row, as the dense layer (the codes are unpacked, not skipped).
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -196,6 +197,11 @@ def _sparse_conv_flops(inputs, outputs, attrs, shapes) -> int:
     return 2 * y[0] * math.prod(y[2:]) * v[0] if v and y else 0
 
 
+def _lowbit_flops(inputs, outputs, attrs, shapes) -> int:
+    y = shapes.get(outputs[0])
+    return 2 * math.prod(y[:-1]) * int(attrs.get("K", 0)) * int(attrs.get("N", 0)) if y else 0
+
+
 FLOP_RULES: dict[str, Callable] = {
     "Conv": _conv_flops,
     "ConvTranspose": _conv_transpose_flops,
@@ -209,6 +215,7 @@ FLOP_RULES: dict[str, Callable] = {
     "ACDCMatMul": _acdc_flops,
     "SparseGemm": _sparse_gemm_flops,
     "SparseConv": _sparse_conv_flops,
+    "LowBitMatMul": _lowbit_flops,
 }
 
 
@@ -259,6 +266,16 @@ def _fastfood_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
             value=const(t + "_zero", onnx.TensorProto.FLOAT, [1], [0.0]),
         ),
     ]
+
+
+def _lowbit_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """LowBitMatMul(X, Q, S, Z[, B]) -> Y [..., N], N the attribute: the fastfood twin's chain with N."""
+    renamed = onnx.NodeProto()
+    renamed.CopyFrom(node)
+    for a in renamed.attribute:
+        if a.name == "N":
+            a.name = "out_features"
+    return _fastfood_twin(renamed)
 
 
 def _acdc_twin(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -325,6 +342,7 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto | list[onnx.Nod
     "ACDCMatMul": _acdc_twin,
     "SparseGemm": _sparse_gemm_twin,
     "SparseConv": _sparse_conv_twin,
+    "LowBitMatMul": _lowbit_twin,
 }
 
 

@@ -65,7 +65,7 @@ def records_table(records: list[dict]) -> str:
     for r in records:
         if r["status"] == "applied":
             d = r["detail"]
-            shown = ("rank", "fit", "tile", "activation", "mode")
+            shown = ("rank", "fit", "tile", "activation", "mode", "sparsity", "emitted")
             what = ", ".join(f"{k}={v}" for k, v in d.items() if k in shown)
             cost = (
                 f"{_ratio(r['bytes_before'], r['bytes_after'])} bytes, "
@@ -76,6 +76,8 @@ def records_table(records: list[dict]) -> str:
                     f", {d['ms_before']:.3f} -> {d['ms_after']:.3f} ms ({d['speedup']:.2f}x at "
                     f"{d['threads']} thread(s))"
                 )
+            if "ms_sparse_est" in d:  # prune: the timed layer says why it runs sparse or dense
+                cost += f", dense {d['ms_dense']:.3f} / sparse {d['ms_sparse_est']:.3f} ms"
             err = f"est.err {r['est_error']:.2e}"
             if "sensitivity" in d:  # a measured error, or why it was not measured
                 v = d["sensitivity"]

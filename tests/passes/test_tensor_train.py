@@ -80,6 +80,29 @@ def test_tt_layer_is_found_and_stays_within_budget():
     assert max(e.rel_l2 for e in compare_models(model, result.model, feeds)) <= 1e-2
 
 
+def test_tt_layer_on_3d_rows_keeps_leading_dims():
+    # A transformer's dense layer: MatMul of [batch, seq, K] by a constant K x N weight.
+    rng = np.random.default_rng(5)
+    W = tt_weight(tt_svd(rng.standard_normal((64, 96)), factorize(64, 3), factorize(96, 3), 2))
+    W = (W / np.linalg.norm(W) * np.sqrt(96)).astype(np.float32)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", 64])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", 96])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")],
+        "g",
+        [x],
+        [y],
+        [numpy_helper.from_array(W, "W")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((3, 5, 64)).astype(np.float32)}
+    result = optimize(model, [TensorTrain()], feeds, OutputBudget(model, feeds, 1e-2), 1e-2, dims={"seq": 5})
+    assert result.changed and "Einsum" in {n.op_type for n in result.model.graph.node}
+    onnx.checker.check_model(result.model)
+    other = {"x": rng.standard_normal((2, 7, 64)).astype(np.float32)}  # other batch and seq than planned
+    assert max(e.rel_l2 for e in compare_models(model, result.model, other)) <= 1e-2
+
+
 def test_random_layer_is_declined_with_its_errors():
     result, _ = _run(_tt_layer_mlp(rank=None))
     (r,) = [r for r in result.records if r.node == "fc0"]

@@ -1,0 +1,97 @@
+// LowBitMatMul: y = x W + b with W (K x N) stored as group-wise quantized 2-, 3- or 4-bit codes (the `lowbit`
+// method; semantics and numpy reference in onnxopt/reference/lowbit.py).
+//
+// For output n and group g of G consecutive k:  W[k, n] = scale[n, g] (q[k, n] - zero[n, g]),  q < 2^bits.
+// K is padded to Kp, a multiple of G (the padded codes meet zero inputs). Codes are stored per output column,
+// in chunks of 32 consecutive k (G is a multiple of 32), laid out so that SIMD unpacking needs only and/shift:
+//   bits 4: 16 bytes; byte j holds q[j] (low nibble) and q[j + 16] (high nibble);
+//   bits 2: 8 bytes; byte j holds q[j + 8 i] in bits 2i, 2i + 1 (i = 0..3);
+//   bits 3: the low two bits as a bits-2 chunk (8 bytes), then 4 bytes: bit j of that little-endian uint32
+//           is bit 2 of q[j].
+//
+// Batch 1 (the case that must approach memory speed): per column and group the kernel accumulates
+// sum_k q[k] x[k] in registers and applies the group's scale once; the zero points enter through the
+// per-group input sums, y[n] = sum_g scale (sum_k q x) - sum_g (scale zero) sum_k x. Larger batches
+// dequantize 8 columns at a time into a float tile [8][Kp] and run every input row over it.
+//
+// At kernel creation the codes are repacked so that batch 1 reads ONE sequential stream: columns in blocks of
+// four (N padded to a multiple of 4 with zero columns), and within a block the chunks of its four columns
+// interleaved, chunk by chunk: [N/4][Kp/32][4][chunk bytes]. (Four separate column streams of 2 KiB each left
+// the hardware prefetcher behind and ran at half the memory bandwidth.) Wide layers are cut along K into slabs
+// of 4096 inputs (x of a slab stays in L1), stored slab after slab, so that one batch-1 task (64 columns) still
+// reads its codes of a slab as one contiguous run.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace onnxopt {
+namespace lowbit {
+
+constexpr int64_t kChunk = 32;  // codes per packed chunk
+constexpr int64_t kTile = 8;    // columns of a dequantized tile
+constexpr int64_t kBlock = 4;   // columns interleaved in the packed codes
+
+// The checked, packed weights of one node.
+struct Weights {
+  int64_t k = 0, kp = 0, n = 0, bits = 0, group = 0, groups = 0;
+  int64_t col_bytes = 0;          // bytes of one column's codes: kp * bits / 8
+  int64_t np = 0;                 // n rounded up to kBlock
+  std::vector<uint8_t> codes;     // [np / 4][kp / 32][4][4 bits]: see above
+  std::vector<float> scale;       // [np][groups] (padded columns: 0)
+  std::vector<float> scale_zero;  // [np][groups]: scale * zero, so the zero term is one product per group
+
+  int64_t ChunkBytes() const { return 4 * bits; }
+  int64_t slab_chunks = 0;  // chunks per K slab (a whole number of groups)
+  // Offset in `codes` of the packed chunk ch of column n, and the chunk itself. Slab-major: slab s holds
+  // chunks [s slab_chunks, ...) of every column, as [np / 4][chunks of the slab][4][chunk bytes].
+  int64_t ChunkOffset(int64_t n, int64_t ch) const {
+    const int64_t chunks = kp / kChunk, s = ch / slab_chunks, first = s * slab_chunks;
+    const int64_t in_slab = std::min(slab_chunks, chunks - first);
+    return np * first * ChunkBytes() + (((n / kBlock) * in_slab + ch - first) * kBlock + n % kBlock) * ChunkBytes();
+  }
+  const uint8_t* Chunk(int64_t n, int64_t ch) const { return codes.data() + ChunkOffset(n, ch); }
+};
+
+// Columns [n0, n1) of one input row over groups [g0, g1): y[n] (= if g0 == 0, else +=) sum_g scale (sum_k q x)
+// - sum_g scale_zero sumx[g]; x padded to kp with zeros, sumx[g] the sum of x over group g. The caller cuts K
+// into slabs of groups whose x fits in L1 (a 25088-wide x read once per 4 columns would stream from L2).
+using GemvFn = void (*)(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0,
+                        int64_t g1, float* y);
+// Dequantizes columns [n0, n0 + cols) (cols <= kTile) into tile[cols][kp].
+using DequantFn = void (*)(const Weights& w, int64_t n0, int64_t cols, float* tile);
+// y[r * ldy + c] = sum_k x[r * ldx + k] tile[c][k] for r < rows, c < cols (kp a multiple of 32).
+using TileFn = void (*)(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t kp, float* y,
+                        int64_t ldy, int64_t cols);
+
+struct Kernels {
+  GemvFn gemv4;    // bits 4
+  GemvFn gemv;     // any bits (2 and 3 use it)
+  DequantFn dequant;
+  TileFn tile;
+};
+
+const Kernels& PortableKernels();
+const Kernels& Avx2Kernels();
+
+// The 32 codes of one packed chunk (layout above) into q[0..32).
+inline void UnpackChunk(const uint8_t* p, int64_t bits, uint8_t* q) {
+  if (bits == 4) {
+    for (int j = 0; j < 16; ++j) {
+      q[j] = p[j] & 15;
+      q[j + 16] = p[j] >> 4;
+    }
+    return;
+  }
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 8; ++j) q[j + 8 * i] = (p[j] >> (2 * i)) & 3;
+  }
+  if (bits == 3) {
+    const uint32_t hi = uint32_t{p[8]} | uint32_t{p[9]} << 8 | uint32_t{p[10]} << 16 | uint32_t{p[11]} << 24;
+    for (int j = 0; j < 32; ++j) q[j] |= static_cast<uint8_t>(((hi >> j) & 1u) << 2);
+  }
+}
+
+}  // namespace lowbit
+}  // namespace onnxopt

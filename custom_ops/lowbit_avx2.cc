@@ -1,0 +1,192 @@
+// AVX2 + FMA builds of the LowBitMatMul loops (see lowbit.h); compiled with -mavx2 -mfma and chosen at kernel
+// creation only where the CPU has both (HasAvx2Fma).
+//
+// Batch 1: four columns at a time share each load of x (which stays in L1). A chunk of 32 codes is one load
+// (16 bytes at 4 bits, split into nibbles by and/shift; 8 bytes at 2 and 3 bits, split into bit pairs, with the
+// third bit taken from a 32-bit word by per-lane shifts), widened to int32, converted to float and FMAed
+// against x in two accumulators per column (8 independent FMA chains hide the FMA latency). At the end of a
+// group the partial sums are scaled once (acc += scale * partial); one horizontal sum per column remains.
+#include <immintrin.h>
+
+#define LOWBIT_IMPL avx2
+#include "lowbit_impl.h"
+
+namespace onnxopt {
+namespace lowbit {
+
+namespace {
+
+inline float HSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 Codes(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+
+// 3 bits: bit 2 of codes 8 i .. 8 i + 7 from the chunk's high-bit word, as int32 lanes worth 0 or 4.
+inline __m256i HighBits(__m256i word, int i) {
+  const __m256i shift = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_add_epi32(shift, _mm256_set1_epi32(8 * i))),
+                                       _mm256_set1_epi32(1));
+  return _mm256_slli_epi32(bit, 2);
+}
+
+// The 32 codes of one chunk as floats, q[i] = codes 8 i .. 8 i + 7.
+template <int kBits>
+inline void Decode(const uint8_t* p, __m256 (&q)[4]) {
+  if constexpr (kBits == 4) {
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i lo = _mm_and_si128(v, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    q[0] = Codes(lo);
+    q[1] = Codes(_mm_srli_si128(lo, 8));
+    q[2] = Codes(hi);
+    q[3] = Codes(_mm_srli_si128(hi, 8));
+  } else {
+    const __m128i mask = _mm_set1_epi8(3);
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 2 * i), mask));
+    if constexpr (kBits == 3) {
+      uint32_t w;
+      __builtin_memcpy(&w, p + 8, 4);
+      const __m256i word = _mm256_set1_epi32(static_cast<int>(w));
+      for (int i = 0; i < 4; ++i) c[i] = _mm256_or_si256(c[i], HighBits(word, i));
+    }
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtepi32_ps(c[i]);
+  }
+}
+
+// Partial sums of one chunk of a column: pa += q[0..16) x[0..16), pb += q[16..32) x[16..32).
+template <int kBits>
+inline void Chunk(const uint8_t* p, const __m256 (&x)[4], __m256& pa, __m256& pb) {
+  __m256 q[4];
+  Decode<kBits>(p, q);
+  pa = _mm256_fmadd_ps(q[0], x[0], pa);
+  pb = _mm256_fmadd_ps(q[2], x[2], pb);
+  pa = _mm256_fmadd_ps(q[1], x[1], pa);
+  pb = _mm256_fmadd_ps(q[3], x[3], pb);
+}
+
+// Columns n .. n + 3 (n a multiple of 4; the packed codes and scales are padded to 4 columns): one
+// sequential stream of interleaved chunks. Per group, the partial sums are scaled once; the zero term,
+// sum_g scale_zero sumx, is one contiguous dot product per column at the end. Only columns < n1 are written.
+template <int kBits>
+inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64_t n, int64_t n1, int64_t g0,
+                      int64_t g1, float* y) {
+  constexpr int64_t kBytes = 4 * kBits;
+  const int64_t per_group = w.group / kChunk, groups = w.groups;
+  const uint8_t* p = w.Chunk(n, g0 * per_group);
+  const float* scale[kBlock];
+  __m256 acc[kBlock];
+  for (int c = 0; c < kBlock; ++c) {
+    scale[c] = w.scale.data() + (n + c) * groups;
+    acc[c] = _mm256_setzero_ps();
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 pa[kBlock], pb[kBlock];
+    for (int c = 0; c < kBlock; ++c) pa[c] = pb[c] = _mm256_setzero_ps();
+    const float* xg = x + g * w.group;
+    for (int64_t ch = 0; ch < per_group; ++ch) {
+      const float* xc = xg + ch * kChunk;
+      const __m256 xv[4] = {_mm256_loadu_ps(xc), _mm256_loadu_ps(xc + 8), _mm256_loadu_ps(xc + 16),
+                            _mm256_loadu_ps(xc + 24)};
+      for (int c = 0; c < kBlock; ++c, p += kBytes) Chunk<kBits>(p, xv, pa[c], pb[c]);
+    }
+    for (int c = 0; c < kBlock; ++c) {
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[c] + g), _mm256_add_ps(pa[c], pb[c]), acc[c]);
+    }
+  }
+  for (int c = 0; c < kBlock && n + c < n1; ++c) {
+    const float* sz = w.scale_zero.data() + (n + c) * groups;
+    __m256 z = _mm256_setzero_ps();
+    int64_t g = g0;
+    for (; g + 8 <= g1; g += 8) z = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(sumx + g), z);
+    float zt = HSum(z);
+    for (; g < g1; ++g) zt += sz[g] * sumx[g];
+    const float part = HSum(acc[c]) - zt;
+    y[n + c] = g0 == 0 ? part : y[n + c] + part;
+  }
+}
+
+// n0 is a multiple of 4 (tasks cover multiples of 4 columns).
+template <int kBits>
+void Gemv(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
+          float* y) {
+  for (int64_t n = n0; n < n1; n += kBlock) GemvBlock<kBits>(w, x, sumx, n, n1, g0, g1, y);
+}
+
+template <int kBits>
+void DequantBits(const Weights& w, int64_t n0, int64_t cols, float* tile) {
+  const int64_t chunks = w.kp / kChunk, per_group = w.group / kChunk;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t n = n0 + c;
+    float* t = tile + c * w.kp;
+    for (int64_t ch = 0; ch < chunks; ++ch, t += kChunk) {
+      const int64_t i = n * w.groups + ch / per_group;
+      const __m256 s = _mm256_set1_ps(w.scale[i]), sz = _mm256_set1_ps(w.scale_zero[i]);
+      __m256 q[4];
+      Decode<kBits>(w.Chunk(n, ch), q);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(t + 8 * j, _mm256_fmsub_ps(s, q[j], sz));
+    }
+  }
+}
+
+void Dequant(const Weights& w, int64_t n0, int64_t cols, float* tile) {
+  if (w.bits == 4) return DequantBits<4>(w, n0, cols, tile);
+  if (w.bits == 3) return DequantBits<3>(w, n0, cols, tile);
+  DequantBits<2>(w, n0, cols, tile);
+}
+
+// kR rows x kC columns of dot products over kp, kR kC accumulators (8 at 4 x 2: enough FMA chains).
+template <int kR, int kC>
+inline void TileBlock(const float* x, int64_t ldx, const float* tile, int64_t kp, float* y, int64_t ldy) {
+  __m256 acc[kR][kC];
+  for (int r = 0; r < kR; ++r)
+    for (int c = 0; c < kC; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kp; k += 8) {
+    __m256 t[kC];
+    for (int c = 0; c < kC; ++c) t[c] = _mm256_loadu_ps(tile + c * kp + k);
+    for (int r = 0; r < kR; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+      for (int c = 0; c < kC; ++c) acc[r][c] = _mm256_fmadd_ps(xv, t[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int c = 0; c < kC; ++c) y[r * ldy + c] = HSum(acc[r][c]);
+}
+
+template <int kR>
+inline void TileRows(const float* x, int64_t ldx, const float* tile, int64_t kp, float* y, int64_t ldy,
+                     int64_t cols) {
+  int64_t c = 0;
+  for (; c + 2 <= cols; c += 2) TileBlock<kR, 2>(x, ldx, tile + c * kp, kp, y + c, ldy);
+  if (c < cols) TileBlock<kR, 1>(x, ldx, tile + c * kp, kp, y + c, ldy);
+}
+
+void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t kp, float* y, int64_t ldy,
+          int64_t cols) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) TileRows<4>(x + r * ldx, ldx, tile, kp, y + r * ldy, ldy, cols);
+  for (; r < rows; ++r) TileRows<1>(x + r * ldx, ldx, tile, kp, y + r * ldy, ldy, cols);
+}
+
+void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
+             float* y) {
+  if (w.bits == 4) return Gemv<4>(w, x, sumx, n0, n1, g0, g1, y);
+  if (w.bits == 3) return Gemv<3>(w, x, sumx, n0, n1, g0, g1, y);
+  Gemv<2>(w, x, sumx, n0, n1, g0, g1, y);
+}
+
+}  // namespace
+
+const Kernels& Avx2Kernels() {
+  static const Kernels k{Gemv<4>, GemvAny, Dequant, Tile};
+  return k;
+}
+
+}  // namespace lowbit
+}  // namespace onnxopt

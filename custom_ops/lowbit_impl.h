@@ -1,0 +1,72 @@
+// The LowBitMatMul loops written once in plain C++ and compiled twice: lowbit.cc (portable) and
+// lowbit_avx2.cc (-mavx2 -mfma, where the compiler vectorizes them). Included inside a namespace of each.
+#pragma once
+
+#include <algorithm>
+
+#include "lowbit.h"
+
+namespace onnxopt {
+namespace lowbit {
+namespace LOWBIT_IMPL {
+
+// Any bit width: per chunk, unpack to bytes, then a float dot product with x.
+inline void GemvGeneric(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0,
+                        int64_t g1, float* y) {
+  const int64_t per_group = w.group / kChunk;
+  uint8_t q[kChunk];
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* sc = w.scale.data() + n * w.groups;
+    const float* sz = w.scale_zero.data() + n * w.groups;
+    float total = 0.0f;
+    for (int64_t g = g0; g < g1; ++g) {
+      float acc[kChunk] = {};
+      for (int64_t c = 0; c < per_group; ++c) {
+        const int64_t ch = g * per_group + c;
+        UnpackChunk(w.Chunk(n, ch), w.bits, q);
+        const float* xc = x + ch * kChunk;
+        for (int j = 0; j < kChunk; ++j) acc[j] += static_cast<float>(q[j]) * xc[j];
+      }
+      float s = 0.0f;
+      for (int j = 0; j < kChunk; ++j) s += acc[j];
+      total += sc[g] * s - sz[g] * sumx[g];
+    }
+    y[n] = g0 == 0 ? total : y[n] + total;
+  }
+}
+
+inline void Dequant(const Weights& w, int64_t n0, int64_t cols, float* tile) {
+  const int64_t chunks = w.kp / kChunk, per_group = w.group / kChunk;
+  uint8_t q[kChunk];
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t n = n0 + c;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      UnpackChunk(w.Chunk(n, ch), w.bits, q);
+      const int64_t g = ch / per_group;
+      const float s = w.scale[n * w.groups + g], sz = w.scale_zero[n * w.groups + g];
+      float* t = tile + c * w.kp + ch * kChunk;
+      for (int j = 0; j < kChunk; ++j) t[j] = s * static_cast<float>(q[j]) - sz;
+    }
+  }
+}
+
+inline void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t kp, float* y, int64_t ldy,
+                 int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float* t = tile + c * kp;
+      float acc[8] = {};
+      for (int64_t k = 0; k < kp; k += 8) {
+        for (int j = 0; j < 8; ++j) acc[j] += xr[k + j] * t[k + j];
+      }
+      float s = 0.0f;
+      for (int j = 0; j < 8; ++j) s += acc[j];
+      y[r * ldy + c] = s;
+    }
+  }
+}
+
+}  // namespace LOWBIT_IMPL
+}  // namespace lowbit
+}  // namespace onnxopt

@@ -1,0 +1,190 @@
+"""lowbit: a Gemm or MatMul with a constant float32 weight W (K x N, y = x W + b) becomes a LowBitMatMul whose
+weight is stored as group-wise 2-, 3- or 4-bit codes (weight-only quantization; op semantics and code layout
+in onnxopt.reference.lowbit, kernel in custom_ops/lowbit.cc).
+
+Options: bits in (2, 3, 4) x group size G in (128, 64, 32) (`--set lowbit.bits=4`, `lowbit.group_size=64` fix
+one), most compressive first by stored bytes: bits / 8 per weight plus 5 bytes per group (float32 scale, uint8
+zero point). K is padded to a multiple of G by the kernel (the padded codes meet zero inputs).
+
+Roundings (passes/lowbit_quantize.py): round-to-nearest (RTN) and GPTQ, which quantizes the rows of W in order
+and pushes each row's rounding error onto the later rows through the Cholesky factor of the inverse of
+H = X^T X + damping, X the layer's calibration inputs. `--set lowbit.rounding=rtn|gptq|auto` (auto, the
+default: both, and the one with the lower estimated error is kept; RTN only without calibration data).
+
+Estimated error: ||X W - X W~||_F / ||X W + b||_F on held-out calibration rows (every other row; GPTQ's H is
+built from the others), as lowrank does; without calibration data, ||W - W~||_F / ||W||_F.
+Opt-in (not in the default method set): the win is speed and size at batch 1 from a custom kernel, and the
+error it costs is decided by the budget like any lossy pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt import DOMAIN
+from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight, output_rows
+from onnxopt.passes.lowbit_quantize import dequantize, gptq, inverse_factor, rtn
+from onnxopt.reference.lowbit import pack_codes, padded_k
+from onnxopt.rewrite import (
+    Decline,
+    Option,
+    Pass,
+    PassContext,
+    constant_value,
+    new_name,
+    replace_node,
+    weight_problem,
+)
+
+BITS = (2, 3, 4)
+GROUPS = (128, 64, 32)
+MIN_K = 32  # fewer inputs than one group: the scales would outweigh the codes
+MAX_FIT_ROWS = 4096  # calibration rows for H (and as many held out)
+ROUNDINGS = ("auto", "rtn", "gptq")
+
+
+def stored_bytes(K: int, N: int, bits: int, G: int, bias: bool) -> int:
+    """Bytes of Q, S, Z (and B): codes of the padded K, one float32 scale and one uint8 zero per group."""
+    Kp = padded_k(K, G)
+    return N * Kp * bits // 8 + 5 * N * (Kp // G) + (4 * N if bias else 0)
+
+
+def relative_error(W: np.ndarray, Wq: np.ndarray, X: np.ndarray | None, bias: np.ndarray | None) -> float:
+    """||X (W - Wq)|| / ||X W + b|| on rows X (W, Wq: K x N), or ||W - Wq|| / ||W|| without rows."""
+    if X is None:
+        return float(np.linalg.norm(W - Wq) / max(np.linalg.norm(W), 1e-30))
+    Xd = X.astype(np.float64)
+    ref = Xd @ W + (0.0 if bias is None else bias)
+    return float(np.linalg.norm(Xd @ (W - Wq)) / max(np.linalg.norm(ref), 1e-30))
+
+
+def quantize(
+    W: np.ndarray,
+    X: np.ndarray | None,
+    bias: np.ndarray | None,
+    bits: int,
+    G: int,
+    rounding: str = "auto",
+    factor: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, float]:
+    """(rounding used, Q packed, S, Z, estimated error) of W (K x N) at `bits` and group size G; X the layer's
+    calibration rows (or None); `factor` GPTQ's (U, dead) of the training half of X, when already computed."""
+    K, N = W.shape
+    Kp = padded_k(K, G)
+    Wp = np.zeros((Kp, N), np.float64)
+    Wp[:K] = W
+    train, held = (
+        (None, None) if X is None or len(X) < 4 else (X[0::2][:MAX_FIT_ROWS], X[1::2][:MAX_FIT_ROWS])
+    )
+    kinds = (
+        ["rtn"] if train is None or rounding == "rtn" else ["gptq"] if rounding == "gptq" else ["rtn", "gptq"]
+    )
+    best = None
+    for kind in kinds:
+        if kind == "rtn":
+            q, S, Z = rtn(Wp, bits, G)
+        else:
+            U, dead = factor if factor is not None else inverse_factor(train, Kp)
+            q, S, Z = gptq(Wp, U, dead, bits, G)
+        err = relative_error(W.astype(np.float64), dequantize(q, S, Z, G)[:K], held, bias)
+        if best is None or err < best[-1]:
+            best = (kind, q, S, Z, err)
+    kind, q, S, Z, err = best
+    return kind, pack_codes(q, bits), S, Z, err
+
+
+def _flag_list(value: str) -> list[int]:
+    return [int(v) for v in value.replace(";", ",").split(",") if v.strip()]
+
+
+class LowBit(Pass):
+    name = "lowbit"
+    op_types = ("Gemm", "MatMul")
+    lossy = True
+    default = False
+    summary = "Gemm/MatMul -> LowBitMatMul (weight-only group-wise 2/3/4-bit codes, RTN or GPTQ rounding)"
+    custom_ops = ("LowBitMatMul",)
+
+    def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        if problem := weight_problem(node) or dense_problem(node, ctx):
+            return problem
+        K, N = dense_kn(node)
+        if K < MIN_K:
+            return f"weight {K}x{N} has K < {MIN_K}: one group's scale and zero would outweigh its codes"
+        if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+            if np.size(constant_value(node.inputs[2])) not in (1, N):
+                return "bias does not broadcast along N only"
+        return None
+
+    def activations_needed(self, node: gs.Node) -> list[str]:
+        return [node.inputs[0].name]
+
+    def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
+        W = dense_weight(node)
+        K, N = W.shape
+        bias = dense_bias(node, N)
+        X = ctx.activations.get(node.inputs[0].name)
+        X = X.reshape(-1, K) if X is not None else None
+        rounding = ctx.setting("rounding", str, "auto").lower()
+        if rounding not in ROUNDINGS:
+            raise Decline(f"lowbit.rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        bits_list = ctx.setting("bits", _flag_list, list(BITS))
+        groups = ctx.setting("group_size", _flag_list, list(GROUPS))
+        if bad := [b for b in bits_list if b not in BITS] + [g for g in groups if g < 32 or g % 32]:
+            raise Decline(f"unsupported bits / group_size {bad}: bits in {BITS}, group sizes multiples of 32")
+        choices = sorted(
+            ((b, g) for b in bits_list for g in groups),
+            key=lambda c: stored_bytes(K, N, *c, bias is not None),
+        )
+        factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        rows = output_rows(node, ctx, N)
+        options, tried = [], []
+        for bits, G in choices:
+            Kp = padded_k(K, G)
+            factor = None
+            if X is not None and len(X) >= 4 and rounding != "rtn":
+                if Kp not in factors:
+                    factors[Kp] = inverse_factor(X[0::2][:MAX_FIT_ROWS], Kp)
+                factor = factors[Kp]
+            kind, Q, S, Z, err = quantize(W, X, bias, bits, G, rounding, factor)
+            tried.append(f"{bits}b/G{G}: {err:.3g}")
+            if err > ctx.local_tolerance:
+                continue
+            size = stored_bytes(K, N, bits, G, bias is not None)
+            options.append(
+                Option(
+                    est_error=err,
+                    params_after=N * Kp + 2 * N * (Kp // G) + (N if bias is not None else 0),
+                    bytes_after=size,
+                    flops_after=2 * rows * K * N,
+                    emit=self._emitter(ctx.park(Q, S, Z), K, N, bits, G, bias),
+                    detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]},
+                )
+            )
+        if not options:
+            raise Decline(
+                f"no bit width / group size fits the tolerance {ctx.local_tolerance:g}: estimated errors "
+                + ", ".join(tried)
+            )
+        return options
+
+    def _emitter(self, load, K: int, N: int, bits: int, G: int, bias: np.ndarray | None):
+        def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
+            Q, S, Z = load()
+            inputs = [node.inputs[0]] + [
+                gs.Constant(new_name(prefix, n), a) for n, a in (("Q", Q), ("S", S), ("Z", Z))
+            ]
+            if bias is not None:
+                inputs.append(gs.Constant(new_name(prefix, "B"), bias.astype(np.float32)))
+            new = gs.Node(
+                "LowBitMatMul",
+                new_name(prefix, "lowbit"),
+                attrs={"K": K, "N": N, "bits": bits, "group_size": G},
+                inputs=inputs,
+                outputs=[node.outputs[0]],
+                domain=DOMAIN,
+            )
+            return replace_node(graph, node, [new])
+
+        return emit

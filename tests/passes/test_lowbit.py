@@ -1,0 +1,144 @@
+"""lowbit pass: the roundings on their own (grid, RTN, GPTQ against RTN on correlated inputs, monotone in
+bits), then the pass on MLPs (Gemm with transB, MatMul, K not a multiple of the group) checked against the
+original and against the numpy reference of the emitted op, and its declines."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from models.synthetic import mlp
+from onnxopt.budget import OutputBudget
+from onnxopt.data import synthetic_inputs
+from onnxopt.manager import optimize
+from onnxopt.passes.lowbit import LowBit, quantize, relative_error, stored_bytes
+from onnxopt.passes.lowbit_quantize import dequantize, gptq, grid, inverse_factor, rtn
+from onnxopt.reference.lowbit import lowbit_matmul
+from onnxopt.verify import compare_models
+
+
+def _run(model, max_error=1e-2, settings=None, samples=64):
+    feeds = synthetic_inputs(model, samples=samples, seed=1)
+    budget = OutputBudget(model, feeds, max_error)
+    return optimize(model, [LowBit()], feeds, budget, max_error=max_error, settings=settings), feeds
+
+
+def _correlated(rows: int, K: int, seed: int) -> np.ndarray:
+    """Inputs with a few strong directions, like a trained layer's activations."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((rows, 8)) @ rng.standard_normal((8, K)) + 0.1 * rng.standard_normal((rows, K))
+    ).astype(np.float32)
+
+
+def test_grid_represents_the_group_extremes_and_zero():
+    Wg = np.array([[-1.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
+    S, Z = grid(Wg, 4)
+    assert S[0] == pytest.approx(3.0 / 15) and Z[0] == 5
+    assert S[1] == 1.0 and Z[1] == 0  # all-zero group
+    q, S, Z = rtn(Wg.repeat(32, axis=0)[:32], 4, 32)
+    W = dequantize(q, S, Z, 32)
+    assert np.abs(W - Wg.repeat(32, axis=0)[:32]).max() <= S.max() / 2 + 1e-7
+
+
+def test_rtn_error_falls_with_bits_and_smaller_groups():
+    W = np.random.default_rng(0).standard_normal((256, 40))
+    errs = [np.linalg.norm(W - dequantize(*rtn(W, b, 64), 64)) for b in (2, 3, 4)]
+    assert errs == sorted(errs, reverse=True), errs
+    errs = [np.linalg.norm(W - dequantize(*rtn(W, 3, g), g)) for g in (128, 64, 32)]
+    assert errs == sorted(errs, reverse=True), errs
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_on_the_output(bits):
+    K, N = 128, 48
+    W = np.random.default_rng(bits).standard_normal((K, N)) / np.sqrt(K)
+    X = _correlated(1024, K, bits).astype(np.float64)
+    U, dead = inverse_factor(X[0::2], K)
+    e_rtn = relative_error(W, dequantize(*rtn(W, bits, 32), 32), X[1::2], None)
+    e_gptq = relative_error(W, dequantize(*gptq(W, U, dead, bits, 32), 32), X[1::2], None)
+    assert e_gptq < 0.8 * e_rtn, (bits, e_gptq, e_rtn)
+
+
+def test_gptq_codes_are_valid_and_inputs_never_seen_are_zeroed():
+    K, N = 96, 10
+    W = np.random.default_rng(1).standard_normal((K, N))
+    X = np.random.default_rng(2).standard_normal((300, K))
+    X[:, 5] = 0.0  # an input that is always zero
+    U, dead = inverse_factor(X, K)
+    assert dead[5] and dead.sum() == 1
+    q, S, Z = gptq(W, U, dead, 3, 32)
+    assert q.max() <= 7 and Z.max() <= 7 and q.shape == (K, N) and S.shape == (N, 3)
+    assert np.all(dequantize(q, S, Z, 32)[5] == 0.0)
+
+
+def test_quantize_packs_what_the_reference_computes():
+    K, N = 70, 9  # K padded to 96 at G = 32
+    W = np.random.default_rng(3).standard_normal((K, N)).astype(np.float32)
+    X = _correlated(200, K, 3)
+    b = np.random.default_rng(4).standard_normal(N).astype(np.float32)
+    for rounding in ("rtn", "gptq"):
+        kind, Q, S, Z, err = quantize(W, X, b, 4, 32, rounding)
+        assert kind == rounding and Q.shape == (N, 96 * 4 // 8)
+        held = X[1::2]
+        Y = lowbit_matmul(held, Q, S, Z, b, K=K, N=N, bits=4, group_size=32)
+        ref = held.astype(np.float64) @ W + b
+        assert np.linalg.norm(Y - ref) / np.linalg.norm(ref) == pytest.approx(err, rel=1e-3)
+
+
+def test_stored_bytes():
+    assert stored_bytes(4096, 4096, 4, 32, False) == 4096 * 2048 + 5 * 4096 * 128
+    assert stored_bytes(100, 10, 3, 64, True) == 10 * 128 * 3 // 8 + 5 * 10 * 2 + 40
+
+
+@pytest.mark.parametrize(("use_gemm", "trans_b"), [(True, False), (True, True), (False, False)])
+def test_pass_rewrites_and_matches_the_original(use_gemm, trans_b):
+    model = mlp([100, 64, 10], seed=2, use_gemm=use_gemm, trans_b=trans_b)
+    # random Gaussian weights: 4 bits at G = 32 cost ~7% of a layer's output (a step of ~0.27 sigma)
+    result, feeds = _run(model, max_error=0.2, settings={"lowbit": {"bits": "4", "group_size": "32"}})
+    fc0 = next(r for r in result.records if r.node == "fc0")
+    assert fc0.status == "applied", [r.as_dict() for r in result.records]
+    assert fc0.detail["bits"] == 4 and fc0.detail["group_size"] == 32
+    assert fc0.bytes_after < fc0.bytes_before / 4
+    onnx.checker.check_model(result.model)
+    assert "LowBitMatMul" in [n.op_type for n in result.model.graph.node]
+    errs = compare_models(model, result.model, feeds)
+    assert max(e.rel_l2 for e in errs) <= 0.2, errs
+
+
+def test_more_bits_less_error_through_the_pass():
+    model = mlp([128, 64, 10], seed=3)
+    errors = []
+    for bits in (2, 3, 4):
+        result, feeds = _run(
+            model, max_error=10.0, settings={"lowbit": {"bits": str(bits), "rounding": "rtn"}}
+        )
+        fc0 = next(r for r in result.records if r.node == "fc0")
+        assert fc0.status == "applied" and fc0.detail["rounding"] == "rtn", fc0.as_dict()
+        errors.append(max(e.rel_l2 for e in compare_models(model, result.model, feeds)))
+    assert errors == sorted(errors, reverse=True), errors
+
+
+def test_declines_with_reasons():
+    model = mlp([16, 64, 10], seed=4)  # fc0 has K = 16 < 32
+    result, _ = _run(model, max_error=10.0)
+    fc0 = next(r for r in result.records if r.node == "fc0")
+    assert fc0.status == "declined" and "K < 32" in fc0.reason, fc0.as_dict()
+    result, _ = _run(mlp([64, 64, 10], seed=4), max_error=1e-9)
+    fc0 = next(r for r in result.records if r.node == "fc0")
+    assert fc0.status == "declined" and "no bit width" in fc0.reason, fc0.as_dict()
+    result, _ = _run(mlp([64, 64, 10], seed=4), settings={"lowbit": {"bits": "5"}})
+    fc0 = next(r for r in result.records if r.node == "fc0")
+    assert fc0.status == "declined" and "unsupported bits" in fc0.reason, fc0.as_dict()
+
+
+def test_emitted_weights_are_the_packed_codes():
+    model = mlp([64, 32, 10], seed=6)
+    result, _ = _run(model, max_error=10.0, settings={"lowbit": {"bits": "2", "group_size": "64"}})
+    node = next(n for n in result.model.graph.node if n.op_type == "LowBitMatMul")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["bits"] == 2 and attrs["group_size"] == 64 and attrs["K"] == 64
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert inits[node.input[1]].dtype == np.uint8 and inits[node.input[1]].shape == (attrs["N"], 64 * 2 // 8)
