@@ -35,7 +35,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
-from onnxopt.passes.dense import dense_bias, dense_kn, dense_weight, pad_last_axis, structured_problem
+from onnxopt.passes.dense import dense_kn, dense_layer, pad_last_axis, structured_problem
 from onnxopt.reference.acdc import acdc_rows, dct_matrix
 from onnxopt.rewrite import (
     Decline,
@@ -184,12 +184,9 @@ class ACDC(Pass):
         return [node.inputs[0].name]
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        W = dense_weight(node)
+        W, bias, X = dense_layer(node, ctx)
         K, N = W.shape
         n = padded_size(K, N)
-        bias = dense_bias(node, N)
-        X = ctx.activations.get(node.inputs[0].name)
-        X = X.reshape(-1, K) if X is not None else None
         fixed = ctx.setting("depth", int)
         sweeps = ctx.setting("sweeps", int, SWEEPS)
         depths = [fixed] if fixed is not None else [L for L in DEPTHS if 2 * n * L < K * N]

@@ -35,9 +35,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import DOMAIN
 from onnxopt.passes.dense import (
     channels_last,
-    dense_bias,
-    dense_weight,
-    input_rows,
+    dense_layer,
     output_rows,
     pad_last_axis,
     structured_problem,
@@ -174,11 +172,8 @@ class Circulant(Pass):
         return [node.inputs[0].name]
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        W = dense_weight(node)
+        W, bias, X = dense_layer(node, ctx)
         K, N = W.shape
-        bias = dense_bias(node, N)
-        X = ctx.activations.get(node.inputs[0].name)
-        X = input_rows(node, X, K) if X is not None else None
         data_aware = ctx.setting("data_aware", lambda v: v.lower() not in ("0", "false", "no"), True)
         fixed = ctx.setting("block", int)
         sizes = [fixed] if fixed is not None else block_sizes(K, N)

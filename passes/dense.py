@@ -62,6 +62,15 @@ def input_rows(node: gs.Node, X: np.ndarray, K: int) -> np.ndarray:
     return X.reshape(-1, K)
 
 
+def dense_layer(node: gs.Node, ctx: PassContext) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(W as K x N, bias [N] or None, calibration rows of the input [n, K] or None): what every pass that
+    replaces a dense weight starts from."""
+    W = dense_weight(node)
+    K, N = W.shape
+    X = ctx.activations.get(node.inputs[0].name)
+    return W, dense_bias(node, N), input_rows(node, X, K) if X is not None else None
+
+
 def output_rows(node: gs.Node, ctx: PassContext, N: int) -> int:
     """Rows the layer computes per run (batch 1 where unknown): pixels of a pointwise Conv."""
     shape = ctx.shapes.get(node.outputs[0].name)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
-from onnxopt.passes.dense import dense_bias, dense_kn, dense_weight, structured_problem
+from onnxopt.passes.dense import dense_kn, dense_layer, structured_problem
 from onnxopt.reference.fastfood import fastfood_matmul, fwht
 from onnxopt.rewrite import (
     Decline,
@@ -194,12 +194,9 @@ class Fastfood(Pass):
         return [node.inputs[0].name]
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        W = dense_weight(node)
+        W, bias, X = dense_layer(node, ctx)
         K, N = W.shape
         n = padded_size(K, N)
-        bias = dense_bias(node, N)
-        X = ctx.activations.get(node.inputs[0].name)
-        X = X.reshape(-1, K) if X is not None else None
         fixed = ctx.setting("depth", int)
         iters = ctx.setting("iters", int, ITERS)
         depths = [fixed] if fixed is not None else list(DEPTHS)
