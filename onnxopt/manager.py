@@ -336,8 +336,10 @@ def _optimize_nodes(
 
 
 def _keep_if_faster(original, optimized, summary, passes, candidates, budget, feeds, threads, settings, log):
-    """The speed-only passes' rewrites were each timed faster alone; the whole model must be faster too, or
-    they are undone (layers can interact: a custom op may keep onnxruntime from fusing its neighbours)."""
+    """The speed-only passes' rewrites, and the options emitted in a form chosen for speed (an option with
+    a `fallback`), were each timed faster alone; the whole model must be faster too, or the former are undone
+    and the latter fall back to their other form (layers interact: a custom op may keep onnxruntime from
+    fusing its neighbours, and a small model's time is dominated by what the layers share)."""
     from onnxopt.bench import latency
     from onnxopt.timing import MIN_GAIN
 
@@ -345,7 +347,8 @@ def _keep_if_faster(original, optimized, summary, passes, candidates, budget, fe
         return p.measured and settings.get(p.name, {}).get("measure", "1") not in ("0", "false", "no")
 
     speed = [c for c in candidates if c.active and timed(passes[c.pass_index])]
-    if not speed:
+    forms = [c for c in candidates if c.active and c.option.fallback is not None and c not in speed]
+    if not speed and not forms:
         return optimized, summary
     before, after = (
         r["median_ms"] for r in latency([original, optimized], feeds, threads=threads, rounds=40)
@@ -353,13 +356,16 @@ def _keep_if_faster(original, optimized, summary, passes, candidates, budget, fe
     log(f"whole model: {before:.3f} ms before, {after:.3f} ms after, at {threads} thread(s)")
     if after * MIN_GAIN <= before:  # the same margin as per layer: below it, the gain is within the noise
         return optimized, summary
-    why = (
-        f"undone: the whole model ran {after:.3f} ms with the speed-only rewrites against {before:.3f} ms "
-        f"without, at {threads} thread(s) (needs {MIN_GAIN:g}x)"
-    )
+    timing = f"the whole model ran {after:.3f} ms against {before:.3f} ms before, at {threads} thread(s)"
     for c in speed:
         c.choice = len(c.options)
-        c.steps.append(why)
+        c.steps.append(f"undone: {timing} (needs {MIN_GAIN:g}x)")
+    for c in forms:
+        fallback = c.option.fallback
+        c.steps.append(
+            f"emitted {fallback.detail.get('emitted', 'in its other form')}: {timing} (needs {MIN_GAIN:g}x)"
+        )
+        c.options[c.choice] = fallback
     if not any(c.active for c in candidates):
         return original, budget.baseline()
     rebuilt = build(original, passes, candidates)

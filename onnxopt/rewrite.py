@@ -66,6 +66,9 @@ class Option:
     flops_after: int
     emit: Callable[[gs.Graph, gs.Node, str], list[gs.Node]]
     detail: dict = field(default_factory=dict)
+    # The same function in a form chosen only because it was timed faster per layer (prune's sparse ops):
+    # `fallback` is the other form. If the whole model is not faster, the manager swaps it in.
+    fallback: Option | None = None
 
 
 @dataclass

@@ -16,11 +16,16 @@ whose outputs see fewer inputs are declined, default MIN_K).
 
 Emission (prune_sparse.py): per level, SparseGemm / SparseConv over the CSR of the pruned weight where the
 layer measures faster that way, else the same op with the pruned dense weight (standard ONNX, runs anywhere,
-smaller once the file is compressed). The Record counts params_after as the nonzeros (+ bias); bytes_after
-and FLOPs as the emitted form stores and computes them (CSR and 2 per kept weight, or the dense weight).
+smaller once the file is compressed). Where that choice was timed, the dense form is kept as the option's
+fallback: the pass manager times the whole model, and if it is not faster the layers go back to dense weights,
+still pruned (small models are dominated by what their layers share). The Record counts params_after as
+the nonzeros (+ bias); bytes_after and FLOPs as the emitted form stores and computes them (CSR and 2 per
+kept weight, or the dense weight).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -136,15 +141,18 @@ class Prune(Pass):
             )
             if err <= ctx.local_tolerance * FLOOR:
                 break
-        for o, load, sparse in zip(
-            options, loads, sparse_exec.choose(node, ctx, options, loads, bias), strict=True
-        ):
-            if sparse:  # the file holds the CSR, and the kernel does 2 multiply-adds per kept weight
-                nnz = o.detail["nnz"]
-                o.bytes_after = fit.csr_bytes(nnz, N) + 4 * extra
-                o.flops_after = 2 * rows_out * nnz
-                o.emit = sparse_exec.emitter(load, bias, True, o.emit)
-                o.detail["emitted"] = "sparse"
+        sparse, timed = sparse_exec.choose(node, ctx, options, loads, bias)
+        for i, (load, chosen) in enumerate(zip(loads, sparse, strict=True)):
+            if chosen:  # the file holds the CSR, and the kernel does 2 multiply-adds per kept weight
+                o = options[i]
+                options[i] = replace(
+                    o,
+                    bytes_after=fit.csr_bytes(o.detail["nnz"], N) + 4 * extra,
+                    flops_after=2 * rows_out * o.detail["nnz"],
+                    emit=sparse_exec.emitter(load, bias, True, o.emit),
+                    detail={**o.detail, "emitted": "sparse"},
+                    fallback=o if timed else None,  # chosen for speed: dense if the model is not faster
+                )
         return options
 
     def _emitter(self, load):

@@ -6,7 +6,8 @@ only the kept weights: onnxopt/reference/prune.py). Which one pays depends on de
 it is measured on the layer itself: the original node and the sparse op at the densest and the sparsest
 offered level, cut out as one-node models and timed A/B with the cache flushed (onnxopt.timing). The sparse
 op's time is close to affine in the kept weights, t(nnz) = t0 + c nnz, so the two points give it for every
-level in between; a level runs sparse where t(nnz) beats the original by timing.MIN_GAIN.
+level in between; a level runs sparse where t(nnz) beats the original by timing.MIN_GAIN. The whole model is
+then timed as well (onnxopt.manager): unless it is MIN_GAIN faster, the sparse levels fall back to dense.
 
 Settings: `prune.sparse=auto` (default: measured as above), `1` (every level sparse), `0` (every level
 dense); `prune.measure=0` skips the timing and runs sparse from SPARSE_AT sparsity up (where the kernels
@@ -76,16 +77,17 @@ def emitter(load: Callable, bias: np.ndarray | None, sparse: bool, dense_emit: C
 
 def choose(
     node: gs.Node, ctx: PassContext, options: list[Option], loads: list[Callable], bias: np.ndarray | None
-) -> list[bool]:
-    """Per option (sparsest first, as offered), whether it runs sparse; records the timings in the details.
-    `loads[i]` loads option i's pruned weight."""
+) -> tuple[list[bool], bool]:
+    """Per option (sparsest first, as offered), whether it runs sparse, and whether that was decided by timing
+    (then the whole model is timed too: onnxopt.manager); records the timings in the details. `loads[i]`
+    loads option i's pruned weight."""
     mode = ctx.setting("sparse", str, "auto")
     if mode not in ("auto", "0", "1"):
         raise Decline(f"prune.sparse={mode!r} is not auto, 0 or 1")
     if mode != "auto":
-        return [mode == "1"] * len(options)
+        return [mode == "1"] * len(options), False
     if not ctx.setting("measure", _flag, True):
-        return [o.detail["sparsity"] >= SPARSE_AT for o in options]
+        return [o.detail["sparsity"] >= SPARSE_AT for o in options], False
     ends = [0, len(options) - 1] if len(options) > 1 else [0]
     probes = [Option(0.0, 0, 0, 0, emitter(loads[i], bias, True, None), {}) for i in ends]
     batch = ctx.setting("batch", int, 1)
@@ -98,4 +100,4 @@ def choose(
         t = times[0] + slope * (o.detail["nnz"] - nnz[0])
         o.detail.update(ms_dense=round(base, 4), ms_sparse_est=round(t, 4), threads=ctx.threads)
         decisions.append(base / max(t, 1e-9) >= MIN_GAIN)
-    return decisions
+    return decisions, True

@@ -73,3 +73,47 @@ def test_unknown_sparse_mode_is_declined_with_the_reason():
     result, _ = _run(mlp([64, 96, 10]), {"sparsity": "0.9", "sparse": "maybe"})
     assert not result.changed
     assert all("prune.sparse='maybe'" in r.reason for r in result.records if r.node.startswith("fc"))
+
+
+def _fixed_times(monkeypatch, layer, before, after):
+    """Every layer timing gives `layer` (dense, then the sparse probes); the whole model `before`, `after`."""
+    import onnxopt.bench
+    import onnxopt.passes.prune_sparse
+
+    fixed = lambda models, threads: layer[: len(models)]  # noqa: E731
+    monkeypatch.setattr(onnxopt.passes.prune_sparse, "median_times", fixed)
+
+    def latency(models, feeds, threads=1, rounds=0, **kw):
+        return [{"median_ms": before}, {"median_ms": after}]
+
+    monkeypatch.setattr(onnxopt.bench, "latency", latency)
+
+
+@pytest.mark.parametrize("after,emitted", [(2.0, "sparse"), (2.95, "dense")])
+def test_sparse_layers_fall_back_to_dense_when_the_whole_model_is_not_faster(monkeypatch, after, emitted):
+    _fixed_times(monkeypatch, [1.0, 0.5, 0.5], before=3.0, after=after)  # each layer 2x faster sparse
+    model = mlp([64, 96, 10], seed=4)
+    result, feeds = _run(model, {"sparsity": "0.9", "min_k": "1"})
+    applied = [r for r in result.records if r.status == "applied"]
+    assert applied and all(r.detail["emitted"] == emitted for r in applied), [r.detail for r in applied]
+    ops = {n.op_type for n in result.model.graph.node}
+    assert ("SparseGemm" in ops) == (emitted == "sparse"), ops
+    for r in applied:
+        assert r.detail["sparsity"] >= 0.89  # pruned either way: only the form differs
+        if emitted == "dense":
+            why = "emitted dense: the whole model ran 2.950 ms against 3.000 ms"
+            assert r.reason.startswith(why), r.reason
+            assert r.bytes_after == r.bytes_before and r.flops_after == r.flops_before
+    y = _outputs(result.model, feeds)
+    assert np.isfinite(y).all()
+
+
+def test_forced_sparse_is_not_timed_as_a_whole(monkeypatch):
+    import onnxopt.bench
+
+    def fail(*a, **k):
+        raise AssertionError("the whole model was timed although prune.sparse=1")
+
+    monkeypatch.setattr(onnxopt.bench, "latency", fail)
+    result, _ = _run(mlp([64, 96, 10], seed=4), {"sparsity": "0.9", "sparse": "1", "min_k": "1"})
+    assert all(r.detail["emitted"] == "sparse" for r in result.records if r.status == "applied")
