@@ -12,6 +12,10 @@
    the model still passes (one threshold cannot know which layers' errors the model tolerates); when no
    threshold passes at all, the steps start from every rewrite undone. The result is never over budget; if
    every rewrite had to be undone, BudgetError says why.
+   Energy-aware: when every option carries a measured time saving (prune.objective=latency), tau bounds the
+   estimated error per millisecond saved instead, so the budget goes where it buys the most time (Yang et
+   al.'s energy-aware pruning, with measured latency as the energy estimate), and the greedy steps try the
+   step that saves the most time first.
 4. Model-level passes (onnxopt.model_pass: int8 quantization, which rewrites the whole graph in one call)
    run last, on the model the per-node passes produced, each verified with the same Budget object.
 """
@@ -325,8 +329,9 @@ def _optimize_nodes(
         if c.choice and failures and not c.steps:  # (undone as slower: its step is already said)
             tau, why = min(failures)  # the tightest threshold that still failed
             what = f"stepped back to option {c.choice + 1} of {len(c.options)}" if c.active else "undone"
+            bound = "estimated error per ms saved" if _energy_aware(candidates) else "estimated error"
             c.steps.append(
-                f"{what}: with rewrites of estimated error up to {tau:.3g} the model was over budget ({why})"
+                f"{what}: with rewrites of {bound} up to {tau:.3g} the model was over budget ({why})"
             )
     records = [_finalise(c) for c in candidates]
     if not any(c.active for c in candidates):  # everything undone as slower: the input, unchanged
@@ -346,7 +351,7 @@ def _keep_if_faster(original, optimized, summary, passes, candidates, budget, fe
     def timed(p: Pass) -> bool:
         return p.measured and settings.get(p.name, {}).get("measure", "1") not in ("0", "false", "no")
 
-    speed = [c for c in candidates if c.active and timed(passes[c.pass_index])]
+    speed = [c for c in candidates if c.active and (timed(passes[c.pass_index]) or c.option.speed_only)]
     forms = [c for c in candidates if c.active and c.option.fallback is not None and c not in speed]
     if not speed and not forms:
         return optimized, summary
@@ -377,17 +382,29 @@ def _keep_if_faster(original, optimized, summary, passes, candidates, budget, fe
     return rebuilt, rebuilt_summary
 
 
+def _energy_aware(candidates: list[Candidate]) -> bool:
+    """Every option of every candidate says how much time it saves."""
+    return all(o.ms_saved is not None for c in candidates for o in c.options)
+
+
+def _key(o: Option, energy: bool) -> float:
+    """What tau bounds: the option's estimated error, or (energy-aware) its error per millisecond saved."""
+    return o.est_error / max(o.ms_saved, 1e-6) if energy else o.est_error
+
+
 def _choose(candidates: list[Candidate], tau: float) -> None:
-    """Each candidate takes its most compressive option of estimated error <= tau, or none."""
+    """Each candidate takes its most compressive option of key <= tau (see _key), or none."""
+    energy = _energy_aware(candidates)
     for c in candidates:
-        c.choice = next((i for i, o in enumerate(c.options) if o.est_error <= tau), len(c.options))
+        c.choice = next((i for i, o in enumerate(c.options) if _key(o, energy) <= tau), len(c.options))
 
 
 def _fit_budget(original, passes, candidates, budget, progress, log):
     """The largest per-rewrite error threshold tau whose model passes the budget, by bisection over the
     options' estimated errors: lowering tau steps the worst rewrites back first. Returns (model, measurement,
     [(tau, why) of the failed attempts]); the model is None if no threshold with any rewrite passes."""
-    taus = sorted({o.est_error for c in candidates for o in c.options})
+    energy = _energy_aware(candidates)
+    taus = sorted({_key(o, energy) for c in candidates for o in c.options})
     failures: list[tuple[float, str]] = []
     best = None
     lo, hi = -1, len(taus) - 1  # taus[hi] is tried first; index -1 means every rewrite undone (the original)
@@ -431,11 +448,12 @@ def _refine(original, passes, candidates, budget, optimized, summary, log):
     the most bytes tries it alone, and keeps it if the whole model stays within budget; a node that fails is
     not tried again. At most REFINE_STEPS verifications."""
     tried: set[int] = set()
+    saving = _next_time_saving if _energy_aware(candidates) else _next_saving
     for _ in range(REFINE_STEPS):
         movable = [c for c in candidates if c.choice > 0 and id(c) not in tried]
         if not movable:
             break
-        c = max(movable, key=_next_saving)
+        c = max(movable, key=saving)
         c.choice -= 1
         trial = build(original, passes, candidates)
         ok, trial_summary = budget.check(trial)
@@ -452,3 +470,9 @@ def _next_saving(c: Candidate) -> int:
     """Bytes the candidate's next more compressive option saves over its current choice."""
     current = c.option.bytes_after if c.active else c.record.bytes_before
     return current - c.options[c.choice - 1].bytes_after
+
+
+def _next_time_saving(c: Candidate) -> float:
+    """Milliseconds the candidate's next more compressive option saves over its current choice."""
+    current = c.option.ms_saved if c.active else 0.0
+    return c.options[c.choice - 1].ms_saved - current

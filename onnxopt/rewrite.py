@@ -69,6 +69,10 @@ class Option:
     # The same function in a form chosen only because it was timed faster per layer (prune's sparse ops):
     # `fallback` is the other form. If the whole model is not faster, the manager swaps it in.
     fallback: Option | None = None
+    # Measured time (ms) this option saves over the node, when the pass timed it: where every option of every
+    # candidate has one, the pass manager spends the budget by error per millisecond saved (energy-aware).
+    ms_saved: float | None = None
+    speed_only: bool = False  # worth it only for its speed: undone if the whole model is not faster
 
 
 @dataclass

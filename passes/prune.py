@@ -12,7 +12,8 @@ Settings: `prune.sparsity=S` (one level), `prune.pattern=unstructured|N:M|RxC` (
 by C consecutive inputs, the rows of W^T a sparse kernel streams), `prune.reconstruct=0` (masking only),
 `prune.saliency=magnitude` (Han et al.'s |w| instead of OBS), `prune.restore=R` (prune-and-restore rounds),
 `prune.damping=D`, `prune.layers=all|fc|conv` (which layer kinds to prune), `prune.min_k=K` (layers
-whose outputs see fewer inputs are declined, default MIN_K).
+whose outputs see fewer inputs are declined, default MIN_K), `prune.objective=size|latency` (latency: the
+energy-aware mode of prune_sparse.latency_options).
 
 Emission (prune_sparse.py): per level, SparseGemm / SparseConv over the CSR of the pruned weight where the
 layer measures faster that way, else the same op with the pruned dense weight (standard ONNX, runs anywhere,
@@ -153,6 +154,11 @@ class Prune(Pass):
                     detail={**o.detail, "emitted": "sparse"},
                     fallback=o if timed else None,  # chosen for speed: dense if the model is not faster
                 )
+        objective = ctx.setting("objective", str, "size")
+        if objective == "latency":
+            return sparse_exec.latency_options(options, timed)
+        if objective != "size":
+            raise Decline(f"prune.objective={objective!r} is not size or latency")
         return options
 
     def _emitter(self, load):

@@ -17,6 +17,7 @@ measured faster on every benchmarked shape, BENCHMARKS.md).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -101,3 +102,25 @@ def choose(
         o.detail.update(ms_dense=round(base, 4), ms_sparse_est=round(t, 4), threads=ctx.threads)
         decisions.append(base / max(t, 1e-9) >= MIN_GAIN)
     return decisions, True
+
+
+def latency_options(options: list[Option], timed: bool) -> list[Option]:
+    """The energy-aware mode (`prune.objective=latency`, after Yang et al., with measured time standing in
+    for their energy model): only the levels that run faster, each saying how many milliseconds it saves, so
+    the pass manager spends the error budget where it buys the most time. A pruned layer that is no faster
+    costs accuracy for nothing here: such levels are not offered, and a sparse level is undone (not made
+    dense) if the whole model is not faster."""
+    if not timed:
+        raise Decline("prune.objective=latency times every layer: it needs prune.sparse=auto and measure=1")
+    faster = [
+        replace(o, fallback=None, speed_only=True, ms_saved=o.detail["ms_dense"] - o.detail["ms_sparse_est"])
+        for o in options
+        if o.detail["emitted"] == "sparse"
+    ]
+    if not faster:
+        d = options[0].detail
+        raise Decline(
+            f"no sparsity level runs faster than the dense layer: {d['ms_dense']:.4f} ms dense, "
+            f"{d['ms_sparse_est']:.4f} ms sparse at {d['sparsity']:.0%} (estimated)"
+        )
+    return faster

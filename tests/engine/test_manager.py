@@ -128,3 +128,28 @@ def test_when_no_threshold_passes_single_rewrites_are_still_tried(monkeypatch):
     model, summary, failures = manager._fit_budget(None, [], [liar, good], Budget(), False, lambda s: None)
     assert (liar.choice, good.choice) == (1, 0)
     assert model == (1, 0) and summary == {"choices": (1, 0)} and failures
+
+
+def test_energy_aware_threshold_spends_the_budget_where_it_saves_most_time(monkeypatch):
+    """With measured savings on every option, tau bounds error per millisecond saved: of two layers with the
+    same errors, the one whose rewrite saves 10x the time keeps its most compressive option, the other steps
+    back; and the greedy steps try the larger time saving first."""
+    import onnxopt.manager as manager
+    from onnxopt.rewrite import Option, Record
+
+    def option(err, ms, nbytes=0):
+        return Option(err, 0, nbytes, 0, emit=None, ms_saved=ms)
+
+    fast = manager.Candidate(0, Record("m", "fast", "Gemm", "applied"), [option(0.2, 10.0), option(0.1, 6.0)])
+    slow = manager.Candidate(0, Record("m", "slow", "Gemm", "applied"), [option(0.2, 1.0), option(0.1, 0.6)])
+    assert manager._energy_aware([fast, slow])
+    manager._choose([fast, slow], 0.02)  # error/ms: fast 0.02, 0.0167; slow 0.2, 0.167
+    assert (fast.choice, slow.choice) == (0, 2)
+    manager._choose([fast, slow], 0.17)
+    assert (fast.choice, slow.choice) == (0, 1)
+    fast.choice = slow.choice = 1
+    assert manager._next_time_saving(fast) == 4.0 and manager._next_time_saving(slow) == pytest.approx(0.4)
+    plain = manager.Candidate(0, Record("m", "plain", "Gemm", "applied"), [Option(0.1, 0, 0, 0, emit=None)])
+    assert not manager._energy_aware([fast, plain])  # one candidate without timings: errors alone
+    manager._choose([fast, plain], 0.15)
+    assert (fast.choice, plain.choice) == (1, 0)

@@ -10,7 +10,7 @@ from models.synthetic import conv_net, mlp
 from onnxopt.budget import OutputBudget
 from onnxopt.data import synthetic_inputs
 from onnxopt.library import session_for
-from onnxopt.manager import optimize
+from onnxopt.manager import optimize, plan
 from onnxopt.passes.prune import Prune
 
 
@@ -117,3 +117,43 @@ def test_forced_sparse_is_not_timed_as_a_whole(monkeypatch):
     monkeypatch.setattr(onnxopt.bench, "latency", fail)
     result, _ = _run(mlp([64, 96, 10], seed=4), {"sparsity": "0.9", "sparse": "1", "min_k": "1"})
     assert all(r.detail["emitted"] == "sparse" for r in result.records if r.status == "applied")
+
+
+def test_latency_objective_offers_only_faster_levels_with_their_saving(monkeypatch):
+    _fixed_times(monkeypatch, [1.0, 0.4, 1.2], before=3.0, after=2.0)  # sparse faster at the sparse end only
+    model = mlp([64, 96, 10], seed=4)
+    feeds = synthetic_inputs(model, samples=32, seed=1)
+    candidates, _ = plan(model, [Prune()], feeds, 10.0, {"prune": {"objective": "latency", "min_k": "1"}})
+    assert candidates
+    for c in candidates:
+        assert all(o.detail["emitted"] == "sparse" and o.speed_only and o.fallback is None for o in c.options)
+        assert all(
+            o.ms_saved == pytest.approx(o.detail["ms_dense"] - o.detail["ms_sparse_est"]) for o in c.options
+        )
+        assert all(o.ms_saved > 0 for o in c.options)
+    sized, _ = plan(model, [Prune()], feeds, 10.0, {"prune": {"min_k": "1"}})
+    fewer = [len(c.options) < len(s.options) for c, s in zip(candidates, sized, strict=True)]
+    assert any(fewer), "the dense-end levels, no faster sparse, must not be offered"
+
+
+def test_latency_objective_undoes_sparse_layers_when_the_model_is_not_faster(monkeypatch):
+    _fixed_times(monkeypatch, [1.0, 0.5, 0.5], before=3.0, after=2.95)
+    result, _ = _run(mlp([64, 96, 10], seed=4), {"sparsity": "0.9", "min_k": "1", "objective": "latency"})
+    assert not result.changed
+    fcs = [r for r in result.records if r.node.startswith("fc")]
+    assert fcs and all(r.status == "undone" and "whole model ran 2.950 ms" in r.reason for r in fcs), fcs
+
+
+def test_latency_objective_declines_layers_that_are_no_faster_sparse(monkeypatch):
+    _fixed_times(monkeypatch, [1.0, 1.0, 1.0], before=3.0, after=3.0)
+    result, _ = _run(mlp([64, 96, 10], seed=4), {"sparsity": "0.9", "min_k": "1", "objective": "latency"})
+    assert not result.changed
+    fcs = [r for r in result.records if r.node.startswith("fc")]
+    assert fcs and all(r.reason.startswith("no sparsity level runs faster") for r in fcs), fcs
+
+
+@pytest.mark.parametrize("settings", [{"objective": "latency", "measure": "0"}, {"objective": "speed"}])
+def test_latency_objective_needs_timing_and_a_known_objective(settings):
+    result, _ = _run(mlp([64, 96, 10], seed=4), {"sparsity": "0.9", **settings})
+    assert not result.changed
+    assert all("prune." in r.reason for r in result.records if r.node.startswith("fc")), result.records
