@@ -13,7 +13,8 @@ row's thread count (prune_sparse.py; `onnxopt optimize --threads N`), so each ro
 optimization. Latency: whole model, batch 1, A/B interleaved in one process, medians of 3 interleaved
 measurements (onnxopt.bench.latency); ratio = original / pruned.
 
-Run from the repo root after scripts/setup.sh:  .venv/bin/python benchmarks/prune_models.py [--quick]
+Run from the repo root after scripts/setup.sh:
+    .venv/bin/python benchmarks/prune_models.py [--quick] [--only fashion]
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def _removed(records) -> str:
     return f"{1 - kept / max(before, 1):.1%}"
 
 
-def rows(quick: bool) -> list[list[str]]:
+def rows(quick: bool, only: str | None = None) -> list[list[str]]:
     out = []
     for case in cases(quick):
+        if only and not case["name"].lower().startswith(only.lower()):
+            continue
         for threads in (1, 2):  # the pass times dense against sparse at the thread count it optimizes for
             t0 = time.perf_counter()
             model = case["model"]
@@ -139,9 +142,10 @@ def rows(quick: bool) -> list[list[str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ResNet at 70% only")
+    ap.add_argument("--only", help="rows of the models whose name starts with this (fashion, resnet)")
     args = ap.parse_args()
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(args.quick)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(args.quick, args.only)]
     print("\n".join(lines))
     return 0
 
