@@ -7,19 +7,21 @@ producers) and input channel c from every layer that reads it (the consumers); c
 (BatchNormalization, activations, pools, elementwise joins of same-channel tensors such as Add, Mul, Sub)
 keep the index, and a BatchNormalization's parameters are sliced.
 
-`find_group` starts from one Conv's output and closes the set of tensors sharing its channel index (the root
-space, M channels): forward through every reader (channel-wise ops and joins extend the set, Convs and
-Flatten(axis=1) -> Gemm/MatMul are consumers, a channel-axis Concat shifts the index), backward through every
-producer of a tensor in the set (a joined operand must lose the same channels: its producer is a Conv, which
-joins the group, or a channel-wise op whose input joins the set). A Concat's output holds the group's channels
-at the offsets o of its group inputs: channel c of the root space is channel o + c there. Concatenated tensors
-are followed forward through channel-wise ops and BatchNormalization to their consumers; a join or a second
-Concat after a Concat is not followed.
+`find_group` starts from one Conv's output and closes the set of tensors sharing its channel index (the
+root space, M channels). Forward through every reader: channel-wise ops and joins extend the set (so do
+Resize by constant spatial scales and depthwise Convs, whose filters are sliced; a join's scalar constant
+stays, a per-channel one is sliced), Convs and Flatten(axis=1) -> Gemm/MatMul are consumers, a
+channel-axis Concat shifts the index. Backward through every producer of a tensor in the set: a joined
+operand must lose the same channels, so its producer is a Conv, which joins the group, or a channel-wise
+op whose input joins the set. A Concat's output holds the group's channels at the offsets o of its group
+inputs: channel c of the root space is channel o + c there. Concatenated tensors are followed forward
+through channel-wise ops and BatchNormalization to their consumers; a join or a second Concat after a
+Concat is not followed.
 
-Declined, with the reason: a tensor of the group that is a graph output or whose channel count is unknown, a
-stream fed by a graph input (an identity shortcut from the input) or a constant, a producer that is not a
-prunable Conv (grouped, shared or non-constant weight), a consumer that cannot lose input channels, any other
-reader (Reshape, Slice, Transpose, ...).
+Declined, with the reason: a tensor of the group that is a graph output or whose channel count is unknown;
+a stream fed by a graph input (an identity shortcut from the input) or by a constant that is not per
+channel; a producer that is not a prunable Conv (grouped, shared or non-constant weight); a consumer that
+cannot lose input channels; any other reader (Reshape, Slice, Transpose, ConvTranspose, ...).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from onnxopt.passes.filter_graph import (
     _dense_consumer_problem,
     _weight_ok,
 )
+from onnxopt.rewrite import constant_value
 
 # Elementwise ops of several inputs whose output channel c depends on channel c of each input only.
 JOINS = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min"}
@@ -70,6 +73,8 @@ class Group:
     tensors: tuple[str, ...]
     joins: tuple[str, ...]  # the Add/Mul/... nodes (for the record)
     concats: tuple[str, ...]
+    constants: tuple[tuple[str, int], ...] = ()  # (join, input index): per-channel constants, sliced
+    depthwise: tuple[Reader, ...] = ()  # depthwise Convs in between: channel-wise, their filters sliced
 
     @property
     def anchor(self) -> str:
@@ -93,6 +98,30 @@ def _bn_problem(node: gs.Node) -> str | None:
     return None
 
 
+def channel_wise(node: gs.Node) -> bool:
+    """Output channel c depends on input channel c alone: CHANNEL_WISE, or a Resize/Upsample whose constant
+    scales keep N and C (no `sizes`, which would name the channel count)."""
+    if node.op in CHANNEL_WISE:
+        return True
+    if node.op not in ("Resize", "Upsample"):
+        return False
+    at = 2 if node.op == "Resize" else 1
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        return False
+    scales = node.inputs[at] if len(node.inputs) > at else None
+    if not isinstance(scales, gs.Constant):
+        return False
+    v = constant_value(scales).reshape(-1)
+    return len(v) == 4 and v[0] == 1 and v[1] == 1
+
+
+def is_depthwise(node: gs.Node) -> bool:
+    """A Conv of one filter per input channel (group = C = M): channel-wise, with per-channel filters."""
+    group = int(node.attrs.get("group", 1))
+    w = node.inputs[1].shape if len(node.inputs) > 1 else None
+    return group > 1 and w is not None and len(w) == 4 and int(w[0]) == group and int(w[1]) == 1
+
+
 class _Walk:
     def __init__(self, conv: gs.Node, graph: gs.Graph, consumers: dict[str, int], shapes: dict) -> None:
         self.graph_outputs = {t.name for t in graph.outputs}
@@ -109,14 +138,14 @@ class _Walk:
         self.concats: dict[str, gs.Node] = {}
         self.tensors: list[str] = []
         self.derived: list[tuple[gs.Tensor, tuple[int, ...]]] = []
+        self.constants: list[tuple[str, int]] = []
+        self.depthwise: dict[str, Reader] = {}
 
     def channels(self, t: gs.Tensor) -> int | None:
         shape = self.shapes.get(t.name)
         return int(shape[1]) if shape is not None and len(shape) == 4 else None
 
     def add(self, t: gs.Tensor) -> str | None:
-        if isinstance(t, gs.Constant):
-            return f"a constant ({t.name}) is joined with the channels: it would have to lose them too"
         if t.name in self.root:
             return None
         if self.channels(t) != self.M:
@@ -126,6 +155,23 @@ class _Walk:
         self.tensors.append(t.name)
         return None
 
+    def depthwise_problem(self, node: gs.Node) -> str | None:
+        if problem := _weight_ok(node, 4, self.uses):
+            return f"the depthwise Conv {node.name} cannot lose channels: {problem}"
+        return None
+
+    def constant(self, join: gs.Node, i: int) -> str | None:
+        """A constant operand of a join: a scalar stays, one value per channel ([M, 1, 1] or [1, M, 1, 1])
+        is sliced with the channels, anything else cannot follow them."""
+        shape = tuple(int(d) for d in join.inputs[i].shape)
+        if int(np.prod(shape)) == 1:
+            return None
+        full = (1,) * (4 - len(shape)) + shape
+        if len(full) == 4 and full[1] == self.M and full[0] == full[2] == full[3] == 1:
+            self.constants.append((join.name, i))
+            return None
+        return f"its constant operand {join.inputs[i].name} {list(shape)} is not per channel"
+
     def backward(self, t: gs.Tensor) -> str | None:
         """Who writes `t`: it must lose the same channels."""
         if not t.inputs:
@@ -134,6 +180,11 @@ class _Walk:
                 "its channels cannot be removed"
             )
         p = t.inputs[0]
+        if p.op == "Conv" and is_depthwise(p):
+            if problem := self.depthwise_problem(p):
+                return problem
+            self.depthwise[p.name] = Reader(p.name, p.op, p.inputs[0].name, (0,), self.M)
+            return self.add(p.inputs[0])
         if p.op == "Conv":
             if p.outputs[0] is not t:
                 return f"{t.name} is not the output of Conv {p.name}"
@@ -146,12 +197,13 @@ class _Walk:
                 return problem
             self.batchnorms[p.name] = Reader(p.name, p.op, p.inputs[0].name, (0,), self.M)
             return self.add(p.inputs[0])
-        if p.op in CHANNEL_WISE:
+        if channel_wise(p):
             return self.add(p.inputs[0])
         if p.op in JOINS:
             self.joins.add(p.name)
-            for x in p.inputs:
-                if problem := self.add(x):
+            for i, x in enumerate(p.inputs):
+                problem = self.constant(p, i) if isinstance(x, gs.Constant) else self.add(x)
+                if problem:
                     return f"{p.op} {p.name}: {problem}"
             return None
         return f"{t.name} is written by {p.op} {p.name}, which cannot drop the group's channels"
@@ -164,10 +216,14 @@ class _Walk:
         if C is None:
             return f"{t.name} is not known to be 4-D (NCHW)"
         for r in t.outputs:
-            if r.op in CHANNEL_WISE or r.op == "BatchNormalization":
+            if channel_wise(r) or r.op == "BatchNormalization" or (r.op == "Conv" and is_depthwise(r)):
                 if r.inputs[0] is not t:
                     return f"{t.name} is not the data input of {r.op} {r.name}"
-                if r.op == "BatchNormalization":
+                if r.op == "Conv":
+                    if problem := self.depthwise_problem(r):
+                        return problem
+                    self.depthwise[r.name] = Reader(r.name, r.op, t.name, offsets, C)
+                elif r.op == "BatchNormalization":
                     if problem := _bn_problem(r):
                         return problem
                     self.batchnorms[r.name] = Reader(r.name, r.op, t.name, offsets, C)
@@ -249,6 +305,8 @@ class _Walk:
             tuple(dict.fromkeys(self.tensors)),
             by_order(self.joins),
             by_order(self.concats),
+            tuple(self.constants),
+            tuple(self.depthwise[n] for n in by_order(self.depthwise)),
         )
 
 

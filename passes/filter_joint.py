@@ -179,6 +179,18 @@ def slice_batchnorm(bn: gs.Node, keep: np.ndarray, C: int, prefix: str) -> None:
         bn.inputs[i] = gs.Constant(new_name(prefix, f"{bn.name}_{i}"), np.ascontiguousarray(value[keep]))
 
 
+def slice_depthwise(node: gs.Node, keep: np.ndarray, C: int, prefix: str) -> None:
+    """Keep the channels `keep` of a depthwise Conv of C channels (its filters, bias and group), in place."""
+    W = constant_value(node.inputs[1])
+    if W.shape[0] != C or int(node.attrs.get("group", 1)) != C:
+        raise ValueError(f"depthwise Conv {node.name} has {W.shape[0]} channels, expected {C}")
+    node.inputs[1] = gs.Constant(new_name(prefix, f"{node.name}_W"), np.ascontiguousarray(W[keep]))
+    if has_bias(node):
+        bias = constant_value(node.inputs[2]).reshape(-1)
+        node.inputs[2] = gs.Constant(new_name(prefix, f"{node.name}_B"), np.ascontiguousarray(bias[keep]))
+    node.attrs["group"] = len(keep)
+
+
 # ------------------------------------------------------------------------------------------- groups
 
 
@@ -231,6 +243,14 @@ def group_cost(
     cols = {r.name: len(r.kept(keep, M)) for r in group.consumers}
     params = sum(BN_PARAMS * len(bn.kept(keep, M)) for bn in group.batchnorms)
     flops = 0
+    for dw in group.depthwise:
+        node = nodes[dw.name]
+        C, _, kh, kw = (int(d) for d in node.inputs[1].shape)
+        c = len(dw.kept(keep, M))
+        params += c * kh * kw + (c if has_bias(node) else 0)
+        out = ctx.shapes.get(node.outputs[0].name)
+        if out:
+            flops += 2 * int(np.prod(out)) // C * c * kh * kw
     convs = dict.fromkeys(group.producers) | {r.name: None for r in group.consumers if r.op == "Conv"}
     for name in convs:
         node = nodes[name]
@@ -320,6 +340,14 @@ def _group_emitter(group: Group, keep: np.ndarray, load):
             slice_filters(get(name), keep, group.M, prefix, rows)
         for bn in group.batchnorms:
             slice_batchnorm(get(bn.name), bn.kept(keep, group.M), bn.channels, prefix)
+        for dw in group.depthwise:
+            slice_depthwise(get(dw.name), dw.kept(keep, group.M), dw.channels, prefix)
+        for name, i in group.constants:
+            join = get(name)
+            value = constant_value(join.inputs[i])
+            axis = value.ndim - 3  # [M, 1, 1] or [1, M, 1, 1]
+            sliced = np.ascontiguousarray(np.take(value, keep, axis=axis))
+            join.inputs[i] = gs.Constant(new_name(prefix, f"{name}_{i}"), sliced)
         tensors = graph.tensors()
         for name in group.tensors:  # their channel count changed: let shape inference say it again
             tensors[name].shape = None

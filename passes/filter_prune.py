@@ -27,7 +27,8 @@ consumer (filter_joint.py). A Conv whose filters one candidate keeps may have it
 another: whichever is applied second adapts to the first (filter_joint.kept_rows). Two candidates cutting
 the input channels of one node (two Convs into one Concat) are not combined: the second is declined.
 
-Settings: `filter_prune.criterion=merge|apoz|l1`, `filter_prune.reconstruct=0|1` (default 1).
+Settings: `filter_prune.criterion=merge|apoz|l1`, `filter_prune.reconstruct=0|1` (default 1),
+`filter_prune.groups=0|1` (default 1; 0: single chains only, as before channel groups).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class FilterPrune(Pass):
             self._graph, self._edited = ctx.graph, {}
         chain = follow(node, ctx.graph, ctx.consumers)
         if isinstance(chain, str):
-            return self._check_group(node, ctx)
+            return self._check_group(node, ctx) if ctx.setting("groups", _flag, True) else chain
         x = ctx.shapes.get(chain.consumer_input)
         if x is None or len(x) != 4:
             return f"the consumer's input {chain.consumer_input} is not known to be 4-D (NCHW)"
@@ -103,7 +104,7 @@ class FilterPrune(Pass):
         if group.anchor != node.name:
             others = ", ".join(p for p in group.producers if p != node.name)
             return f"its filters are channels shared with {others}: pruned as one group at {group.anchor}"
-        edited = [r.name for r in group.consumers] + [bn.name for bn in group.batchnorms]
+        edited = [r.name for r in (*group.consumers, *group.batchnorms, *group.depthwise)]
         if problem := self._claim(node.name, edited):
             return problem
         self._groups[node.name] = group
@@ -119,7 +120,7 @@ class FilterPrune(Pass):
 
     def owned(self, node: gs.Node, ctx: PassContext) -> list[str]:
         if group := self._groups.get(node.name):
-            return [*group.producers[1:], *(r.name for r in group.consumers)]
+            return [*group.producers[1:], *(r.name for r in (*group.consumers, *group.depthwise))]
         chain = self._chains.get(node.name)
         return [chain.consumer] if chain else []
 
