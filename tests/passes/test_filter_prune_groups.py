@@ -1,5 +1,5 @@
 """filter_prune of channel groups: a Conv into a channel-axis Concat (once, and twice at two offsets through a
-pool), a residual stage of two blocks (identity and projection shortcuts) pruned exactly when the removed
+pool), through a depthwise Conv, scalar and per-channel constants and a Resize, a residual stage of two blocks (identity and projection shortcuts) pruned exactly when the removed
 channels are zero in every producer, the declines (an identity shortcut from the graph input, a grouped
 producer, two Convs into one Concat), and the ResNet-18-shaped graph: valid, unchanged numerics when every
 channel is kept, FLOPs down when channels go."""
@@ -156,6 +156,50 @@ def test_concat_at_two_offsets_through_a_pool():
     out = build(model, passes, cands)
     assert _weights(out)["e"] == [3, 6, 1, 1]
     _check_exact(model, out, feeds)
+
+
+def test_through_depthwise_scalar_and_channel_constants_and_resize():
+    """p (8, filters 2 and 5 zero) -> Relu -> depthwise 3x3 -> * 0.5 -> + k [1, 8, 1, 1] -> Resize x2 ->
+    e (1x1): the depthwise filters, k and e's input channels are sliced; exact (the removed maps are 0)."""
+    net = _Net(5)
+    r = net.op("Relu", [net.conv("p", "x", 8, 3, zero=(2, 5))], "p_relu")
+    dw = net.conv("dw", r, 8, 8, zero=(2, 5), group=8)
+    k = np.linspace(-1, 1, 8).astype(np.float32).reshape(1, 8, 1, 1)
+    k[0, [2, 5]] = 0.0
+    net.inits += [
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(k, "k"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+    ]
+    h = net.op("Add", [net.op("Mul", [dw, "half"], "mul"), "k"], "add")
+    up = net.op("Resize", [h, "", "scales"], "up", mode="nearest")
+    e = net.conv("e", up, 4, 8, k=1)
+    model = net.model(3, 6, {e: ["N", 4, 12, 12]})
+    feeds = _feeds(model)
+    passes, cands, declined = _plan(model, feeds, {"criterion": "l1"}, max_error=1e-4)
+    assert [c.record.node for c in cands] == ["p"], [(r.node, r.reason) for r in declined]
+    _choose(cands, {"p": 6})
+    (c,) = cands
+    assert c.option.est_error < 1e-5 and c.option.detail["joins"] == ["mul", "add"]
+    out = build(model, passes, cands)
+    w = _weights(out)
+    assert w["p"] == [6, 3, 3, 3] and w["dw"] == [6, 1, 3, 3] and w["e"] == [4, 6, 1, 1]
+    (dw_node,) = [n for n in out.graph.node if n.name == "dw"]
+    assert {a.name: helper.get_attribute_value(a) for a in dw_node.attribute}["group"] == 6
+    _check_exact(model, out, feeds)
+
+
+def test_declines_a_constant_that_is_not_per_channel():
+    net = _Net(6)
+    net.inits.append(numpy_helper.from_array(np.ones((1, 4, 6, 6), np.float32), "full"))
+    h = net.op("Add", [net.conv("p", "x", 4, 3), "full"], "add")
+    e = net.conv("e", h, 4, 4)
+    model = net.model(3, 6, {e: ["N", 4, 6, 6]})
+    _, cands, declined = _plan(model, _feeds(model, n=4))
+    assert not cands
+    assert (
+        "constant operand full [1, 4, 6, 6] is not per channel" in {r.node: r.reason for r in declined}["p"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- residual
