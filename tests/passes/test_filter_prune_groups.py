@@ -1,8 +1,9 @@
-"""filter_prune of channel groups: a Conv into a channel-axis Concat (once, and twice at two offsets through a
-pool), through a depthwise Conv, scalar and per-channel constants and a Resize, a residual stage of two blocks (identity and projection shortcuts) pruned exactly when the removed
-channels are zero in every producer, the declines (an identity shortcut from the graph input, a grouped
-producer, two Convs into one Concat), and the ResNet-18-shaped graph: valid, unchanged numerics when every
-channel is kept, FLOPs down when channels go."""
+"""filter_prune of channel groups: a Conv into a channel-axis Concat (once, and twice at two offsets through
+a pool), through a depthwise Conv, scalar and per-channel constants and a Resize, a residual stage of two
+blocks (identity and projection shortcuts) pruned exactly when the removed channels are zero in every
+producer, the declines (an identity shortcut from the graph input, a grouped producer, a constant that is
+not per channel, two Convs into one Concat), and the ResNet-18-shaped graph: valid, unchanged numerics when
+every channel is kept, FLOPs down when channels go."""
 
 from __future__ import annotations
 
