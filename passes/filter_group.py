@@ -313,3 +313,101 @@ class _Walk:
 def find_group(conv: gs.Node, graph: gs.Graph, consumers: dict[str, int], shapes: dict) -> Group | str:
     """The channel group of `conv`'s filters (module doc), or why it cannot be pruned."""
     return _Walk(conv, graph, consumers, shapes).run(conv)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A node reading the channels of one or several groups (a Concat of several groups' outputs):
+    `parts` says where each group's channels sit in the tensor it reads, as (group index, offsets)."""
+
+    name: str
+    op: str
+    tensor: str
+    channels: int
+    parts: tuple[tuple[int, tuple[int, ...]], ...]
+
+    def kept(self, keeps: list[np.ndarray], Ms: tuple[int, ...]) -> np.ndarray:
+        """Its kept channels (of `channels`) when group g keeps keeps[g] of Ms[g]."""
+        gone = [o + np.setdiff1d(np.arange(Ms[g]), keeps[g]) for g, offsets in self.parts for o in offsets]
+        return np.setdiff1d(np.arange(self.channels), np.concatenate(gone) if gone else np.zeros(0, int))
+
+
+@dataclass(frozen=True)
+class Joint:
+    """Groups pruned as one candidate because they share readers (inputs of one Concat); a single group is
+    a Joint of one. Each group keeps its own channels; a shared reader loses all of theirs."""
+
+    groups: tuple[Group, ...]
+    producers: tuple[str, ...]  # every group's, graph order: the first is the candidate
+    consumers: tuple[Shared, ...]
+    batchnorms: tuple[Shared, ...]
+    depthwise: tuple[Shared, ...]
+    tensors: tuple[str, ...]
+
+    @property
+    def anchor(self) -> str:
+        return self.producers[0]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(g.M for g in self.groups)
+
+
+def _shared(groups: list[Group], field: str, order: dict[str, int]) -> tuple[Shared, ...]:
+    merged: dict[str, tuple[Reader, list]] = {}
+    for g, group in enumerate(groups):
+        for r in getattr(group, field):
+            merged.setdefault(r.name, (r, []))[1].append((g, r.offsets))
+    names = sorted(merged, key=order.__getitem__)
+    return tuple(
+        Shared(n, merged[n][0].op, merged[n][0].tensor, merged[n][0].channels, tuple(merged[n][1]))
+        for n in names
+    )
+
+
+def _source_conv(t: gs.Tensor) -> gs.Node | None:
+    """The Conv that writes `t` through channel-wise ops and joins, if any (the start of its group)."""
+    for _ in range(64):
+        if not t.inputs:
+            return None
+        p = t.inputs[0]
+        if p.op == "Conv" and not is_depthwise(p):
+            return p
+        if not (channel_wise(p) or p.op in JOINS or p.op == "BatchNormalization" or p.op == "Conv"):
+            return None
+        t = next((x for x in p.inputs if not isinstance(x, gs.Constant)), None)
+        if t is None:
+            return None
+    return None
+
+
+def find_joint(conv: gs.Node, graph: gs.Graph, consumers: dict[str, int], shapes: dict) -> Joint | str:
+    """`conv`'s group, joined by the groups of the other inputs of its Concats (closed under that), or why
+    `conv`'s group cannot be pruned. An input whose group cannot be pruned stays as it is."""
+    first = find_group(conv, graph, consumers, shapes)
+    if isinstance(first, str):
+        return first
+    nodes = {n.name: n for n in graph.nodes}
+    groups, done = [first], set(first.producers)
+    i = 0
+    while i < len(groups):
+        mine = set().union(*(g.tensors for g in groups))
+        for name in groups[i].concats:
+            for x in nodes[name].inputs:
+                src = None if x.name in mine else _source_conv(x)
+                if src is None or src.name in done:
+                    continue
+                other = find_group(src, graph, consumers, shapes)
+                if isinstance(other, Group) and name in other.concats:
+                    groups.append(other)
+                    done.update(other.producers)
+        i += 1
+    order = {n.name: k for k, n in enumerate(graph.nodes)}
+    return Joint(
+        tuple(groups),
+        tuple(sorted(done, key=order.__getitem__)),
+        _shared(groups, "consumers", order),
+        _shared(groups, "batchnorms", order),
+        _shared(groups, "depthwise", order),
+        tuple(dict.fromkeys(t for g in groups for t in g.tensors)),
+    )

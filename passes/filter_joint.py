@@ -30,7 +30,7 @@ from onnxopt.passes import filter_fit as fit
 from onnxopt.passes.convolution import has_bias
 from onnxopt.passes.dense import dense_bias, dense_weight
 from onnxopt.passes.filter_graph import BN_PARAMS
-from onnxopt.passes.filter_group import Group
+from onnxopt.passes.filter_group import Group, Joint
 from onnxopt.passes.lowrank import MAX_ROWS
 from onnxopt.passes.lowrank_conv import geometry, patches
 from onnxopt.rewrite import Decline, Option, PassContext, constant_value, new_name
@@ -207,8 +207,8 @@ def _blocks(group: Group, ctx: PassContext, half: slice) -> list[np.ndarray]:
     return list(seen.values())
 
 
-def joint_order(criterion: str, group: Group, fits: list[ConsumerFit], ctx: PassContext) -> np.ndarray:
-    """The root channels, most important first (module doc)."""
+def joint_order(criterion: str, group: Group, fits: dict[str, ConsumerFit], ctx: PassContext) -> np.ndarray:
+    """The group's channels, most important first (module doc); `fits` by consumer name."""
     M, nodes = group.M, _nodes(ctx.graph)
     if criterion == "l1":
         score = np.zeros(M)
@@ -225,43 +225,55 @@ def joint_order(criterion: str, group: Group, fits: list[ConsumerFit], ctx: Pass
         g = channel_gram(B)
         G += g / max(float(np.trace(g)) / len(g), 1e-30)
     energy = np.zeros(M)
-    for f, r in zip(fits, group.consumers, strict=True):
-        e = np.square(f.Wc.astype(np.float64)).sum(axis=(1, 2))
+    for r in group.consumers:
+        e = np.square(fits[r.name].Wc.astype(np.float64)).sum(axis=(1, 2))
         e /= max(float(e.sum()), 1e-30)
         for o in r.offsets:
             energy += e[o : o + M]
     return fit.merge_order(G, energy)
 
 
+def joint_counts(widths: tuple[int, ...], counts) -> list[tuple[int, ...]]:
+    """Channels each group keeps, per option, fewest first: `counts(M)` for one group; for several, the
+    same fractions of each (filter_prune.KEEP_FRACTIONS, given as counts(M) of M = 32 * 31)."""
+    if len(widths) == 1:
+        return [(k,) for k in counts(widths[0])]
+    scale = 32 * 31
+    fractions = [k / scale for k in counts(scale)]
+    options = {tuple(max(1, min(M, round(f * M))) for M in widths) for f in fractions}
+    options.discard(tuple(widths))
+    return sorted(options, key=sum)
+
+
 def group_cost(
-    group: Group, ctx: PassContext, keep: np.ndarray, biases: list[np.ndarray | None] | None
+    joint: Joint, ctx: PassContext, keeps: list[np.ndarray], biases: list[np.ndarray | None] | None
 ) -> tuple[int, int]:
-    """(parameters, FLOPs) of the producers, BatchNormalizations and consumers when the group keeps
-    `keep`; `biases`: the consumers' new biases (None: count the biases they have now)."""
-    M, nodes = group.M, _nodes(ctx.graph)
-    gains_bias = {r.name: b is not None for r, b in zip(group.consumers, biases or [], strict=False)}
-    cols = {r.name: len(r.kept(keep, M)) for r in group.consumers}
-    params = sum(BN_PARAMS * len(bn.kept(keep, M)) for bn in group.batchnorms)
+    """(parameters, FLOPs) of the producers, BatchNormalizations, depthwise Convs and consumers when group
+    g keeps keeps[g]; `biases`: the consumers' new biases (None: count the biases they have now)."""
+    nodes, widths = _nodes(ctx.graph), joint.widths
+    gains_bias = {r.name: b is not None for r, b in zip(joint.consumers, biases or [], strict=False)}
+    cols = {r.name: len(r.kept(keeps, widths)) for r in joint.consumers}
+    rows = {name: len(keeps[g]) for g, group in enumerate(joint.groups) for name in group.producers}
+    params = sum(BN_PARAMS * len(bn.kept(keeps, widths)) for bn in joint.batchnorms)
     flops = 0
-    for dw in group.depthwise:
+    for dw in joint.depthwise:
         node = nodes[dw.name]
         C, _, kh, kw = (int(d) for d in node.inputs[1].shape)
-        c = len(dw.kept(keep, M))
+        c = len(dw.kept(keeps, widths))
         params += c * kh * kw + (c if has_bias(node) else 0)
         out = ctx.shapes.get(node.outputs[0].name)
         if out:
             flops += 2 * int(np.prod(out)) // C * c * kh * kw
-    convs = dict.fromkeys(group.producers) | {r.name: None for r in group.consumers if r.op == "Conv"}
+    convs = dict.fromkeys(joint.producers) | {r.name: None for r in joint.consumers if r.op == "Conv"}
     for name in convs:
         node = nodes[name]
         N, C, kh, kw = (int(d) for d in node.inputs[1].shape)
-        n = len(keep) if name in group.producers else N
-        c = cols.get(name, C)
+        n, c = rows.get(name, N), cols.get(name, C)
         params += n * c * kh * kw + (n if has_bias(node) or gains_bias.get(name, False) else 0)
         out = ctx.shapes.get(node.outputs[0].name)
         if out:
             flops += 2 * int(np.prod(out)) // N * n * c * kh * kw
-    for r in group.consumers:
+    for r in joint.consumers:
         if r.op == "Conv":
             continue
         node = nodes[r.name]
@@ -278,43 +290,47 @@ def group_cost(
 
 
 def group_options(
-    group: Group, ctx: PassContext, criterion: str, reconstruct: bool, counts: list[int], floor: float
+    joint: Joint, ctx: PassContext, criterion: str, reconstruct: bool, counts, floor: float
 ) -> list[Option]:
-    """The group's options, fewest channels kept first (see the module doc)."""
-    nodes = _nodes(ctx.graph)
-    fits = []
-    for r in group.consumers:
+    """The candidate's options, fewest channels kept first (see the module doc); `counts(M)`: the numbers
+    of channels a group of M may keep."""
+    nodes, widths = _nodes(ctx.graph), joint.widths
+    fits = {}
+    for r in joint.consumers:
         Y = ctx.activations.get(r.tensor)
         if Y is None or len(Y) < 2:
             raise Decline("needs calibration activations of at least 2 images (fit and held-out)")
-        fits.append(ConsumerFit(nodes[r.name], r.channels, Y, ctx, reconstruct))
-    order = joint_order(criterion, group, fits, ctx)
+        fits[r.name] = ConsumerFit(nodes[r.name], r.channels, Y, ctx, reconstruct)
+    orders = [joint_order(criterion, group, fits, ctx) for group in joint.groups]
     options = []
-    for k in counts:
-        keep = np.sort(order[:k])
-        solved = [f.solve(r.kept(keep, group.M)) for f, r in zip(fits, group.consumers, strict=True)]
-        err = max(s[2] for s in solved)
-        params, flops = group_cost(group, ctx, keep, [s[1] for s in solved])
-        arrays = [a for W, b, _, _ in solved for a in (W, np.zeros(0, np.float32) if b is None else b)]
+    for ks in joint_counts(widths, counts):
+        keeps = [np.sort(order[:k]) for order, k in zip(orders, ks, strict=True)]
+        solved = {r.name: fits[r.name].solve(r.kept(keeps, widths)) for r in joint.consumers}
+        err = max(s[2] for s in solved.values())
+        params, flops = group_cost(joint, ctx, keeps, [solved[r.name][1] for r in joint.consumers])
+        arrays = [
+            a for W, b, _, _ in solved.values() for a in (W, np.zeros(0, np.float32) if b is None else b)
+        ]
+        single = len(keeps) == 1
         options.append(
             Option(
                 est_error=err,
                 params_after=params,
                 bytes_after=4 * params,
                 flops_after=flops,
-                emit=_group_emitter(group, keep, ctx.park(*arrays)),
+                emit=_group_emitter(joint, keeps, ctx.park(*arrays)),
                 detail={
-                    "kept_filters": k,
-                    "of": group.M,
+                    "kept_filters": ks[0] if single else sum(ks),
+                    "of": widths[0] if single else sum(widths),
                     "criterion": criterion,
                     "reconstructed": reconstruct,
-                    "fit": {r.name: s[3] for r, s in zip(group.consumers, solved, strict=True)},
-                    "producers": list(group.producers),
-                    "consumers": [r.name for r in group.consumers],
-                    "consumer_errors": {r.name: s[2] for r, s in zip(group.consumers, solved, strict=True)},
-                    "joins": list(group.joins),
-                    "concats": list(group.concats),
-                    "kept": keep.tolist(),
+                    "fit": {name: s[3] for name, s in solved.items()},
+                    "producers": list(joint.producers),
+                    "consumers": [r.name for r in joint.consumers],
+                    "consumer_errors": {name: s[2] for name, s in solved.items()},
+                    "joins": [j for g in joint.groups for j in g.joins],
+                    "concats": list(dict.fromkeys(c for g in joint.groups for c in g.concats)),
+                    "kept": keeps[0].tolist() if single else [k.tolist() for k in keeps],
                 },
             )
         )
@@ -323,7 +339,9 @@ def group_options(
     return options
 
 
-def _group_emitter(group: Group, keep: np.ndarray, load):
+def _group_emitter(joint: Joint, keeps: list[np.ndarray], load):
+    widths = joint.widths
+
     def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
         arrays = load()
         nodes, rows = _nodes(graph), kept_rows(graph)
@@ -333,28 +351,25 @@ def _group_emitter(group: Group, keep: np.ndarray, load):
                 raise ValueError(f"{name} is no longer in the graph (rewritten by another candidate first?)")
             return nodes[name]
 
-        for i, r in enumerate(group.consumers):  # columns first: a consumer may also be a producer
+        for i, r in enumerate(joint.consumers):  # columns first: a consumer may also be a producer
             W_new, b_new = arrays[2 * i], arrays[2 * i + 1]
             set_consumer(get(r.name), r.channels, W_new, b_new if b_new.size else None, prefix, rows, r.name)
-        for name in group.producers:
-            slice_filters(get(name), keep, group.M, prefix, rows)
-        for bn in group.batchnorms:
-            slice_batchnorm(get(bn.name), bn.kept(keep, group.M), bn.channels, prefix)
-        for dw in group.depthwise:
-            slice_depthwise(get(dw.name), dw.kept(keep, group.M), dw.channels, prefix)
-        for name, i in group.constants:
-            join = get(name)
-            value = constant_value(join.inputs[i])
-            axis = value.ndim - 3  # [M, 1, 1] or [1, M, 1, 1]
-            sliced = np.ascontiguousarray(np.take(value, keep, axis=axis))
-            join.inputs[i] = gs.Constant(new_name(prefix, f"{name}_{i}"), sliced)
+        for g, group in enumerate(joint.groups):
+            for name in group.producers:
+                slice_filters(get(name), keeps[g], group.M, prefix, rows)
+            for name, i in group.constants:
+                join = get(name)
+                value = constant_value(join.inputs[i])
+                axis = value.ndim - 3  # [M, 1, 1] or [1, M, 1, 1]
+                sliced = np.ascontiguousarray(np.take(value, keeps[g], axis=axis))
+                join.inputs[i] = gs.Constant(new_name(prefix, f"{name}_{i}"), sliced)
+        for bn in joint.batchnorms:
+            slice_batchnorm(get(bn.name), bn.kept(keeps, widths), bn.channels, prefix)
+        for dw in joint.depthwise:
+            slice_depthwise(get(dw.name), dw.kept(keeps, widths), dw.channels, prefix)
         tensors = graph.tensors()
-        for name in group.tensors:  # their channel count changed: let shape inference say it again
+        for name in joint.tensors:  # their channel count changed: let shape inference say it again
             tensors[name].shape = None
-        return [nodes[name] for name in group.producers]
+        return [nodes[name] for name in joint.producers]
 
     return emit
-
-
-def reader_tensors(group: Group) -> list[str]:
-    return list(dict.fromkeys(r.tensor for r in group.consumers))

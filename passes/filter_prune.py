@@ -23,9 +23,11 @@ Where A's channels meet a residual join (Add, ...), a channel-axis Concat or sev
 cannot be followed alone: the Convs that write the same channels and every layer that reads them form a
 channel group (filter_group.py), pruned as one candidate at its first producer in graph order (the other
 producers are declined as part of it, the consumers owned), with a joint selection and a re-fit of every
-consumer (filter_joint.py). A Conv whose filters one candidate keeps may have its input channels cut by
-another: whichever is applied second adapts to the first (filter_joint.kept_rows). Two candidates cutting
-the input channels of one node (two Convs into one Concat) are not combined: the second is declined.
+consumer (filter_joint.py). The groups of the inputs of one Concat share its readers: they are one
+candidate (filter_group.find_joint), each group keeping the same fraction of its channels. A Conv whose
+filters one candidate keeps may have its input channels cut by another: whichever is applied second adapts
+to the first (filter_joint.kept_rows). Two candidates never cut the input channels of one node: the second
+is declined.
 
 Settings: `filter_prune.criterion=merge|apoz|l1`, `filter_prune.reconstruct=0|1` (default 1),
 `filter_prune.groups=0|1` (default 1; 0: single chains only, as before channel groups).
@@ -39,7 +41,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.passes import filter_fit as fit
 from onnxopt.passes.convolution import has_bias
 from onnxopt.passes.filter_graph import BN_PARAMS, Chain, follow
-from onnxopt.passes.filter_group import Group, find_group
+from onnxopt.passes.filter_group import Joint, find_joint
 from onnxopt.passes.filter_joint import (
     ConsumerFit,
     channel_gram,
@@ -70,7 +72,7 @@ class FilterPrune(Pass):
 
     def __init__(self) -> None:
         self._chains: dict[str, Chain] = {}
-        self._groups: dict[str, Group] = {}
+        self._groups: dict[str, Joint] = {}
         self._graph: gs.Graph | None = None
         self._edited: dict[str, str] = {}  # node whose input channels or BN parameters fall -> candidate
 
@@ -98,12 +100,13 @@ class FilterPrune(Pass):
     def _check_group(self, node: gs.Node, ctx: PassContext) -> str | None:
         """A Conv whose channels meet a join, a Concat or several readers: its channel group, anchored at
         the group's first producer (the others are declined as part of it)."""
-        group = find_group(node, ctx.graph, ctx.consumers, ctx.shapes)
+        group = find_joint(node, ctx.graph, ctx.consumers, ctx.shapes)
         if isinstance(group, str):
             return group  # the group walk follows everything the chain does, and says more
         if group.anchor != node.name:
-            others = ", ".join(p for p in group.producers if p != node.name)
-            return f"its filters are channels shared with {others}: pruned as one group at {group.anchor}"
+            others = [p for p in group.producers if p != node.name]
+            named = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+            return f"its channels are shared with {named}: pruned as one group at {group.anchor}"
         edited = [r.name for r in (*group.consumers, *group.batchnorms, *group.depthwise)]
         if problem := self._claim(node.name, edited):
             return problem
@@ -132,7 +135,7 @@ class FilterPrune(Pass):
 
     def cost(self, node: gs.Node, ctx: PassContext) -> dict[str, int]:
         if group := self._groups.get(node.name):
-            params, flops = group_cost(group, ctx, np.arange(group.M), None)
+            params, flops = group_cost(group, ctx, [np.arange(M) for M in group.widths], None)
         else:
             M = int(node.inputs[1].shape[0])
             params, flops = _chain_cost(node, self._chains[node.name], ctx, M, None)
@@ -143,7 +146,7 @@ class FilterPrune(Pass):
         reconstruct = ctx.setting("reconstruct", _flag, True)
         floor = ctx.local_tolerance * FLOOR
         if group := self._groups.get(node.name):
-            return group_options(group, ctx, criterion, reconstruct, keep_counts(group.M), floor)
+            return group_options(group, ctx, criterion, reconstruct, keep_counts, floor)
         chain = self._chains[node.name]
         M = int(node.inputs[1].shape[0])
         Y = ctx.activations.get(chain.consumer_input)
