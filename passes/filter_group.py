@@ -54,12 +54,6 @@ class Reader:
     offsets: tuple[int, ...]  # where the root channels sit in that tensor: channel c is o + c
     channels: int  # that tensor's channel count
 
-    def kept(self, keep: np.ndarray, M: int) -> np.ndarray:
-        """Its kept channels (of `channels`) when the root space keeps `keep` of M."""
-        drop = np.setdiff1d(np.arange(M), keep)
-        gone = np.concatenate([o + drop for o in self.offsets]) if self.offsets else drop
-        return np.setdiff1d(np.arange(self.channels), gone)
-
 
 @dataclass(frozen=True)
 class Group:

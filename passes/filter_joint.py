@@ -1,10 +1,13 @@
 """filter_prune of a channel group (filter_group.py): every producer loses the same filters, every consumer
 the same input channels, each consumer re-fitted on what it still reads.
 
-Keeping the root channels S of M (removing R), producer p keeps its filters S (weights, bias, and the
-BatchNormalizations of the group sliced alike); a consumer reading a tensor that holds the group at offsets
-O loses its input channels {o + r : o in O, r in R} and is re-fitted by filter_fit on its own calibration
-input (the patch fit, else the channel merge, else plain removal; see filter_fit.py). Selection is joint:
+Keeping the root channels S of M (removing R), producer p keeps its filters S (weights, bias; the
+BatchNormalizations, depthwise Convs and per-channel constants of the group sliced alike); a consumer
+reading a tensor that holds the group at offsets O loses its input channels {o + r : o in O, r in R} and is
+re-fitted by filter_fit on its own calibration input (the patch fit, else the channel merge, else plain
+removal; see filter_fit.py). Several groups into one Concat are one candidate (a Joint): each keeps the
+same fraction of its channels, chosen by its own order, and the Concat's readers lose all their removed
+channels. Selection within a group is joint over its producers and consumers:
 
 - `merge`: greedy elimination on the Gram matrix of the group's channels summed over every tensor a consumer
   reads (each block of M channels of it, each normalised by its trace), weighted by the consumers' use of
