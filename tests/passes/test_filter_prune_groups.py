@@ -1,9 +1,9 @@
-"""filter_prune of channel groups: a Conv into a channel-axis Concat (once, and twice at two offsets through
-a pool), through a depthwise Conv, scalar and per-channel constants and a Resize, a residual stage of two
-blocks (identity and projection shortcuts) pruned exactly when the removed channels are zero in every
-producer, the declines (an identity shortcut from the graph input, a grouped producer, a constant that is
-not per channel), and the ResNet-18-shaped graph: valid, unchanged numerics when
-every channel is kept, FLOPs down when channels go."""
+"""filter_prune of channel groups: the inputs of one channel-axis Concat pruned together, one input at two
+offsets through a pool, a group through a depthwise Conv, scalar and per-channel constants and a Resize, a
+residual stage of two blocks (identity and projection shortcuts) pruned exactly when the removed channels
+are zero in every producer, one Conv both producer and consumer of its group, the declines (an identity
+shortcut from the graph input, a grouped producer, a constant that is not per channel), and the
+ResNet-18-shaped graph: valid, unchanged numerics when every channel is kept, FLOPs down when channels go."""
 
 from __future__ import annotations
 
@@ -264,6 +264,24 @@ def test_residual_group_options_error_grows_as_channels_go():
     assert all(a >= b - 1e-6 for a, b in itertools.pairwise(errors)), errors
     flops = [o.flops_after for o in stem.options]
     assert flops == sorted(flops) and flops[-1] < stem.record.flops_before
+
+
+def test_a_conv_both_producer_and_consumer_of_its_group():
+    """y = s + r(s): r reads the stream and writes into it, so it loses input channels and filters alike."""
+    net = _Net(7)
+    s0 = net.op("Relu", [net.conv("stem", "x", 6, 3, zero=(1,))], "s0")
+    y = net.op("Add", [s0, net.conv("r", s0, 6, 6, zero=(1,))], "add")
+    e = net.conv("e", net.op("Relu", [y], "y_relu"), 4, 6)
+    model = net.model(3, 6, {e: ["N", 4, 6, 6]})
+    feeds = _feeds(model)
+    passes, cands, _ = _plan(model, feeds, {"criterion": "l1"}, max_error=1e-4)
+    _choose(cands, {"stem": 5})
+    (c,) = cands
+    assert c.option.detail["producers"] == ["stem", "r"] and c.option.detail["consumers"] == ["r", "e"]
+    out = build(model, passes, cands)
+    w = _weights(out)
+    assert w["stem"] == [5, 3, 3, 3] and w["r"] == [5, 5, 3, 3] and w["e"] == [4, 5, 3, 3]
+    _check_exact(model, out, feeds)
 
 
 # ---------------------------------------------------------------------------------------------- declines
