@@ -2,9 +2,11 @@
 with residuals, with and without the groups (`filter_prune.groups=0`: single Conv -> consumer chains only).
 
 - ResNet-18-shaped (models/cnn.py, 224x224, batch 1, random weights, 8 seeded normal calibration images):
-  output budgets (relative L2 of the logits) 1e-2 (the default), 0.1 and 0.3. Random weights: the
-  accuracy of this model means nothing (a random network's channels are all equally important, so little
-  fits a tight budget); the rows show the graph the groups allow and its speed. Whole-model latency of
+  output budgets (relative L2 of the logits) 1e-2 (the default) and 2e-2. Random weights: accuracy means
+  nothing, and the logits of this random network hardly depend on its input (their mean over the 8 images
+  is within 2.7% relative L2 of every image's logits), so any budget above ~2.7% lets the re-fit replace
+  the network by a near-constant (measured: 2% of the FLOPs left at 0.1); the rows below that show the
+  graph the groups allow and its speed. Whole-model latency of
   the original and the pruned model, A/B interleaved in one process (onnxopt.bench.latency), the median
   of 3 measurements, at 1 and 2 threads, under flock /tmp/onnxopt-bench.lock.
 - PP-OCRv4 det (rapidocr 1.4.4; 4 rendered 320x320 pages to calibrate): the default budget (output map
@@ -93,7 +95,7 @@ def cases(names: list[str]) -> list[dict]:
                 "name": "ResNet-18-shaped 224 (random weights)",
                 "model": model,
                 "feeds": feeds,
-                "budgets": [(f"logits rel. L2 <= {e:g}", None, e) for e in (1e-2, 0.1, 0.3)],
+                "budgets": [(f"logits rel. L2 <= {e:g}", None, e) for e in (1e-2, 2e-2)],
                 "metric": None,
             }
         )
