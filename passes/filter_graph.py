@@ -11,6 +11,8 @@ tensor of H x W pixels owns the H W consecutive rows c H W .. (c + 1) H W - 1 of
 several nodes or a graph output (every reader would need the channels removed, or an output would change
 shape), a residual Add or a Concat (the other operand would have to drop the same channels), a Reshape
 other than Flatten(axis=1), or any op not known to be channel-wise. Nothing outside the chain changes.
+The Convs declined here for a join, a Concat or several readers are pruned as channel groups instead
+(filter_group.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,18 @@ finding its consumer already reshaped raises rather than build a wrong graph. Re
 BatchNormalizations and the consumer before and after (the consumer's FLOPs fall too); when a consumer is
 also pruned, the two records each count their own change on it.
 
-Settings: `filter_prune.criterion=merge|apoz|l1`, `filter_prune.reconstruct=0|1` (default 1).
+Where A's channels meet a residual join (Add, ...), a channel-axis Concat or several readers, the chain
+cannot be followed alone: the Convs that write the same channels and every layer that reads them form a
+channel group (filter_group.py), pruned as one candidate at its first producer in graph order (the other
+producers are declined as part of it, the consumers owned), with a joint selection and a re-fit of every
+consumer (filter_joint.py). The groups of the inputs of one Concat share its readers: they are one
+candidate (filter_group.find_joint), each group keeping the same fraction of its channels. A Conv whose
+filters one candidate keeps may have its input channels cut by another: whichever is applied second adapts
+to the first (filter_joint.kept_rows). Two candidates never cut the input channels of one node: the second
+is declined.
+
+Settings: `filter_prune.criterion=merge|apoz|l1`, `filter_prune.reconstruct=0|1` (default 1),
+`filter_prune.groups=0|1` (default 1; 0: single chains only, as before channel groups).
 """
 
 from __future__ import annotations
@@ -29,16 +40,20 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.passes import filter_fit as fit
 from onnxopt.passes.convolution import has_bias
-from onnxopt.passes.dense import dense_bias, dense_weight
 from onnxopt.passes.filter_graph import BN_PARAMS, Chain, follow
-from onnxopt.passes.lowrank import MAX_ROWS
-from onnxopt.passes.lowrank_conv import geometry, patches
+from onnxopt.passes.filter_group import Joint, find_joint
+from onnxopt.passes.filter_joint import (
+    ConsumerFit,
+    channel_gram,
+    group_cost,
+    group_options,
+    kept_rows,
+    set_consumer,
+)
 from onnxopt.passes.prune import conv_problem
 from onnxopt.rewrite import Decline, Option, Pass, PassContext, constant_value, new_name, replace_node
 
 KEEP_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 15 / 16, 31 / 32)
-FIT_ROWS = 200_000  # calibration positions the merge is fitted on (a seeded sample beyond that)
-ERROR_ROWS = 4096  # held-out consumer rows the error is measured on
 # Once an option's estimated error is this fraction of the local tolerance, keeping more filters is not
 # offered: the budget could not tell the options apart.
 FLOOR = 1 / 128
@@ -57,6 +72,9 @@ class FilterPrune(Pass):
 
     def __init__(self) -> None:
         self._chains: dict[str, Chain] = {}
+        self._groups: dict[str, Joint] = {}
+        self._graph: gs.Graph | None = None
+        self._edited: dict[str, str] = {}  # node whose input channels or BN parameters fall -> candidate
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
         criterion = ctx.setting("criterion", str, "merge")
@@ -66,65 +84,82 @@ class FilterPrune(Pass):
             return problem
         if int(node.inputs[1].shape[0]) < 2:
             return "a Conv with one filter has none to remove"
+        if self._graph is not ctx.graph:  # a new plan: forget the previous graph's claims
+            self._graph, self._edited = ctx.graph, {}
         chain = follow(node, ctx.graph, ctx.consumers)
         if isinstance(chain, str):
-            return chain
+            return self._check_group(node, ctx) if ctx.setting("groups", _flag, True) else chain
         x = ctx.shapes.get(chain.consumer_input)
         if x is None or len(x) != 4:
             return f"the consumer's input {chain.consumer_input} is not known to be 4-D (NCHW)"
+        if problem := self._claim(node.name, [chain.consumer, *chain.batchnorms]):
+            return problem
         self._chains[node.name] = chain
         return None
 
+    def _check_group(self, node: gs.Node, ctx: PassContext) -> str | None:
+        """A Conv whose channels meet a join, a Concat or several readers: its channel group, anchored at
+        the group's first producer (the others are declined as part of it)."""
+        group = find_joint(node, ctx.graph, ctx.consumers, ctx.shapes)
+        if isinstance(group, str):
+            return group  # the group walk follows everything the chain does, and says more
+        if group.anchor != node.name:
+            others = [p for p in group.producers if p != node.name]
+            named = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+            return f"its channels are shared with {named}: pruned as one group at {group.anchor}"
+        edited = [r.name for r in (*group.consumers, *group.batchnorms, *group.depthwise)]
+        if problem := self._claim(node.name, edited):
+            return problem
+        self._groups[node.name] = group
+        return None
+
+    def _claim(self, candidate: str, edited: list[str]) -> str | None:
+        """Two candidates may not both cut one node's input channels (e.g. two Convs into one Concat)."""
+        for name in edited:
+            if name in self._edited and self._edited[name] != candidate:
+                return f"{name} already loses input channels to the pruning of {self._edited[name]}"
+        self._edited.update(dict.fromkeys(edited, candidate))
+        return None
+
     def owned(self, node: gs.Node, ctx: PassContext) -> list[str]:
+        if group := self._groups.get(node.name):
+            return [*group.producers[1:], *(r.name for r in (*group.consumers, *group.depthwise))]
         chain = self._chains.get(node.name)
         return [chain.consumer] if chain else []
 
     def activations_needed(self, node: gs.Node) -> list[str]:
+        if group := self._groups.get(node.name):
+            return list(dict.fromkeys(r.tensor for r in group.consumers))
         chain = self._chains[node.name]
         return [chain.consumer_input] + ([chain.relu_output] if chain.relu_output else [])
 
     def cost(self, node: gs.Node, ctx: PassContext) -> dict[str, int]:
-        params, flops = _chain_cost(node, self._chains[node.name], ctx, int(node.inputs[1].shape[0]), None)
+        if group := self._groups.get(node.name):
+            params, flops = group_cost(group, ctx, [np.arange(M) for M in group.widths], None)
+        else:
+            M = int(node.inputs[1].shape[0])
+            params, flops = _chain_cost(node, self._chains[node.name], ctx, M, None)
         return {"params_before": params, "bytes_before": 4 * params, "flops_before": flops}
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
+        criterion = ctx.setting("criterion", str, "merge")
+        reconstruct = ctx.setting("reconstruct", _flag, True)
+        floor = ctx.local_tolerance * FLOOR
+        if group := self._groups.get(node.name):
+            return group_options(group, ctx, criterion, reconstruct, keep_counts, floor)
         chain = self._chains[node.name]
         M = int(node.inputs[1].shape[0])
         Y = ctx.activations.get(chain.consumer_input)
         if Y is None or len(Y) < 2:
             raise Decline("needs calibration activations of at least 2 images (fit and held-out)")
+        G = channel_gram(Y[0::2])
         consumer = _node(ctx.graph, chain.consumer)
-        Wc, b, to_rows, to_patches = _consumer_form(consumer, M, ctx)
-        fit_y, held_y = Y[0::2], Y[1::2]
-        rows = np.moveaxis(fit_y, 1, -1).reshape(-1, M)
-        if len(rows) > FIT_ROWS:
-            rows = rows[np.sort(np.random.default_rng(0).choice(len(rows), FIT_ROWS, replace=False))]
-        G = fit.gram(rows)
-        P = to_rows(held_y)
-        criterion = ctx.setting("criterion", str, "merge")
-        order = _order(criterion, node, chain, G, Wc, ctx)
-        reconstruct = ctx.setting("reconstruct", _flag, True)
-        intercept = consumer.op != "MatMul"  # MatMul has no bias to absorb the constant
-        H, P_fit = None, to_patches(fit_y)
-        if reconstruct and intercept and fit.patch_fit_fits(P_fit):
-            H = fit.gram(P_fit)
-        ref, ref_fit = fit.consumer_output(P, Wc, b), fit.consumer_output(P_fit, Wc, b)
+        fitted = ConsumerFit(consumer, M, Y, ctx, reconstruct, G)
+        order = _order(criterion, node, chain, G, fitted.Wc, ctx)
         options = []
         for k in keep_counts(M):
             keep = np.sort(order[:k])
-            how = "none"
-            W_new, b_new = fit.consumer_update(Wc, b, keep, None, None)
-            if H is not None:
-                (W_new, b_new), how = fit.patch_fit(H, Wc, b, keep), "patches"
-            elif reconstruct:
-                merged = fit.consumer_update(Wc, b, keep, *fit.merge_coefficients(G, keep, intercept))
-                # The merge fits the maps, not the consumer's output: keep it where it serves the output
-                # better on the calibration rows it was fitted on (held-out rows only measure the result).
-                if fit.consumer_error(P_fit, ref_fit, keep, *merged) < fit.consumer_error(
-                    P_fit, ref_fit, keep, W_new, b_new
-                ):
-                    (W_new, b_new), how = merged, "channels"
-            err = fit.consumer_error(P, ref, keep, W_new, b_new)
+            W_new, b_new, err, how = fitted.solve(keep)
             params, flops = _chain_cost(node, chain, ctx, k, b_new)
             options.append(
                 Option(
@@ -144,7 +179,7 @@ class FilterPrune(Pass):
                     },
                 )
             )
-            if err <= ctx.local_tolerance * FLOOR:
+            if err <= floor:
                 break
         return options
 
@@ -171,29 +206,6 @@ def _order(criterion: str, node: gs.Node, chain: Chain, G: np.ndarray, Wc: np.nd
     if criterion == "apoz":
         return fit.apoz_order(ctx.activations[chain.relu_output or chain.consumer_input])
     return fit.merge_order(G, np.square(Wc.astype(np.float64)).sum(axis=(1, 2)))
-
-
-def _consumer_form(consumer: gs.Node, M: int, ctx: PassContext):
-    """(Wc [M, k, N], bias [N] or None, and two maps of NCHW activations to the consumer's input rows
-    [n, M k]: at most ERROR_ROWS to measure on, at most MAX_ROWS (other patches) to fit on)."""
-    if consumer.op == "Conv":
-        W4 = constant_value(consumer.inputs[1]).astype(np.float32)
-        if W4.shape[1] != M:
-            raise Decline(f"consumer {consumer.name} reads {W4.shape[1]} channels, not {M}")
-        g = geometry(W4.shape, consumer.attrs)
-        Wc = W4.transpose(1, 2, 3, 0).reshape(M, g.kh * g.kw, g.M)
-        b = constant_value(consumer.inputs[2]).astype(np.float32).reshape(-1) if has_bias(consumer) else None
-        return Wc, b, lambda Y: patches(Y, g, ERROR_ROWS), lambda Y: patches(Y, g, MAX_ROWS, seed=1)
-    W = dense_weight(consumer)
-    K, N = W.shape
-    if K % M:
-        raise Decline(f"consumer {consumer.name} has {K} input rows, not a multiple of {M} channels")
-    return (
-        W.reshape(M, K // M, N),
-        dense_bias(consumer, N),
-        lambda Y: Y.reshape(len(Y), -1)[:ERROR_ROWS],
-        lambda Y: Y.reshape(len(Y), -1)[:MAX_ROWS],
-    )
 
 
 def _chain_cost(node: gs.Node, chain: Chain, ctx: PassContext, k: int, b_new) -> tuple[int, int]:
@@ -239,44 +251,10 @@ def _emitter(chain: Chain, M: int, keep: np.ndarray, load):
         consumer = nodes.get(chain.consumer)
         if consumer is None:
             raise ValueError(f"consumer {chain.consumer} is no longer in the graph")
-        _set_consumer(consumer, M, W_new, b_new if b_new.size else None, prefix)
+        set_consumer(consumer, M, W_new, b_new if b_new.size else None, prefix, kept_rows(graph))
         tensors = graph.tensors()
         for name in chain.tensors:  # their channel count changed: let shape inference say it again
             tensors[name].shape = None
         return replace_node(graph, node, [pruned])
 
     return emit
-
-
-def _set_consumer(
-    consumer: gs.Node, M: int, W_new: np.ndarray, b_new: np.ndarray | None, prefix: str
-) -> None:
-    """Replace the consumer's weight (and bias) in place by the fitted ones on the kept channels."""
-    shape = tuple(int(d) for d in consumer.inputs[1].shape)
-    S, k, N = W_new.shape
-    if consumer.op == "Conv":
-        if shape[1] != M or shape[0] != N:
-            raise ValueError(
-                f"consumer {consumer.name} weight {list(shape)} was reshaped before its producer"
-            )
-        weight = W_new.reshape(S, shape[2], shape[3], N).transpose(3, 0, 1, 2)
-    else:
-        transB = consumer.op == "Gemm" and consumer.attrs.get("transB", 0)
-        if (shape[1] if transB else shape[0]) != M * k:
-            raise ValueError(
-                f"consumer {consumer.name} weight {list(shape)} was reshaped before its producer"
-            )
-        weight = W_new.reshape(S * k, N)
-        weight = weight.T if transB else weight
-        if consumer.op == "Gemm":
-            consumer.attrs["alpha"] = 1.0  # dense_weight folded alpha into W_new
-            consumer.attrs["beta"] = 1.0  # and dense_bias folded beta into b_new
-    consumer.inputs[1] = gs.Constant(
-        new_name(prefix, "next_W"), np.ascontiguousarray(weight, dtype=np.float32)
-    )
-    if b_new is not None:
-        b = gs.Constant(new_name(prefix, "next_B"), np.ascontiguousarray(b_new, dtype=np.float32))
-        if len(consumer.inputs) > 2:
-            consumer.inputs[2] = b
-        else:
-            consumer.inputs.append(b)
