@@ -12,7 +12,7 @@ Fashion-MNIST's conv1, 576 weights: fewer than prune.min_k inputs per output). T
 measured on the same test images the table reports, as `onnxopt optimize --eval` does.
 
 Run from the repo root after scripts/setup.sh:
-    .venv/bin/python benchmarks/prune_accuracy.py [--models fmnist ocr]
+    .venv/bin/python benchmarks/prune_accuracy.py [--models fmnist ocr] [--only LABEL-SUBSTRING]
 """
 
 from __future__ import annotations
@@ -63,7 +63,14 @@ def fmnist_case() -> dict:
                 {"pattern": "1x4", "fc_sparsity": "0.8", "conv_sparsity": "0.5"},
                 None,
             ),
+            (
+                "FC 80%, Conv 50%, 4x1 blocks",
+                {"pattern": "4x1", "fc_sparsity": "0.8", "conv_sparsity": "0.5"},
+                None,
+            ),
             ("budget: top-1 drop <= 0.5", {}, 0.5),
+            # 4x1: the output blocks SparseGemm / SparseConv run as blocked kernels (prune_block.h)
+            ("budget: top-1 drop <= 0.5, 4x1 blocks", {"pattern": "4x1"}, 0.5),
         ],
     }
 
@@ -119,13 +126,15 @@ def run_row(case: dict, settings: dict, max_drop: float | None, reconstruct: boo
     return weight_counts(result.model), score
 
 
-def table(case: dict) -> list[str]:
+def table(case: dict, only: str | None = None) -> list[str]:
     label, metric, _, spec = case["metric"]
     base = metric(make_session(case["model"].SerializeToString()))
     head = ["setting", "re-fit", "FC weights removed", "Conv weights removed", label, "change", "seconds"]
     lines = [f"### {case['name']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append(f"| original | - | 0% | 0% | {base:.2f} | - | - |")
     for name, settings, max_drop in case["rows"]:
+        if only and only not in name:
+            continue
         for reconstruct in (True, False):
             t = time.perf_counter()
             try:
@@ -147,11 +156,12 @@ def table(case: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["fmnist", "ocr"], default=["fmnist", "ocr"])
+    parser.add_argument("--only", help="substring of the row labels to run")
     args = parser.parse_args(argv)
     cases = {"fmnist": fmnist_case, "ocr": ocr_case}
     out = []
     for name in args.models:
-        out += table(cases[name]())
+        out += table(cases[name](), args.only)
     print("\n".join(out))
     return 0
 
