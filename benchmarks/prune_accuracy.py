@@ -7,9 +7,9 @@ the 10,000 test images) and the PP-OCRv4 recognizer (32 rendered calibration lin
 metric as the budget (the CLI's `--eval ... --max-drop 0.5`), where the pass manager chooses the sparsity of
 every layer; `--max-error` only sets which options are planned (a layer's estimated error up to 8x it).
 "weights removed" counts the zeros of the pruned layers over all weights of that layer kind in the model
-(FC = Gemm/MatMul with constant weights, Conv = group-1 Conv), the layers the pass declines included (such as
-Fashion-MNIST's conv1, 576 weights: fewer than prune.min_k inputs per output). The metric budget is
-measured on the same test images the table reports, as `onnxopt optimize --eval` does.
+(FC = Gemm/MatMul with constant weights or SparseGemm, Conv = group-1 Conv or SparseConv), the layers the pass
+declines included (such as Fashion-MNIST's conv1, 576 weights: fewer than prune.min_k inputs per output).
+The metric budget is measured on the same test images the table reports, as `onnxopt optimize --eval` does.
 
 Run from the repo root after scripts/setup.sh:
     .venv/bin/python benchmarks/prune_accuracy.py [--models fmnist ocr] [--only LABEL-SUBSTRING]
@@ -27,13 +27,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import fashion_mnist, ocr  # noqa: E402
-from onnxopt import make_session  # noqa: E402
+from onnxopt import DOMAIN, make_session  # noqa: E402
 from onnxopt.budget import MetricBudget, OutputBudget  # noqa: E402
 from onnxopt.data import load_npz  # noqa: E402
 from onnxopt.errors import BudgetError  # noqa: E402
@@ -97,6 +97,19 @@ def weight_counts(model: onnx.ModelProto) -> dict[str, int]:
     inits = {t.name: t for t in m.graph.initializer}
     counts = {"fc": 0, "fc_zeros": 0, "conv": 0, "conv_zeros": 0}
     for node in m.graph.node:
+        if node.op_type in ("SparseGemm", "SparseConv") and node.domain == DOMAIN:
+            # a layer the pass turned into a sparse op (faster than dense there): rows x columns, its nonzeros
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            values, row_ptr = (numpy_helper.to_array(inits[name]) for name in (node.input[1], node.input[3]))
+            cols = (
+                attrs["K"]
+                if node.op_type == "SparseGemm"
+                else attrs["C"] * int(np.prod(attrs["kernel_shape"]))
+            )
+            kind = "fc" if node.op_type == "SparseGemm" else "conv"
+            counts[kind] += (len(row_ptr) - 1) * cols
+            counts[kind + "_zeros"] += (len(row_ptr) - 1) * cols - int(np.count_nonzero(values))
+            continue
         if (
             node.op_type not in ("Gemm", "MatMul", "Conv")
             or len(node.input) < 2

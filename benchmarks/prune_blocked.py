@@ -9,7 +9,12 @@ interleaved in one process (dense, then CSR and blocked at each sparsity), a 64 
 every run, median of --rounds runs (onnxopt.timing.session_times), at 1 and 2 threads; each figure the median
 of --passes sweeps. Cells: ms (dense ms / ms; > 1: faster than dense); "blk/csr": CSR ms / blocked ms.
 
+--fill: where blocks stop paying: FC 4x1 blocks at 90% with a fraction of each block's entries zeroed; the
+CSR of the nonzeros against the blocks stored whole (explicit zeros: what the blocked kernels stream at that
+fill, and what they would choose below kMinFill = 0.75 if allowed).
+
 Run from the repo root after scripts/setup.sh:  .venv/bin/python benchmarks/prune_blocked.py [--rounds 15]
+[--fill]
 """
 
 from __future__ import annotations
@@ -99,6 +104,66 @@ LAYERS = [  # (label, batch, pattern (r, c), sparsities, models factory)
 ]
 
 
+FILLS = (1.0, 0.875, 0.75, 0.5, 0.375)
+
+
+def csr_with_zeros(rows: np.ndarray, stored: np.ndarray) -> list[onnx.TensorProto]:
+    """CSR inits of `rows` storing every entry where `stored` (explicit zeros included)."""
+    r, c = np.nonzero(stored)
+    row_ptr = np.zeros(rows.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=rows.shape[0]), out=row_ptr[1:])
+    return [
+        numpy_helper.from_array(rows[r, c].astype(np.float32), "values"),
+        numpy_helper.from_array(c.astype(np.int32), "indices"),
+        numpy_helper.from_array(row_ptr, "row_ptr"),
+    ]
+
+
+def fill_models(batch: int, sparsity: float) -> list[onnx.ModelProto]:
+    """Where blocks stop paying: 4x1 blocks at `sparsity`, a fraction 1 - fill of each kept block's entries
+    zeroed. Per fill: the CSR of the nonzeros, then the same weight storing its blocks whole (the missing
+    entries as explicit zeros: what the blocked kernels stream at that fill; fill 1 to the kernels)."""
+    dense = dense_model(batch)
+    W = numpy_helper.to_array(dense.graph.initializer[0]).T
+    blocks = block_prune(np.ones_like(W), sparsity, 4, 1, 1)
+    node = helper.make_node("SparseGemm", ["X", "values", "indices", "row_ptr"], ["Y"], domain=DOMAIN, K=K)
+    models = [dense]
+    for f in FILLS:
+        holes = np.random.default_rng(3).random(W.shape) >= f
+        kept = W * blocks * ~holes
+        models.append(_model(node, [batch, K], _csr_inits(kept)))
+        models.append(_model(node, [batch, K], csr_with_zeros(kept, blocks > 0)))
+    return models
+
+
+def fill_table(rounds: int, passes: int) -> list[str]:
+    """dense ms, then per fill: CSR of the nonzeros (forced CSR) against the whole blocks (blocked)."""
+    head = " | ".join(f"fill {f}: CSR ms | blocked ms | blk/csr" for f in FILLS)
+    rows = [f"| FC {K}x{N} 4x1 | batch | threads | dense ms | {head} |", "|---" * (4 + 3 * len(FILLS)) + "|"]
+    for batch, sparsity in ((1, 0.9), (32, 0.9)):
+        models = fill_models(batch, sparsity)
+        for threads in (1, 2):
+            runs = []
+            for _ in range(passes):
+                made = [session_for(models[0], threads, spin=False)]
+                for i in range(len(FILLS)):
+                    os.environ["ONNXOPT_SPARSE_FORMAT"] = "csr"
+                    try:
+                        made.append(session_for(models[1 + 2 * i], threads, spin=False))
+                    finally:
+                        del os.environ["ONNXOPT_SPARSE_FORMAT"]
+                    made.append(session_for(models[2 + 2 * i], threads, spin=False))
+                runs.append(session_times(made, rounds))
+            dense, *t = np.median(np.array(runs), axis=0)
+            cells = " | ".join(
+                f"{t[2 * i]:.3f} | {t[2 * i + 1]:.3f} | {t[2 * i] / t[2 * i + 1]:.2f}"
+                for i in range(len(FILLS))
+            )
+            rows.append(f"| {round(sparsity * 100)}% | {batch} | {threads} | {dense:.3f} | {cells} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def sessions(models: list[onnx.ModelProto], threads: int) -> list:
     """dense, then per sparse model its CSR session (ONNXOPT_SPARSE_FORMAT=csr) and its default one."""
     out = [session_for(models[0], threads, spin=False)]
@@ -117,8 +182,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--only", help="substring of the layer labels to run")
+    ap.add_argument("--fill", action="store_true", help="only the table of block fill (where blocks pay)")
     args = ap.parse_args()
     os.environ.pop("ONNXOPT_SPARSE_FORMAT", None)
+    if args.fill:
+        print("\n".join(fill_table(args.rounds, args.passes)))
+        return
     layers = [row for row in LAYERS if not args.only or args.only in row[0]]
     times: dict[tuple[int, int], list[list[float]]] = {}
     for _ in range(args.passes):

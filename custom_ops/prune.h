@@ -20,6 +20,8 @@
 //     ONE fixed offset into that buffer and a tile of consecutive outputs reads consecutive floats: no bounds
 //     test and no im2col in the inner loop. 1x1 stride-1 unpadded convs read X in place (XNNPACK-style sparse
 //     weight times dense activation).
+// Block-pruned weights (aligned R x C blocks: prune.pattern=4x1, 8x1, 4x4, 1x4) are detected from the CSR at
+// kernel creation and run by blocked kernels instead (prune_block.h: one index and one input load per block).
 // The CSR is checked and packed once at kernel creation (SparseGemm's column-blocked copy for batches at the
 // first call that has one); work is split into tasks over output rows balanced by nonzero count, or for
 // SparseConv over output positions first (RunTasks: the session's thread pool).

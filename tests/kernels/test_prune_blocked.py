@@ -21,7 +21,9 @@ F32 = np.float32
 TOL = REL_L2[np.dtype(F32)]
 
 
-def block_pruned(rows: int, cols: int, r: int, c: int, density: float, seed: int, hole: float = 0.0) -> np.ndarray:
+def block_pruned(
+    rows: int, cols: int, r: int, c: int, density: float, seed: int, hole: float = 0.0
+) -> np.ndarray:
     """A rows x cols weight (one row per output) whose nonzeros fill about `density` of its aligned r x c
     blocks (the last ones partial when r, c do not divide the shape), a `hole` fraction of their entries
     zero, and the first row group empty."""
