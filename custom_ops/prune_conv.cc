@@ -154,9 +154,11 @@ void ComputeTileBlocked(const ConvCall& call, int64_t n, int64_t p0, int64_t p1,
   for (; t0 + T <= p1 && t0 + T <= P; t0 += T) {
     const float* xs = TileInput(g, x, t0, T, xt);
     const int64_t x_stride = g.direct ? T : 1;
+    // Slices outermost: all groups on one slice of positions, then the next (slices innermost ran 64->256 at
+    // 56x56 1.4x slower: that layer writes 3 MiB of outputs for few multiply-adds each).
     for (int64_t b = 0; b < p.blocks; ++b) {
-      for (int64_t grp = g0; grp < g1; ++grp) {
-        for (int64_t s = 0; s < T; s += W) run(tile, b, grp, xs + s, x_stride, out + grp * R * P + t0 + s, P);
+      for (int64_t s = 0; s < T; s += W) {
+        for (int64_t grp = g0; grp < g1; ++grp) run(tile, b, grp, xs + s, x_stride, out + grp * R * P + t0 + s, P);
       }
     }
   }
