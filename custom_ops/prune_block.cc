@@ -1,6 +1,5 @@
 // The blocked formats of SparseGemm / SparseConv (prune_block.h): detecting the block shape of a CSR, packing
-// it, the portable kernels, and a C-exported query of the shape the kernels would choose (for tests and
-// tools: it runs the same ChooseBlockShape the kernels run at creation).
+// it, and the portable kernels.
 #include "prune_block.h"
 
 #include <algorithm>
@@ -42,12 +41,6 @@ Blocking CountBlocks(const Csr& csr, int64_t r, int64_t c) {
 }
 
 }  // namespace
-
-double BlockFill(const Csr& csr, int64_t r, int64_t c) {
-  if (c > 1 && csr.cols % c != 0) return 0.0;  // a block past the last column would read beyond the input
-  const Blocking b = CountBlocks(csr, r, c);
-  return b.slots == 0 ? 0.0 : static_cast<double>(csr.values.size()) / static_cast<double>(b.slots);
-}
 
 BlockShape ChooseBlockShape(const Csr& csr, bool allow_input_blocks, const std::string& where) {
   BlockShape best;  // CSR
@@ -183,33 +176,3 @@ const BlockKernels& ChooseBlockKernels() { return HasAvx2Fma() ? Avx2BlockKernel
 
 }  // namespace prune
 }  // namespace onnxopt
-
-// The block shape SparseGemm (conv = 0) or SparseConv (conv = 1) would run for a CSR of `rows` rows over `cols`
-// columns (ONNXOPT_SPARSE_FORMAT honoured): shape[0] = R, shape[1] = C, (1, 1) for CSR. Returns 0, or -1 for a
-// malformed CSR or setting (nothing written). Exported for tests and tools; the kernels call the same code.
-extern "C" __attribute__((visibility("default"))) int onnxopt_sparse_block_shape(const int32_t* indices,
-                                                                                const int64_t* row_ptr,
-                                                                                int64_t rows, int64_t cols,
-                                                                                int conv, int64_t* shape) {
-  try {
-    if (rows < 0 || cols < 1 || row_ptr == nullptr || shape == nullptr || row_ptr[0] != 0) return -1;
-    onnxopt::prune::Csr csr;
-    csr.rows = rows, csr.cols = cols;
-    csr.row_ptr.assign(row_ptr, row_ptr + rows + 1);
-    for (int64_t r = 0; r < rows; ++r) {
-      if (csr.row_ptr[r + 1] < csr.row_ptr[r]) return -1;
-    }
-    const int64_t nnz = csr.row_ptr[rows];
-    if (nnz > 0 && indices == nullptr) return -1;
-    csr.indices.assign(indices, indices + nnz);
-    for (const int32_t c : csr.indices) {
-      if (c < 0 || c >= cols) return -1;
-    }
-    csr.values.assign(static_cast<size_t>(nnz), 1.0f);
-    const onnxopt::prune::BlockShape s = onnxopt::prune::ChooseBlockShape(csr, conv == 0, "query");
-    shape[0] = s.r, shape[1] = s.c;
-    return 0;
-  } catch (...) {
-    return -1;
-  }
-}

@@ -42,8 +42,6 @@ struct BlockShape {
   bool Blocked() const { return r * c > 1; }
 };
 
-// The fill of the (r, c) blocking of csr's stored entries (0 when c does not divide the columns).
-double BlockFill(const Csr& csr, int64_t r, int64_t c);
 // The shape the kernels run (see above); `allow_input_blocks` false: R x 1 only (SparseConv, whose tile
 // kernels gain nothing from 1 x C).
 // Honours ONNXOPT_SPARSE_FORMAT; fails naming `where` for any other value than csr or auto.

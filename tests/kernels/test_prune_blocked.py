@@ -2,12 +2,10 @@
 R x C blocks (partial last row groups, groups with no block, holes inside blocks down to the fill threshold)
 against the numpy references, in the AVX2 and portable builds, at batch sizes that take the gather (1, 3)
 and tile (6, 13, 33) paths, 16- and 32-bit indices; the same model forced to CSR (ONNXOPT_SPARSE_FORMAT=csr)
-agrees; and the exported onnxopt_sparse_block_shape, which runs the kernels' own choice, shows which format
-a weight gets."""
+agrees. Which path ran is seen from outside: the blocked kernels store a block's missing entries as zeros and
+multiply them (an input of inf turns that output NaN), the CSR kernels never read them (blocked_ran)."""
 
 from __future__ import annotations
-
-import ctypes
 
 import numpy as np
 import pytest
@@ -34,21 +32,53 @@ def block_pruned(
     return (rng.standard_normal((rows, cols)) * mask).astype(F32)
 
 
-def block_shape(csr, cols: int, conv: bool = False) -> tuple[int, int]:
-    """(R, C) the kernels choose for this CSR (1, 1: CSR), through the library's exported query."""
-    lib = ctypes.CDLL(onnxopt.get_library_path())
-    _, indices, row_ptr = csr
-    out = (ctypes.c_int64 * 2)()
-    rc = lib.onnxopt_sparse_block_shape(
-        indices.ctypes.data_as(ctypes.c_void_p),
-        row_ptr.ctypes.data_as(ctypes.c_void_p),
-        ctypes.c_int64(len(row_ptr) - 1),
-        ctypes.c_int64(cols),
-        ctypes.c_int(int(conv)),
-        out,
-    )
-    assert rc == 0, "onnxopt_sparse_block_shape rejected a valid CSR"
-    return out[0], out[1]
+def add_probe(W: np.ndarray, r: int, c: int, area: int = 1) -> tuple[np.ndarray, int, int]:
+    """W with one probe (row n, input channel q): a channel whose `area` columns row n stores nowhere while
+    its blocks do (another row of n's group, or another column of n's 1 x c block, stores one of them), q > 0.
+    Blocked kernels then multiply a stored zero by X[..., q]; CSR kernels never read it for row n."""
+    W = W.copy()
+    for n, col in zip(*np.nonzero(W), strict=True):
+        q = col // area
+        cols = slice(q * area, (q + 1) * area)
+        if q == 0 or (
+            r > 1 and np.count_nonzero(W[n // r * r : n // r * r + r, cols]) <= np.count_nonzero(W[n, cols])
+        ):
+            continue
+        if c > 1 and np.count_nonzero(W[n, col // c * c : col // c * c + c]) < 2:
+            continue
+        W[n, cols] = 0
+        return W, int(n), int(q)
+    raise AssertionError("no probe position in this weight")
+
+
+def blocked_ran(
+    model: bytes,
+    x_shape: tuple[int, ...],
+    n: int,
+    q: int,
+    monkeypatch,
+    conv: bool = False,
+    every: bool = True,
+) -> bool:
+    """Whether the op ran its blocked kernels: with X[..., q] (channel q of SparseConv) = inf, output n is NaN
+    (a stored zero times inf) for every X row (every=False: for some; SparseGemm runs 1 x C blocks only for
+    its gathered rows), while the same model forced to CSR keeps it finite."""
+    X = np.ones(x_shape, F32)
+    if conv:
+        X[:, q] = np.inf
+    else:
+        X[..., q] = np.inf
+
+    def row(Y):
+        return Y[:, n] if conv else Y[..., n]
+
+    nan = np.isnan(row(run(model, X, 1)))
+    blocked = nan.all() if every else nan.any()
+    monkeypatch.setenv("ONNXOPT_SPARSE_FORMAT", "csr")
+    csr = np.isfinite(row(run(model, X, 1))).all()
+    monkeypatch.delenv("ONNXOPT_SPARSE_FORMAT")
+    assert csr, "the CSR kernels read an input their row does not store"
+    return bool(blocked)
 
 
 # (K, N, R, C, density, hole, leading shape of X): N not a multiple of R (a partial last group), batch 1 and
@@ -63,7 +93,7 @@ GEMM_CASES = [
     (100, 13, 1, 4, 0.3, 0.1, (3,)),
     (128, 21, 1, 4, 0.2, 0.0, (33,)),
     (70000, 11, 4, 1, 0.01, 0.0, (3,)),
-    (70000, 5, 1, 4, 0.01, 0.0, (6,)),
+    (70000, 5, 1, 4, 0.01, 0.0, (34,)),
 ]
 
 
@@ -78,8 +108,8 @@ def test_blocked_gemm_matches_reference(case, portable, monkeypatch):
     K, N, R, C, density, hole, lead = case
     if portable:
         monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")
-    csr = to_csr(block_pruned(N, K, R, C, density, seed=K + N, hole=hole))
-    assert block_shape(csr, K) == (R, C), f"{gemm_id(case)}: the kernels would not take the blocked path"
+    W, n, q = add_probe(block_pruned(N, K, R, C, density, seed=K + N, hole=hole), R, C)
+    csr = to_csr(W)
     rng = np.random.default_rng(K)
     B = rng.standard_normal(N).astype(F32)
     X = rng.standard_normal((*lead, K)).astype(F32)
@@ -93,6 +123,9 @@ def test_blocked_gemm_matches_reference(case, portable, monkeypatch):
     monkeypatch.setenv("ONNXOPT_SPARSE_FORMAT", "csr")
     err = rel_l2(run(model, X, 1), expected)
     assert err <= TOL, f"{gemm_id(case)} forced CSR: rel L2 {err:.3e}"
+    monkeypatch.delenv("ONNXOPT_SPARSE_FORMAT")
+    ran = blocked_ran(model, X.shape, n, q, monkeypatch, every=C == 1)
+    assert ran, f"{gemm_id(case)}: the blocked path did not run"
 
 
 # (C, M, R, kernel, strides, pads, H, W, batch, density, hole): 1x1 in place (ragged tiles of 8 and 16,
@@ -121,8 +154,8 @@ def test_blocked_conv_matches_reference(case, portable, monkeypatch):
     if portable:
         monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")
     cols = C * k[0] * k[1]
-    csr = to_csr(block_pruned(M, cols, R, 1, density, seed=C * 31 + M, hole=hole))
-    assert block_shape(csr, cols, conv=True) == (R, 1), f"{conv_id(case)}: not the blocked path"
+    Wt, m, q = add_probe(block_pruned(M, cols, R, 1, density, seed=C * 31 + M, hole=hole), R, 1, k[0] * k[1])
+    csr = to_csr(Wt)
     rng = np.random.default_rng(M)
     B = rng.standard_normal(M).astype(F32)
     X = rng.standard_normal((n, C, H, W)).astype(F32)
@@ -132,25 +165,37 @@ def test_blocked_conv_matches_reference(case, portable, monkeypatch):
     for threads in (1, 2):
         err = rel_l2(run(model, X, threads), expected)
         assert err <= TOL, f"{conv_id(case)} portable={portable} threads={threads}: rel L2 {err:.3e}"
+    # every=False: outputs reading only padding stay finite
+    assert blocked_ran(model, X.shape, m, q, monkeypatch, conv=True, every=False), (
+        f"{conv_id(case)}: the blocked path did not run"
+    )
 
 
-def test_block_shape_choice(monkeypatch):
-    """The rule of prune_block.h: blocks whose fill reaches 0.75, the shape streaming the fewest bytes;
-    unstructured weights, too few filled slots, 1 x C for SparseConv, or ONNXOPT_SPARSE_FORMAT=csr: CSR."""
-    W4 = block_pruned(64, 64, 4, 1, 0.3, seed=1)
-    assert block_shape(to_csr(W4), 64) == (4, 1)
-    W8 = block_pruned(64, 64, 8, 1, 0.3, seed=2)
-    assert block_shape(to_csr(W8), 64) == (8, 1)  # also 4x1 blocks, but 8x1 streams fewer index bytes
-    W14 = block_pruned(64, 64, 1, 4, 0.3, seed=3)
-    assert block_shape(to_csr(W14), 64) == (1, 4)
-    assert block_shape(to_csr(W14), 64, conv=True) == (1, 1)  # SparseConv runs R x 1 blocks only
-    assert block_shape(to_csr(block_pruned(64, 62, 1, 4, 0.3, seed=3)), 62) == (1, 1)  # 4 does not divide K
-    holes = block_pruned(64, 64, 4, 1, 0.3, seed=4, hole=0.5)  # fill about 0.5
-    assert block_shape(to_csr(holes), 64) == (1, 1)
-    unstructured = (np.random.default_rng(5).random((64, 64)) < 0.3).astype(F32)
-    assert block_shape(to_csr(unstructured), 64) == (1, 1)
-    monkeypatch.setenv("ONNXOPT_SPARSE_FORMAT", "csr")
-    assert block_shape(to_csr(W4), 64) == (1, 1)
+def gemm_blocked_ran(W: np.ndarray, r: int, c: int, monkeypatch) -> bool:
+    W, n, q = add_probe(W, r, c)
+    K = W.shape[1]
+    return blocked_ran(make_model("SparseGemm", to_csr(W), x_shape=[1, K], K=K), (1, K), n, q, monkeypatch)
+
+
+def test_format_choice(monkeypatch):
+    """The rule of prune_block.h: blocks whose fill reaches 0.75 run blocked; unstructured weights, blocks
+    half empty, 1 x C blocks whose C does not divide K, or ONNXOPT_SPARSE_FORMAT=csr run CSR."""
+    for r, c in ((4, 1), (8, 1), (1, 4)):
+        assert gemm_blocked_ran(block_pruned(64, 64, r, c, 0.3, seed=r + c), r, c, monkeypatch), f"{r}x{c}"
+    assert not gemm_blocked_ran(block_pruned(64, 62, 1, 4, 0.3, seed=3), 1, 4, monkeypatch)
+    assert not gemm_blocked_ran(block_pruned(64, 64, 4, 1, 0.3, seed=4, hole=0.5), 4, 1, monkeypatch)
+    unstructured = np.random.default_rng(5).standard_normal((64, 64)).astype(F32)
+    unstructured *= np.random.default_rng(6).random((64, 64)) < 0.3
+    assert not gemm_blocked_ran(unstructured, 4, 1, monkeypatch)
+    monkeypatch.setenv("ONNXOPT_SPARSE_FORMAT", "auto")
+    assert gemm_blocked_ran(block_pruned(64, 64, 4, 1, 0.3, seed=7), 4, 1, monkeypatch)
+
+
+def test_conv_keeps_csr_for_input_blocks(monkeypatch):
+    """SparseConv runs R x 1 blocks only: a 1x4-blocked 1x1 conv weight stays CSR."""
+    W, m, q = add_probe(block_pruned(12, 16, 1, 4, 0.5, seed=8), 1, 4)
+    model = make_model("SparseConv", to_csr(W), x_shape=[1, 16, 6, 6], C=16, kernel_shape=[1, 1])
+    assert not blocked_ran(model, (1, 16, 6, 6), m, q, monkeypatch, conv=True)
 
 
 def test_bad_sparse_format_setting(monkeypatch):
