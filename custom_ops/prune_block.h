@@ -8,7 +8,8 @@
 // Shapes tried: (R, C) = (8, 1), (4, 1), (1, 4). What each saves over CSR:
 //   R x 1 (output blocks, `prune.pattern=4x1`, `4x4`, and XNNPACK's sparse inference): one index and one
 //     load or broadcast of the input feed R outputs; batch 1-4 FC needs no gather at all (one broadcast
-//     x[c] times R weights), and the tile kernels (batched FC, 1x1 conv) load each input row once for R rows.
+//     x[c] times R weights), and the tile kernels (batched FC; SparseConv, 1x1 in place and kxk through its
+//     per-block offsets) load each input row once for R rows.
 //   1 x C (input blocks, `prune.pattern=1x4`): one index per C weights and one contiguous load of C inputs
 //     instead of a gather (batch 1-4 FC only; the tile kernels keep CSR for it, where a block would be C
 //     separate nonzeros anyway).
@@ -16,6 +17,10 @@
 // DRAM-bound batch-1 FC gains. Choice: among the shapes whose fill >= kMinFill, the one with the fewest bytes
 // (values of all slots plus indices); none: CSR. kMinFill = 0.75 is where a block's slots (zeros included)
 // stream as many bytes as CSR's nonzeros at R C = 4: below it blocks read more memory than they save.
+// Measured (benchmarks/prune_blocked.py --fill, FC 4096 x 4096 4x1 at 90%, batch 1, 1 thread): CSR ms /
+// blocked ms 1.46 at fill 1, 1.32 at 0.875, 1.20 at 0.75, 0.82 at 0.5, 0.69 at 0.375: the switch pays down
+// to a fill of about 0.6 (no gathers), so 0.75 keeps a margin. Density itself does not enter: blocks pay at
+// every density the CSR kernels run (70-95% measured), and the `prune` pass decides sparse against dense.
 // ONNXOPT_SPARSE_FORMAT=csr (read at kernel creation) forces CSR, to compare the two; `auto` (the default)
 // chooses as above.
 //
