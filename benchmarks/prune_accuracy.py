@@ -7,12 +7,12 @@ the 10,000 test images) and the PP-OCRv4 recognizer (32 rendered calibration lin
 metric as the budget (the CLI's `--eval ... --max-drop 0.5`), where the pass manager chooses the sparsity of
 every layer; `--max-error` only sets which options are planned (a layer's estimated error up to 8x it).
 "weights removed" counts the zeros of the pruned layers over all weights of that layer kind in the model
-(FC = Gemm/MatMul with constant weights, Conv = group-1 Conv), the layers the pass declines included (such as
-Fashion-MNIST's conv1, 576 weights: fewer than prune.min_k inputs per output). The metric budget is
-measured on the same test images the table reports, as `onnxopt optimize --eval` does.
+(FC = Gemm/MatMul with constant weights or SparseGemm, Conv = group-1 Conv or SparseConv), the layers the pass
+declines included (such as Fashion-MNIST's conv1, 576 weights: fewer than prune.min_k inputs per output).
+The metric budget is measured on the same test images the table reports, as `onnxopt optimize --eval` does.
 
 Run from the repo root after scripts/setup.sh:
-    .venv/bin/python benchmarks/prune_accuracy.py [--models fmnist ocr]
+    .venv/bin/python benchmarks/prune_accuracy.py [--models fmnist ocr] [--only LABEL-SUBSTRING]
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import fashion_mnist, ocr  # noqa: E402
-from onnxopt import make_session  # noqa: E402
+from onnxopt import DOMAIN, make_session  # noqa: E402
 from onnxopt.budget import MetricBudget, OutputBudget  # noqa: E402
 from onnxopt.data import load_npz  # noqa: E402
 from onnxopt.errors import BudgetError  # noqa: E402
@@ -63,7 +63,14 @@ def fmnist_case() -> dict:
                 {"pattern": "1x4", "fc_sparsity": "0.8", "conv_sparsity": "0.5"},
                 None,
             ),
+            (
+                "FC 80%, Conv 50%, 4x1 blocks",
+                {"pattern": "4x1", "fc_sparsity": "0.8", "conv_sparsity": "0.5"},
+                None,
+            ),
             ("budget: top-1 drop <= 0.5", {}, 0.5),
+            # 4x1: the output blocks SparseGemm / SparseConv run as blocked kernels (prune_block.h)
+            ("budget: top-1 drop <= 0.5, 4x1 blocks", {"pattern": "4x1"}, 0.5),
         ],
     }
 
@@ -90,6 +97,19 @@ def weight_counts(model: onnx.ModelProto) -> dict[str, int]:
     inits = {t.name: t for t in m.graph.initializer}
     counts = {"fc": 0, "fc_zeros": 0, "conv": 0, "conv_zeros": 0}
     for node in m.graph.node:
+        if node.op_type in ("SparseGemm", "SparseConv") and node.domain == DOMAIN:
+            # a layer the pass turned into a sparse op (faster than dense there): rows x columns, its nonzeros
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            values, row_ptr = (numpy_helper.to_array(inits[name]) for name in (node.input[1], node.input[3]))
+            cols = (
+                attrs["K"]
+                if node.op_type == "SparseGemm"
+                else attrs["C"] * int(np.prod(attrs["kernel_shape"]))
+            )
+            kind = "fc" if node.op_type == "SparseGemm" else "conv"
+            counts[kind] += (len(row_ptr) - 1) * cols
+            counts[kind + "_zeros"] += (len(row_ptr) - 1) * cols - int(np.count_nonzero(values))
+            continue
         if (
             node.op_type not in ("Gemm", "MatMul", "Conv")
             or len(node.input) < 2
@@ -119,13 +139,15 @@ def run_row(case: dict, settings: dict, max_drop: float | None, reconstruct: boo
     return weight_counts(result.model), score
 
 
-def table(case: dict) -> list[str]:
+def table(case: dict, only: str | None = None) -> list[str]:
     label, metric, _, spec = case["metric"]
     base = metric(make_session(case["model"].SerializeToString()))
     head = ["setting", "re-fit", "FC weights removed", "Conv weights removed", label, "change", "seconds"]
     lines = [f"### {case['name']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append(f"| original | - | 0% | 0% | {base:.2f} | - | - |")
     for name, settings, max_drop in case["rows"]:
+        if only and only not in name:
+            continue
         for reconstruct in (True, False):
             t = time.perf_counter()
             try:
@@ -147,11 +169,12 @@ def table(case: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["fmnist", "ocr"], default=["fmnist", "ocr"])
+    parser.add_argument("--only", help="substring of the row labels to run")
     args = parser.parse_args(argv)
     cases = {"fmnist": fmnist_case, "ocr": ocr_case}
     out = []
     for name in args.models:
-        out += table(cases[name]())
+        out += table(cases[name](), args.only)
     print("\n".join(out))
     return 0
 

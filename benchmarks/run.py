@@ -249,6 +249,13 @@ figure the median of 3 sweeps. The issue's goals: FC 4096 x 4096 batch 1 >= 1.5x
 1x1 conv >= 1.3x at 70% and 2x at 90%; 3x3 conv 128@28x28 >= 1.5x at 90%.
 
 {_script_table("prune.py", "--rounds", rounds)}
+
+Block-pruned weights (`benchmarks/prune_blocked.py`): the same layers pruned in aligned R x C blocks (R
+outputs by C consecutive inputs, `prune.pattern=RxC`), each sparse model run by the CSR kernels (a session
+made with ONNXOPT_SPARSE_FORMAT=csr) and by the blocked kernels the ops choose by default (prune_block.h),
+against dense; blk/csr = CSR ms / blocked ms.
+
+{_script_table("prune_blocked.py", "--rounds", rounds)}
 """
 
 

@@ -146,25 +146,22 @@ Packed<Index> Pack(const Csr& csr, int64_t pad, int64_t block_cols) {
   return p;
 }
 
-template <typename Index>
-std::pair<int64_t, int64_t> Part(const Packed<Index>& p, int64_t part, int64_t parts) {
-  const int64_t rows = p.rows;
-  const double total = static_cast<double>(p.cost.back());
+std::pair<int64_t, int64_t> PartByCost(const std::vector<int64_t>& cost, int64_t part, int64_t parts) {
+  const int64_t rows = static_cast<int64_t>(cost.size()) - 1;
+  const double total = static_cast<double>(cost.back());
   auto bound = [&](int64_t k) -> int64_t {
     if (k <= 0) return 0;
     if (k >= parts) return rows;
     const double target = total * static_cast<double>(k) / static_cast<double>(parts);
-    return std::lower_bound(p.cost.begin(), p.cost.end(), target,
+    return std::lower_bound(cost.begin(), cost.end(), target,
                             [](int64_t c, double t) { return static_cast<double>(c) < t; }) -
-           p.cost.begin();
+           cost.begin();
   };
   return {bound(part), bound(part + 1)};
 }
 
 template Packed<uint16_t> Pack<uint16_t>(const Csr&, int64_t, int64_t);
 template Packed<int32_t> Pack<int32_t>(const Csr&, int64_t, int64_t);
-template std::pair<int64_t, int64_t> Part<uint16_t>(const Packed<uint16_t>&, int64_t, int64_t);
-template std::pair<int64_t, int64_t> Part<int32_t>(const Packed<int32_t>&, int64_t, int64_t);
 
 namespace {
 

@@ -20,6 +20,8 @@
 //     ONE fixed offset into that buffer and a tile of consecutive outputs reads consecutive floats: no bounds
 //     test and no im2col in the inner loop. 1x1 stride-1 unpadded convs read X in place (XNNPACK-style sparse
 //     weight times dense activation).
+// Block-pruned weights (aligned R x C blocks: prune.pattern=4x1, 8x1, 4x4, 1x4) are detected from the CSR at
+// kernel creation and run by blocked kernels instead (prune_block.h: one index and one input load per block).
 // The CSR is checked and packed once at kernel creation (SparseGemm's column-blocked copy for batches at the
 // first call that has one); work is split into tasks over output rows balanced by nonzero count, or for
 // SparseConv over output positions first (RunTasks: the session's thread pool).
@@ -77,9 +79,13 @@ struct Packed {
 template <typename Index>
 Packed<Index> Pack(const Csr& csr, int64_t pad, int64_t block_cols);
 
-// [begin, end) of row part `part` of `parts`, balanced by cost.
-template <typename Index>
-std::pair<int64_t, int64_t> Part(const Packed<Index>& p, int64_t part, int64_t parts);
+// [begin, end) of row part `part` of `parts` of the rows.size() - 1 rows whose work before row r is cost[r].
+std::pair<int64_t, int64_t> PartByCost(const std::vector<int64_t>& cost, int64_t part, int64_t parts);
+// The same over a packing's rows (Packed, or prune_block.h's Blocked: row groups).
+template <typename P>
+std::pair<int64_t, int64_t> Part(const P& p, int64_t part, int64_t parts) {
+  return PartByCost(p.cost, part, parts);
+}
 
 // out[0..T) = (accumulate ? out[0..T) : bias) + sum_{j < count} v[j] * x[idx[j] * stride + 0..T), T = 8 << i
 // for entry i of a table (8, 16, 32); stride = T in the Gemm tables (rows of a transposed tile), 1 in the
@@ -123,6 +129,11 @@ inline AlignedFloats AllocateAligned(int64_t count) {
 // Columns per block of SparseGemm's tile packing: a block's rows of a transposed tile of 32 (16 KiB) stay in L1.
 constexpr int64_t kTileBlockCols = 128;
 
+// The blocked formats (prune_block.h).
+template <typename Index>
+struct Blocked;
+struct BlockKernels;
+
 }  // namespace prune
 
 struct SparseGemmKernel {
@@ -140,10 +151,14 @@ struct SparseGemmKernel {
   std::string node_name_;
   size_t present_inputs_ = 0;
   // The column-blocked packing of the tile groups (5 or more X rows), made from the gather packing at the
-  // first call that has such rows and kept (a batch-1 session never pays its memory).
+  // first call that has such rows and kept (a batch-1 session never pays its memory): CSR, or R x 1 blocks.
   template <typename Index>
-  std::shared_ptr<const prune::Packed<Index>> Tiled(const prune::Packed<Index>& gather,
-                                                    std::shared_ptr<const prune::Packed<Index>>& slot) const;
+  std::shared_ptr<const prune::Packed<Index>> Tiled(std::shared_ptr<const prune::Packed<Index>>& slot) const;
+  template <typename Index>
+  std::shared_ptr<const prune::Blocked<Index>> TiledBlocked(
+      std::shared_ptr<const prune::Blocked<Index>>& slot) const;
+  prune::Csr Nonzeros() const;  // the stored nonzeros again, from the gather packing
+  bool BlockedFormat() const { return block_r_ * block_c_ > 1; }
 
   int64_t k_ = 0, n_ = 0, nnz_ = 0;
   bool narrow_ = false;  // 16-bit indices (K <= 65536)
@@ -154,6 +169,16 @@ struct SparseGemmKernel {
   mutable std::shared_ptr<const prune::Packed<int32_t>> t32_;
   std::vector<float> bias_;
   const prune::Kernels* kernels_ = nullptr;
+  // The blocked format, when ChooseBlockShape finds one (then p16_ / p32_ stay empty): R x C blocks, the
+  // gather packing (one column block, segments of an even number of blocks), for tiles the column-blocked
+  // R x 1 packing (1 x C: the CSR tiles above), the bias padded to a multiple of R.
+  int64_t block_r_ = 1, block_c_ = 1;
+  std::shared_ptr<const prune::Blocked<uint16_t>> b16_;
+  std::shared_ptr<const prune::Blocked<int32_t>> b32_;
+  mutable std::shared_ptr<const prune::Blocked<uint16_t>> tb16_;
+  mutable std::shared_ptr<const prune::Blocked<int32_t>> tb32_;
+  std::vector<float> bias_blocked_;
+  const prune::BlockKernels* block_kernels_ = nullptr;
 };
 
 struct SparseConvKernel {
@@ -185,6 +210,11 @@ struct SparseConvKernel {
   mutable int64_t offsets_key_[2] = {-1, -1};
   std::vector<float> bias_;
   const prune::Kernels* kernels_ = nullptr;
+  // R x 1 blocks of output channels when ChooseBlockShape finds them (then packed_ stays empty and plane_,
+  // qy_, qx_ are per block); the bias padded to a multiple of R.
+  std::shared_ptr<const prune::Blocked<int32_t>> blocked_;
+  std::vector<float> bias_blocked_;
+  const prune::BlockKernels* block_kernels_ = nullptr;
 };
 
 }  // namespace onnxopt

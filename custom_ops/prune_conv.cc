@@ -39,6 +39,7 @@
 #include "kernel_util.h"
 #include "ops.h"
 #include "prune.h"
+#include "prune_block.h"
 
 namespace onnxopt {
 
@@ -112,6 +113,77 @@ void CopyTask(void* data, size_t task) {
   }
 }
 
+// The input of the tile at position s: in place (offsets), or for 1x1 convs read in place, its columns of X
+// packed contiguously as [C][width] (read with idx = c, stride width): X's rows lie a plane apart, and at
+// 56x56 that stride maps a tile's channels onto few L1 sets (measured 1.3x slower than packed).
+const float* TileInput(const Geometry& g, const float* x, int64_t s, int64_t width, float* xt) {
+  if (!g.direct) return x + s;
+  // The tile after next is requested now: a tile's columns are C separate streams, too many for the
+  // hardware prefetcher, and after a cache flush every one would otherwise wait on DRAM.
+  const int64_t P = g.positions, ahead = std::min(s + 2 * g.tile, P - 1);
+  for (int64_t c = 0; c < g.c; ++c) {
+    const float* row = x + c * P;
+    __builtin_prefetch(row + ahead);
+    __builtin_prefetch(row + std::min(ahead + 16, P - 1));
+    std::memcpy(xt + c * width, row + s, static_cast<size_t>(width) * sizeof(float));
+  }
+  return xt;
+}
+
+// ComputeTile over R x 1 blocks of output channels (prune_block.h), groups [g0, g1): each load of a tile's
+// input row feeds R channels. Tiles of T are run in slices of BlockTileWidth(R) positions.
+void ComputeTileBlocked(const ConvCall& call, int64_t n, int64_t p0, int64_t p1, int64_t g0, int64_t g1,
+                        float* xt) {
+  const Geometry& g = *call.g;
+  const SparseConvKernel& k = *call.k;
+  const prune::Blocked<int32_t>& p = *k.blocked_;
+  const prune::BlockKernels& bk = *k.block_kernels_;
+  const float* x = g.direct ? call.x + n * g.c * g.h * g.w : call.buf + n * g.image;
+  float* out = call.out + n * g.m * g.positions;
+  const int64_t P = g.positions, T = g.tile, R = p.r, groups = p.rows, W = prune::BlockTileWidth(R);
+  const prune::BlockTileFn<int32_t> tile = bk.tile32[R == 8 ? 0 : 1];
+  const int32_t* idx = g.direct ? p.idx.data() : call.offsets;
+  auto run = [&](prune::BlockTileFn<int32_t> fn, int64_t b, int64_t grp, const float* xs, int64_t x_stride,
+                 float* o, int64_t o_stride) {
+    const int64_t j = p.ptr[b * groups + grp], count = p.ptr[b * groups + grp + 1] - j;
+    const int live = static_cast<int>(std::min(R, g.m - grp * R));
+    fn(p.values.data() + j * R, idx + j, count, k.bias_blocked_.data() + grp * R, b > 0, xs, x_stride, live, o,
+       o_stride);
+  };
+  int64_t t0 = p0;
+  for (; t0 + T <= p1 && t0 + T <= P; t0 += T) {
+    const float* xs = TileInput(g, x, t0, T, xt);
+    const int64_t x_stride = g.direct ? T : 1;
+    // Slices outermost: all groups on one slice of positions, then the next (slices innermost ran 64->256 at
+    // 56x56 1.4x slower: that layer writes 3 MiB of outputs for few multiply-adds each).
+    for (int64_t b = 0; b < p.blocks; ++b) {
+      for (int64_t s = 0; s < T; s += W) {
+        for (int64_t grp = g0; grp < g1; ++grp) run(tile, b, grp, xs + s, x_stride, out + grp * R * P + t0 + s, P);
+      }
+    }
+  }
+  if (t0 < p1) {
+    // The ragged last tile as in ComputeTile, into tmp [R][kMaxTile].
+    const int64_t r = P - t0;
+    const int64_t width = r <= 8 ? 8 : r <= 16 ? 16 : 32, s0 = std::max<int64_t>(0, P - width);
+    const float* xs = TileInput(g, x, s0, width, xt);
+    const int64_t x_stride = g.direct ? width : 1;
+    const bool narrow = R == 4 && width == 8;
+    const prune::BlockTileFn<int32_t> fn = narrow ? bk.tile32_r4_8 : tile;
+    const int64_t step = narrow ? 8 : W;
+    float tmp[8 * prune::kMaxTile];
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      for (int64_t b = 0; b < p.blocks; ++b) {
+        for (int64_t s = 0; s < width; s += step) run(fn, b, grp, xs + s, x_stride, tmp + s, prune::kMaxTile);
+      }
+      for (int64_t i = 0; i < std::min(R, g.m - grp * R); ++i) {
+        std::memcpy(out + (grp * R + i) * P + t0, tmp + i * prune::kMaxTile + (t0 - s0),
+                    static_cast<size_t>(r) * sizeof(float));
+      }
+    }
+  }
+}
+
 // Task (image n, position chunk, output-channel part): the chunk's tiles, each for all of the part's channels.
 void ComputeTile(const ConvCall& call, int64_t n, int64_t p0, int64_t p1, int64_t m0, int64_t m1, float* xt) {
   const Geometry& g = *call.g;
@@ -121,24 +193,9 @@ void ComputeTile(const ConvCall& call, int64_t n, int64_t p0, int64_t p1, int64_
   float* out = call.out + n * g.m * g.positions;
   const int64_t P = g.positions, T = g.tile, rows = p.rows;
   const int log_t = T == 8 ? 0 : T == 16 ? 1 : 2;
-  // The input of the tile at position s: in place (offsets), or for 1x1 convs read in place, its columns of X
-  // packed contiguously as [C][width] (read with idx = c, stride width): X's rows lie a plane apart, and at
-  // 56x56 that stride maps a tile's channels onto few L1 sets (measured 1.3x slower than packed).
   const prune::TileFn32* table = g.direct ? k.kernels_->tile32 : k.kernels_->offset;
   const int32_t* idx = g.direct ? p.idx.data() : call.offsets;
-  auto input = [&](int64_t s, int64_t width) -> const float* {
-    if (!g.direct) return x + s;
-    // The tile after next is requested now: a tile's columns are C separate streams, too many for the
-    // hardware prefetcher, and after a cache flush every one would otherwise wait on DRAM.
-    const int64_t ahead = std::min(s + 2 * T, P - 1);
-    for (int64_t c = 0; c < g.c; ++c) {
-      const float* row = x + c * P;
-      __builtin_prefetch(row + ahead);
-      __builtin_prefetch(row + std::min(ahead + 16, P - 1));
-      std::memcpy(xt + c * width, row + s, static_cast<size_t>(width) * sizeof(float));
-    }
-    return xt;
-  };
+  auto input = [&](int64_t s, int64_t width) { return TileInput(g, x, s, width, xt); };
   auto run = [&](prune::TileFn32 tile, int64_t b, int64_t m, const float* xs, float* o) {
     const int64_t j = p.ptr[b * rows + m];
     tile(p.values.data() + j, idx + j, p.ptr[b * rows + m + 1] - j, k.bias_[m], b > 0, xs, o);
@@ -171,12 +228,18 @@ void ComputeTask(void* data, size_t task) {
   const Geometry& g = *call->g;
   const int64_t per_image = call->chunks * call->parts, t = static_cast<int64_t>(task);
   const int64_t n = t / per_image, chunk = t % per_image / call->parts;
-  const auto [m0, m1] = prune::Part(call->k->packed_, t % call->parts, call->parts);
+  const SparseConvKernel& k = *call->k;
+  const auto [m0, m1] = k.blocked_ ? prune::Part(*k.blocked_, t % call->parts, call->parts)
+                                   : prune::Part(k.packed_, t % call->parts, call->parts);
   const int64_t p0 = chunk * call->chunk_tiles * g.tile, p1 = std::min(g.positions, p0 + call->chunk_tiles * g.tile);
   // Nothing may escape into onnxruntime's thread pool: an allocation failure is reported after the loop.
   try {
     prune::AlignedFloats xt(g.direct ? prune::AllocateAligned(g.c * g.tile) : nullptr);
-    ComputeTile(*call, n, p0, p1, m0, m1, xt.get());
+    if (k.blocked_) {
+      ComputeTileBlocked(*call, n, p0, p1, m0, m1, xt.get());  // m0, m1: row groups
+    } else {
+      ComputeTile(*call, n, p0, p1, m0, m1, xt.get());
+    }
   } catch (...) {
     call->failed.store(true);
   }
@@ -214,18 +277,28 @@ SparseConvKernel::SparseConvKernel(const OrtApi* api, const OrtKernelInfo* info)
   m_ = csr.rows;
   nnz_ = static_cast<int64_t>(csr.values.size());
   bias_ = prune::ReadBias(kinfo, present_inputs_, m_, "M", where);
-  packed_ = prune::Pack<int32_t>(csr, 1, BlockChannels() * kh_ * kw_);
-  // Each nonzero's column (c kh + dy) kw + dx split into its phase plane and shift (see the header); the
-  // offsets they make depend on the input size and are computed per size (Offsets).
-  const size_t nnz = packed_.idx.size();
+  kernels_ = &prune::ChooseKernels();
+  const prune::BlockShape shape = prune::ChooseBlockShape(csr, false, where);
+  if (shape.Blocked()) {
+    blocked_ = std::make_shared<const prune::Blocked<int32_t>>(
+        prune::PackBlocked<int32_t>(csr, shape, 1, BlockChannels() * kh_ * kw_));
+    bias_blocked_ = bias_;
+    bias_blocked_.resize(static_cast<size_t>(blocked_->rows * shape.r), 0.0f);
+    block_kernels_ = &prune::ChooseBlockKernels();
+  } else {
+    packed_ = prune::Pack<int32_t>(csr, 1, BlockChannels() * kh_ * kw_);
+  }
+  // Each nonzero's (or R x 1 block's) column (c kh + dy) kw + dx split into its phase plane and shift (see
+  // the header); the offsets they make depend on the input size and are computed per size (Offsets).
+  const std::vector<int32_t>& cols = blocked_ ? blocked_->idx : packed_.idx;
+  const size_t nnz = cols.size();
   plane_.resize(nnz), qy_.resize(nnz), qx_.resize(nnz);
   for (size_t j = 0; j < nnz; ++j) {
-    const int64_t col = packed_.idx[j], c = col / (kh_ * kw_), ry = col / kw_ % kh_ * dh_, rx = col % kw_ * dw_;
+    const int64_t col = cols[j], c = col / (kh_ * kw_), ry = col / kw_ % kh_ * dh_, rx = col % kw_ * dw_;
     plane_[j] = static_cast<int32_t>((c * sh_ + ry % sh_) * sw_ + rx % sw_);
     qy_[j] = static_cast<int32_t>(ry / sh_);
     qx_[j] = static_cast<int32_t>(rx / sw_);
   }
-  kernels_ = &prune::ChooseKernels();
 }
 
 void SparseConvKernel::ReadAttributes(const OrtApi* api, const OrtKernelInfo* info, const std::string& where) {
@@ -342,7 +415,9 @@ void SparseConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, st
   g.compact = g.wq != g.ow;
 
   const std::shared_ptr<const std::vector<int32_t>> offsets = Offsets(g.plane, g.wq);
-  const int64_t nnz = static_cast<int64_t>(offsets->size());
+  // Multiply-adds per position (a block's R weights each), and the rows that output-channel parts split.
+  const int64_t nnz = static_cast<int64_t>(offsets->size()) * (blocked_ ? blocked_->r : 1);
+  const int64_t part_rows = blocked_ ? blocked_->rows : m_;
   std::unique_ptr<float[]> buf(g.direct ? nullptr : new float[static_cast<size_t>(g.n * g.image)]);
   std::unique_ptr<float[]> wide(g.compact ? new float[static_cast<size_t>(g.n * g.m * g.positions)] : nullptr);
   ConvCall call;
@@ -360,7 +435,7 @@ void SparseConvKernel::Run(OrtKernelContext* context, const Tensor<float>& X, st
   call.chunks = std::min(tiles, (wanted + g.n - 1) / g.n);
   call.chunk_tiles = (tiles + call.chunks - 1) / call.chunks;
   call.chunks = (tiles + call.chunk_tiles - 1) / call.chunk_tiles;
-  call.parts = std::clamp<int64_t>(kMinTasks / (g.n * call.chunks), 1, m_);
+  call.parts = std::clamp<int64_t>(kMinTasks / (g.n * call.chunks), 1, part_rows);
   if (!g.direct) RunTasks(context, CopyTask, g.n * g.c, &call);
   RunTasks(context, ComputeTask, g.n * call.chunks * call.parts, &call);
   if (call.failed.load()) Fail(where, "out of memory for the input tile of a task", ORT_FAIL);

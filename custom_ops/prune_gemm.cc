@@ -19,6 +19,7 @@
 #include "kernel_util.h"
 #include "ops.h"
 #include "prune.h"
+#include "prune_block.h"
 
 namespace onnxopt {
 
@@ -43,6 +44,8 @@ struct GemmCall {
   int64_t parts = 1;
   std::shared_ptr<const prune::Packed<uint16_t>> t16;  // the column-blocked packing, when there are tile groups
   std::shared_ptr<const prune::Packed<int32_t>> t32;
+  std::shared_ptr<const prune::Blocked<uint16_t>> tb16;  // the same in R x 1 blocks
+  std::shared_ptr<const prune::Blocked<int32_t>> tb32;
   std::atomic<bool> failed{false};
 };
 
@@ -97,12 +100,78 @@ void RunPart(const SparseGemmKernel& k, const prune::Packed<Index>& gather, cons
   }
 }
 
+// A tile group's output groups [g0, g1) in R x 1 blocks: like RunTile, the tile kernel called on slices of
+// BlockTileWidth(R) of the T rows; sums [(g1 - g0) R][T].
+template <typename Index>
+void RunTileBlocked(const SparseGemmKernel& k, const prune::Blocked<Index>& p, const GemmCall& call, const Group& g,
+                    int64_t g0, int64_t g1, float* sums) {
+  const int64_t T = g.tile, R = p.r, W = prune::BlockTileWidth(R), groups = p.rows;
+  prune::BlockTileFn<Index> tile;
+  if constexpr (sizeof(Index) == 2) {
+    tile = k.block_kernels_->tile16[R == 8 ? 0 : 1];
+  } else {
+    tile = k.block_kernels_->tile32[R == 8 ? 0 : 1];
+  }
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t j = p.ptr[b * groups + grp], count = p.ptr[b * groups + grp + 1] - j;
+      const int live = static_cast<int>(std::min(R, k.n_ - grp * R));
+      for (int64_t s = 0; s < T; s += W) {
+        tile(p.values.data() + j * R, p.idx.data() + j, count, k.bias_blocked_.data() + grp * R, b > 0, g.xt + s, T,
+             live, sums + (grp - g0) * R * T + s, T);
+      }
+    }
+  }
+  float* y = call.y + g.row0 * k.n_;
+  const int64_t n0 = g0 * R, n1 = std::min(g1 * R, k.n_);
+  for (int64_t l = 0; l < g.rows; ++l) {
+    for (int64_t n = n0; n < n1; ++n) y[l * k.n_ + n] = sums[(n - n0) * T + l];
+  }
+}
+
+// RunPart for the blocked format: gather groups on the blocked packing, tile groups on its R x 1 tiled
+// packing, or (1 x C blocks) on the CSR tiles.
+template <typename Index>
+void RunBlockedPart(const SparseGemmKernel& k, const prune::Blocked<Index>& gather,
+                    const prune::Blocked<Index>* tiled_blocks, const prune::Packed<Index>* tiled_csr,
+                    const GemmCall& call, size_t task) {
+  const Group& g = call.groups[task / call.parts];
+  const int64_t part = static_cast<int64_t>(task) % call.parts;
+  if (g.tile == 0) {
+    const auto [g0, g1] = prune::Part(gather, part, call.parts);
+    const float* x = call.x + g.row0 * k.k_;
+    float* y = call.y + g.row0 * k.n_;
+    const int which = prune::GatherIndex(gather.r);
+    if constexpr (sizeof(Index) == 2) {
+      k.block_kernels_->gather16[which](gather, k.bias_blocked_.data(), k.n_, g0, g1, x, k.k_,
+                                        static_cast<int>(g.rows), y, k.n_);
+    } else {
+      k.block_kernels_->gather32[which](gather, k.bias_blocked_.data(), k.n_, g0, g1, x, k.k_,
+                                        static_cast<int>(g.rows), y, k.n_);
+    }
+  } else if (tiled_blocks != nullptr) {
+    const auto [g0, g1] = prune::Part(*tiled_blocks, part, call.parts);
+    prune::AlignedFloats sums = prune::AllocateAligned((g1 - g0) * tiled_blocks->r * g.tile);
+    RunTileBlocked(k, *tiled_blocks, call, g, g0, g1, sums.get());
+  } else {
+    const auto [n0, n1] = prune::Part(*tiled_csr, part, call.parts);
+    prune::AlignedFloats sums = prune::AllocateAligned((n1 - n0) * g.tile);
+    RunTile(k, *tiled_csr, call, g, n0, n1, sums.get());
+  }
+}
+
 void PartTask(void* data, size_t task) {
   auto* call = static_cast<GemmCall*>(data);
   const SparseGemmKernel& k = *call->k;
   // Nothing may escape into onnxruntime's thread pool: an allocation failure is reported after the loop.
   try {
-    if (k.narrow_) {
+    if (k.BlockedFormat()) {
+      if (k.narrow_) {
+        RunBlockedPart(k, *k.b16_, call->tb16.get(), call->t16.get(), *call, task);
+      } else {
+        RunBlockedPart(k, *k.b32_, call->tb32.get(), call->t32.get(), *call, task);
+      }
+    } else if (k.narrow_) {
       RunPart(k, k.p16_, call->t16.get(), *call, task);
     } else {
       RunPart(k, k.p32_, call->t32.get(), *call, task);
@@ -161,34 +230,92 @@ SparseGemmKernel::SparseGemmKernel(const OrtApi* api, const OrtKernelInfo* info)
   n_ = csr.rows;
   nnz_ = static_cast<int64_t>(csr.values.size());
   bias_ = prune::ReadBias(kinfo, present_inputs_, n_, "N", where);
-  // Rows padded to multiples of 8: the gather kernel takes 8 nonzeros per register.
   narrow_ = k_ <= 65536;
+  kernels_ = &prune::ChooseKernels();
+  const prune::BlockShape shape = prune::ChooseBlockShape(csr, true, where);
+  if (shape.Blocked()) {
+    // Segments of an even number of blocks: the AVX2 gathers take two blocks per register.
+    block_r_ = shape.r, block_c_ = shape.c;
+    if (narrow_) {
+      b16_ = std::make_shared<const prune::Blocked<uint16_t>>(prune::PackBlocked<uint16_t>(csr, shape, 2, k_));
+    } else {
+      b32_ = std::make_shared<const prune::Blocked<int32_t>>(prune::PackBlocked<int32_t>(csr, shape, 2, k_));
+    }
+    bias_blocked_ = bias_;
+    bias_blocked_.resize(static_cast<size_t>((n_ + block_r_ - 1) / block_r_ * block_r_), 0.0f);
+    block_kernels_ = &prune::ChooseBlockKernels();
+    return;
+  }
+  // Rows padded to multiples of 8: the gather kernel takes 8 nonzeros per register.
   if (narrow_) {
     p16_ = prune::Pack<uint16_t>(csr, 8, k_);
   } else {
     p32_ = prune::Pack<int32_t>(csr, 8, k_);
   }
-  kernels_ = &prune::ChooseKernels();
+}
+
+namespace {
+
+// The nonzeros of a gather packing, row by row (its zero padding, and any stored zero, add nothing).
+template <typename Index>
+void AppendNonzeros(const prune::Packed<Index>& p, prune::Csr& csr) {
+  for (int64_t n = 0; n < csr.rows; ++n) {
+    for (int64_t j = p.ptr[n]; j < p.ptr[n + 1]; ++j) {
+      if (p.values[j] == 0.0f) continue;
+      csr.values.push_back(p.values[j]);
+      csr.indices.push_back(static_cast<int32_t>(p.idx[j]));
+    }
+    csr.row_ptr[n + 1] = static_cast<int64_t>(csr.values.size());
+  }
+}
+
+template <typename Index>
+void AppendNonzeros(const prune::Blocked<Index>& p, prune::Csr& csr) {
+  const int64_t R = p.r, C = p.c;
+  for (int64_t n = 0; n < csr.rows; ++n) {
+    const int64_t g = n / R, i = n % R;
+    for (int64_t j = p.ptr[g]; j < p.ptr[g + 1]; ++j) {  // blocks in ascending columns
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = p.values[(j * C + c) * R + i];
+        if (v == 0.0f) continue;
+        csr.values.push_back(v);
+        csr.indices.push_back(static_cast<int32_t>(p.idx[j] + c));
+      }
+    }
+    csr.row_ptr[n + 1] = static_cast<int64_t>(csr.values.size());
+  }
+}
+
+}  // namespace
+
+prune::Csr SparseGemmKernel::Nonzeros() const {
+  prune::Csr csr;
+  csr.rows = n_, csr.cols = k_;
+  csr.row_ptr.assign(static_cast<size_t>(n_ + 1), 0);
+  if (BlockedFormat()) {
+    narrow_ ? AppendNonzeros(*b16_, csr) : AppendNonzeros(*b32_, csr);
+  } else {
+    narrow_ ? AppendNonzeros(p16_, csr) : AppendNonzeros(p32_, csr);
+  }
+  return csr;
 }
 
 template <typename Index>
 std::shared_ptr<const prune::Packed<Index>> SparseGemmKernel::Tiled(
-    const prune::Packed<Index>& gather, std::shared_ptr<const prune::Packed<Index>>& slot) const {
+    std::shared_ptr<const prune::Packed<Index>>& slot) const {
+  std::lock_guard<std::mutex> lock(tiled_mu_);
+  if (!slot) slot = std::make_shared<const prune::Packed<Index>>(prune::Pack<Index>(Nonzeros(), 1, prune::kTileBlockCols));
+  return slot;
+}
+
+template <typename Index>
+std::shared_ptr<const prune::Blocked<Index>> SparseGemmKernel::TiledBlocked(
+    std::shared_ptr<const prune::Blocked<Index>>& slot) const {
   std::lock_guard<std::mutex> lock(tiled_mu_);
   if (!slot) {
-    // The nonzeros again from the gather packing (its zero padding, and any stored zero, add nothing).
-    prune::Csr csr;
-    csr.rows = n_, csr.cols = k_;
-    csr.row_ptr.assign(static_cast<size_t>(n_ + 1), 0);
-    for (int64_t n = 0; n < n_; ++n) {
-      for (int64_t j = gather.ptr[n]; j < gather.ptr[n + 1]; ++j) {
-        if (gather.values[j] == 0.0f) continue;
-        csr.values.push_back(gather.values[j]);
-        csr.indices.push_back(static_cast<int32_t>(gather.idx[j]));
-      }
-      csr.row_ptr[n + 1] = static_cast<int64_t>(csr.values.size());
-    }
-    slot = std::make_shared<const prune::Packed<Index>>(prune::Pack<Index>(csr, 1, prune::kTileBlockCols));
+    const prune::BlockShape shape{block_r_, block_c_, 1.0};
+    slot = std::make_shared<const prune::Blocked<Index>>(
+        prune::PackBlocked<Index>(Nonzeros(), shape, 1, prune::kTileBlockCols));
   }
   return slot;
 }
@@ -236,15 +363,26 @@ void SparseGemmKernel::Run(OrtKernelContext* context, const Tensor<float>& X,
     call.groups[i].xt = xt.get() + at;
     at += call.groups[i].tile * k_;
   }
-  const int64_t padded = narrow_ ? p16_.ptr.back() : p32_.ptr.back();
+  int64_t padded = 0;
+  if (BlockedFormat()) {
+    padded = (narrow_ ? b16_->ptr.back() : b32_->ptr.back()) * block_r_ * block_c_;
+  } else {
+    padded = narrow_ ? p16_.ptr.back() : p32_.ptr.back();
+  }
   const int64_t work = std::max<int64_t>(padded, n_) * std::min<int64_t>(rows, prune::kMaxTile);
   call.parts = std::clamp<int64_t>(work / kMinTaskWork, 1, kMaxParts);
   const int64_t groups = static_cast<int64_t>(call.groups.size());
   if (xt_floats > 0) {
-    if (narrow_) {
-      call.t16 = Tiled(p16_, t16_);
+    if (block_r_ > 1) {
+      if (narrow_) {
+        call.tb16 = TiledBlocked(tb16_);
+      } else {
+        call.tb32 = TiledBlocked(tb32_);
+      }
+    } else if (narrow_) {
+      call.t16 = Tiled(t16_);
     } else {
-      call.t32 = Tiled(p32_, t32_);
+      call.t32 = Tiled(t32_);
     }
     RunTasks(context, TransposeTask, groups, &call);
   }

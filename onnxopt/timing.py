@@ -66,7 +66,12 @@ def median_times(models: list[onnx.ModelProto], threads: int, rounds: int = ROUN
     """Median ms of one run of each model (all take the same single input), interleaved, cache flushed."""
     from onnxopt.library import session_for
 
-    sessions = [session_for(m, threads, spin=False) for m in models]
+    return session_times([session_for(m, threads, spin=False) for m in models], rounds)
+
+
+def session_times(sessions: list, rounds: int = ROUNDS) -> list[float]:
+    """median_times over sessions already made (non-spinning: onnxopt.library.session_for(spin=False)), for
+    sessions that differ only in how they were created (e.g. a setting read at kernel creation)."""
     inp = sessions[0].get_inputs()[0]
     x = np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)
     feed = {inp.name: x}

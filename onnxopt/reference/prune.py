@@ -17,7 +17,10 @@ filters of the dense weight W [M, C, kh, kw] flattened to M x (C kh kw), column 
     Y = Conv(X, W, B, strides, pads, dilations)          (ONNX Conv, NCHW, group 1)
 
 Both cost 2 nnz multiply-adds per output row or pixel instead of 2 K N or 2 M C kh kw: the C++ kernels
-(custom_ops/prune*.cc) only touch the kept weights. This module computes in float64 from the densified weight.
+(custom_ops/prune*.cc) only touch the kept weights; where the kept weights fill aligned blocks of R outputs by
+C inputs (8x1, 4x1, 1x4: `prune.pattern=4x1` and the like), they run blocked kernels chosen at kernel creation
+(custom_ops/prune_block.h; ONNXOPT_SPARSE_FORMAT=csr forces the CSR ones), same semantics. This module
+computes in float64 from the densified weight.
 """
 
 from __future__ import annotations
