@@ -174,6 +174,69 @@ void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t 
   for (; r < rows; ++r) TileRows<1>(x + r * ldx, ldx, tile, kp, y + r * ldy, ldy, cols);
 }
 
+// LowBitConv: 4 filters x kV vectors of 8 pixels in 4 kV accumulators (12 at kV = 3, leaving registers for the
+// kV pixel loads and one broadcast): per k, kV loads of the im2col row and 4 broadcasts feed 4 kV FMAs. The
+// last vector is masked when `rem` < 8 (the ragged end of a row of pixels, which may end a buffer).
+template <int kV>
+inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t nf,
+                      const float* init, bool first, float* y, int64_t ldy, int rem) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
+  __m256 acc[4][kV];
+  for (int f = 0; f < 4; ++f) {
+    for (int v = 0; v < kV; ++v) {
+      if (f >= nf) {
+        acc[f][v] = _mm256_setzero_ps();
+      } else if (first) {
+        acc[f][v] = init ? _mm256_broadcast_ss(init + f) : _mm256_setzero_ps();
+      } else {
+        acc[f][v] = v == kV - 1 && rem < 8 ? _mm256_maskload_ps(y + f * ldy + 8 * v, mask)
+                                           : _mm256_loadu_ps(y + f * ldy + 8 * v);
+      }
+    }
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* c = col + k * ldc;
+    __m256 x[kV];
+    for (int v = 0; v < kV; ++v) {
+      x[v] = v == kV - 1 && rem < 8 ? _mm256_maskload_ps(c + 8 * v, mask) : _mm256_loadu_ps(c + 8 * v);
+    }
+    const float* w = panel + k * kPanel;
+    for (int f = 0; f < 4; ++f) {
+      const __m256 b = _mm256_broadcast_ss(w + f);
+      for (int v = 0; v < kV; ++v) acc[f][v] = _mm256_fmadd_ps(b, x[v], acc[f][v]);
+    }
+  }
+  for (int f = 0; f < nf; ++f) {
+    for (int v = 0; v < kV; ++v) {
+      if (v == kV - 1 && rem < 8) {
+        _mm256_maskstore_ps(y + f * ldy + 8 * v, mask, acc[f][v]);
+      } else {
+        _mm256_storeu_ps(y + f * ldy + 8 * v, acc[f][v]);
+      }
+    }
+  }
+}
+
+void ConvTile(const float* panel, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t p0, int64_t p1,
+              int64_t filters, const float* init, bool first, float* y, int64_t ldy) {
+  int64_t p = p0;
+  // Filters 0-3 then 4-7 of the panel on the same pixels: the second pass finds the im2col rows in L1.
+  for (; p + 24 <= p1; p += 24) {
+    for (int64_t f = 0; f < filters; f += 4) {
+      ConvMicro<3>(panel + f, col + p, ldc, k0, k1, std::min<int64_t>(4, filters - f), init ? init + f : nullptr,
+                   first, y + f * ldy + p, ldy, 8);
+    }
+  }
+  for (; p < p1; p += 8) {
+    const int rem = static_cast<int>(std::min<int64_t>(8, p1 - p));
+    for (int64_t f = 0; f < filters; f += 4) {
+      ConvMicro<1>(panel + f, col + p, ldc, k0, k1, std::min<int64_t>(4, filters - f), init ? init + f : nullptr,
+                   first, y + f * ldy + p, ldy, rem);
+    }
+  }
+}
+
 void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
              float* y) {
   if (w.bits == 4) return Gemv<4>(w, x, sumx, n0, n1, g0, g1, y);
@@ -184,7 +247,7 @@ void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, in
 }  // namespace
 
 const Kernels& Avx2Kernels() {
-  static const Kernels k{Gemv<4>, GemvAny, Dequant, Tile};
+  static const Kernels k{Gemv<4>, GemvAny, Dequant, Tile, ConvTile};
   return k;
 }
 
