@@ -30,9 +30,9 @@ every output filter is one column of codes with groups along its C kh kw reducti
 
 from __future__ import annotations
 
-import numpy as np
 from collections.abc import Sequence
 
+import numpy as np
 from onnx.reference.op_run import OpRun
 
 from onnxopt.ops import OpSpec
@@ -135,7 +135,7 @@ def conv_output_size(size: int, pad: int, kernel: int, stride: int, dilation: in
 
 def conv_nchw(X: np.ndarray, A: np.ndarray, strides, pads, dilations) -> np.ndarray:
     """ONNX Conv (group 1, no bias) of X [n, C, H, W] with A [M, C, kh, kw] in float64."""
-    M, C, kh, kw = A.shape
+    M, _, kh, kw = A.shape
     sh, sw = strides
     dh, dw = dilations
     top, left, bottom, right = pads
@@ -170,7 +170,7 @@ def lowbit_conv(
     bits: int,
     group_size: int,
 ) -> np.ndarray:
-    """Y = Conv(X, A~, B) with A~ [M, C, kh, kw] dequantized from (Q, S, Z) (module docstring); float64 inside."""
+    """Y = Conv(X, A~, B), A~ [M, C, kh, kw] dequantized from (Q, S, Z) (module docstring); float64 inside."""
     X, Q, S, Z = np.asarray(X), np.asarray(Q), np.asarray(S), np.asarray(Z)
     B = None if B is None else np.asarray(B)
     if len(kernel_shape) != 2 or min(kernel_shape) < 1 or C < 1:
@@ -220,7 +220,7 @@ Y[..., n] = sum_k X[..., k] W[k, n] + B[n]
 
 CONV_SPEC = OpSpec(
     name="LowBitConv",
-    summary="ONNX Conv (NCHW, group 1) whose weight is group-wise quantized to 2, 3 or 4 bits per output filter",
+    summary="ONNX Conv (NCHW, group 1), weight group-wise quantized to 2, 3 or 4 bits per output filter",
     inputs=[
         ("X", "float32 [N, C, H, W]"),
         (

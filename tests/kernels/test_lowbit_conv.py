@@ -103,7 +103,7 @@ def test_kernel_matches_reference(case, portable, monkeypatch):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_exact_integer_codes(bits, portable, monkeypatch):
     """Integer inputs and codes with scales 1/2 and 1/4: every product and partial sum is exact in float32, so
-    the kernel must equal the reference bit for bit (a wrong code, zero point or pixel cannot hide in tolerance).
+    the kernel must equal the reference bit for bit (a wrong code, zero or pixel cannot hide in a tolerance).
     """
     if portable:
         monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")
