@@ -177,7 +177,7 @@ void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t 
 // LowBitConv: 4 filters x kV vectors of 8 pixels in 4 kV accumulators (12 at kV = 3, leaving registers for the
 // kV pixel loads and one broadcast): per k, kV loads of the im2col row and 4 broadcasts feed 4 kV FMAs. The
 // last vector is masked when `rem` < 8 (the ragged end of a row of pixels, which may end a buffer).
-template <int kV>
+template <int kV, bool kMasked>
 inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t nf,
                       const float* init, bool first, float* y, int64_t ldy, int rem) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -190,7 +190,7 @@ inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t
       } else if (first) {
         acc[f][v] = init ? _mm256_broadcast_ss(init + f) : _mm256_setzero_ps();
       } else {
-        acc[f][v] = v == kV - 1 && rem < 8 ? _mm256_maskload_ps(y + f * ldy + 8 * v, mask)
+        acc[f][v] = kMasked && v == kV - 1 ? _mm256_maskload_ps(y + f * ldy + 8 * v, mask)
                                            : _mm256_loadu_ps(y + f * ldy + 8 * v);
       }
     }
@@ -199,7 +199,7 @@ inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t
     const float* c = col + k * ldc;
     __m256 x[kV];
     for (int v = 0; v < kV; ++v) {
-      x[v] = v == kV - 1 && rem < 8 ? _mm256_maskload_ps(c + 8 * v, mask) : _mm256_loadu_ps(c + 8 * v);
+      x[v] = kMasked && v == kV - 1 ? _mm256_maskload_ps(c + 8 * v, mask) : _mm256_loadu_ps(c + 8 * v);
     }
     const float* w = panel + k * kPanel;
     for (int f = 0; f < 4; ++f) {
@@ -207,9 +207,12 @@ inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t
       for (int v = 0; v < kV; ++v) acc[f][v] = _mm256_fmadd_ps(b, x[v], acc[f][v]);
     }
   }
-  for (int f = 0; f < nf; ++f) {
+  // A constant trip count (f < 4, not f < nf) keeps the accumulators in registers: with the run-time bound
+  // gcc kept them on the stack and stored all twelve on every k (4x slower).
+  for (int f = 0; f < 4; ++f) {
+    if (f >= nf) break;
     for (int v = 0; v < kV; ++v) {
-      if (v == kV - 1 && rem < 8) {
+      if (kMasked && v == kV - 1) {
         _mm256_maskstore_ps(y + f * ldy + 8 * v, mask, acc[f][v]);
       } else {
         _mm256_storeu_ps(y + f * ldy + 8 * v, acc[f][v]);
@@ -224,15 +227,20 @@ void ConvTile(const float* panel, const float* col, int64_t ldc, int64_t k0, int
   // Filters 0-3 then 4-7 of the panel on the same pixels: the second pass finds the im2col rows in L1.
   for (; p + 24 <= p1; p += 24) {
     for (int64_t f = 0; f < filters; f += 4) {
-      ConvMicro<3>(panel + f, col + p, ldc, k0, k1, std::min<int64_t>(4, filters - f), init ? init + f : nullptr,
+      ConvMicro<3, false>(panel + f, col + p, ldc, k0, k1, std::min<int64_t>(4, filters - f), init ? init + f : nullptr,
                    first, y + f * ldy + p, ldy, 8);
     }
   }
   for (; p < p1; p += 8) {
     const int rem = static_cast<int>(std::min<int64_t>(8, p1 - p));
     for (int64_t f = 0; f < filters; f += 4) {
-      ConvMicro<1>(panel + f, col + p, ldc, k0, k1, std::min<int64_t>(4, filters - f), init ? init + f : nullptr,
-                   first, y + f * ldy + p, ldy, rem);
+      const int64_t nf = std::min<int64_t>(4, filters - f);
+      const float* in = init ? init + f : nullptr;
+      if (rem == 8) {
+        ConvMicro<1, false>(panel + f, col + p, ldc, k0, k1, nf, in, first, y + f * ldy + p, ldy, rem);
+      } else {
+        ConvMicro<1, true>(panel + f, col + p, ldc, k0, k1, nf, in, first, y + f * ldy + p, ldy, rem);
+      }
     }
   }
 }

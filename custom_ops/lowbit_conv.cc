@@ -8,8 +8,8 @@
 // (2) Per image, the input is laid out as the im2col matrix col[k][p] (k = (c kh + dy) kw + dx, p = oy OW + ox;
 // one task per input channel); 1x1 convolutions with stride 1 and no padding skip that copy and read X in
 // place, which already is col. (3) Y[m][p] = B[m] + sum_k A[m][k] col[k][p]: tasks over chunks of kPixels
-// output pixels; each walks K in blocks of kBlockK (its chunk's im2col rows of a block stay in L1 across the
-// panels) and, per block, every panel through Kernels::conv_tile (an AVX2 4-filter x 24-pixel register block,
+// output pixels; each walks K in blocks of kBlockK (its chunk's im2col rows of a block, copied contiguous, stay
+// in L1 across the panels) and, per block, every panel through Kernels::conv_tile (an AVX2 4-filter x 24-pixel register block,
 // or the portable loop).
 #include <algorithm>
 #include <atomic>
@@ -122,20 +122,28 @@ void Im2ColTask(void* data, size_t t) {
   }
 }
 
-// Task t: output pixels [t kPixels, ...) of every filter.
+// Task t: output pixels [t kPixels, ...) of every filter. Each block of kBlockK im2col rows of the task's
+// pixels is first copied into a contiguous [rows][pixels] buffer: read in place, its rows lie OH OW floats
+// apart (12 KiB at 56x56), so every k touched another page and the block thrashed the TLB and L1 sets (4.5x
+// slower than onnxruntime's fp32 Conv before the copy).
 void ConvTask(void* data, size_t t) {
   auto* call = static_cast<Call*>(data);
   const LowBitConvKernel& k = *call->k;
   const int64_t P = call->oh * call->ow, K = k.w_.k;
-  const int64_t p0 = static_cast<int64_t>(t) * kPixels, p1 = std::min(P, p0 + kPixels);
+  const int64_t p0 = static_cast<int64_t>(t) * kPixels, width = std::min(P, p0 + kPixels) - p0;
   const int64_t tiles = (k.m_ + lowbit::kPanel - 1) / lowbit::kPanel;
+  thread_local std::vector<float> block;
+  block.resize(static_cast<size_t>(kBlockK * kPixels));
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-    const int64_t k1 = std::min(K, k0 + kBlockK);
+    const int64_t rows = std::min(kBlockK, K - k0);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(block.data() + r * width, call->col + (k0 + r) * P + p0, sizeof(float) * width);
+    }
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t f0 = i * lowbit::kPanel;
-      k.kern_->conv_tile(call->panels + i * K * lowbit::kPanel, call->col, P, k0, k1, p0, p1,
+      k.kern_->conv_tile(call->panels + (i * K + k0) * lowbit::kPanel, block.data(), width, 0, rows, 0, width,
                          std::min(lowbit::kPanel, k.m_ - f0), k.bias_.empty() ? nullptr : k.bias_.data() + f0,
-                         k0 == 0, call->y + f0 * P, P);
+                         k0 == 0, call->y + f0 * P + p0, P);
     }
   }
 }
