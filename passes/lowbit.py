@@ -1,6 +1,10 @@
 """lowbit: a Gemm or MatMul with a constant float32 weight W (K x N, y = x W + b) becomes a LowBitMatMul whose
 weight is stored as group-wise 2-, 3- or 4-bit codes (weight-only quantization; op semantics and code layout
-in onnxopt.reference.lowbit, kernel in custom_ops/lowbit.cc).
+in onnxopt.reference.lowbit, kernel in custom_ops/lowbit.cc). A Conv (group 1, constant weight
+A [M, C, kh, kw], any kernel size, strides, pads and dilations; explicit pads) becomes a LowBitConv: the same
+codes of its im2col form W = A reshaped to M x (C kh kw), transposed (K = C kh kw, N = M; each filter's
+groups run along its C kh kw reduction axis), with calibration rows X its input patches (up to 8192, seeded,
+as prune takes them; GPTQ's H = X^T X from half of them) (custom_ops/lowbit_conv.cc).
 
 Options: bits in (2, 3, 4) x group size G in (128, 64, 32) (`--set lowbit.bits=4`, `lowbit.group_size=64` fix
 one), most compressive first by stored bytes: bits / 8 per weight plus 5 bytes per group (float32 scale, uint8
@@ -13,8 +17,15 @@ default: both, and the one with the lower estimated error is kept; RTN only with
 
 Estimated error: ||X W - X W~||_F / ||X W + b||_F on held-out calibration rows (every other row; GPTQ's H is
 built from the others), as lowrank does; without calibration data, ||W - W~||_F / ||W||_F.
-Opt-in (not in the default method set): the win is speed and size at batch 1 from a custom kernel, and the
-error it costs is decided by the budget like any lossy pass.
+
+Speed (`lowbit.measure`, default 1): every option is timed as a one-layer model against the original layer
+in onnxruntime at the target threads and batch (`lowbit.batch`, default 1; onnxopt.timing), and only the
+options at least MIN_GAIN (1.05x) faster are kept (the node is declined with the times otherwise); the pass
+manager then times the whole model and undoes the rewrites if it is not faster. `lowbit.measure=0` skips
+both and keeps every option the budget allows: lowbit as a size method (codes are bits/8 of the fp32 bytes).
+Measured here: FC layers at batch 1 are faster; Convs (compute-bound, weights small next to the
+activations) are not, so they are rewritten only with measure=0.
+Opt-in (not in the default method set): the error it costs is decided by the budget like any lossy pass.
 """
 
 from __future__ import annotations
@@ -23,8 +34,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
+from onnxopt.passes.convolution import explicit_pads
 from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight, output_rows
 from onnxopt.passes.lowbit_quantize import dequantize, gptq, inverse_factor, rtn
+from onnxopt.passes.prune import conv_kn, conv_problem, layer_problem
 from onnxopt.reference.lowbit import pack_codes, padded_k
 from onnxopt.rewrite import (
     Decline,
@@ -36,6 +49,7 @@ from onnxopt.rewrite import (
     replace_node,
     weight_problem,
 )
+from onnxopt.timing import keep_faster
 
 BITS = (2, 3, 4)
 GROUPS = (128, 64, 32)
@@ -100,13 +114,23 @@ def _flag_list(value: str) -> list[int]:
 
 class LowBit(Pass):
     name = "lowbit"
-    op_types = ("Gemm", "MatMul")
+    op_types = ("Gemm", "MatMul", "Conv")
     lossy = True
     default = False
-    summary = "Gemm/MatMul -> LowBitMatMul (weight-only group-wise 2/3/4-bit codes, RTN or GPTQ rounding)"
-    custom_ops = ("LowBitMatMul",)
+    measured = True  # unless lowbit.measure=0: see the module docstring
+    summary = (
+        "Gemm/MatMul/Conv -> LowBitMatMul/LowBitConv (weight-only group-wise 2/3/4-bit codes, RTN or GPTQ)"
+    )
+    custom_ops = ("LowBitMatMul", "LowBitConv")
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        if node.op == "Conv":
+            if problem := conv_problem(node, ctx):
+                return problem
+            K, N = conv_kn(node)
+            if K < MIN_K:
+                return f"filters of C kh kw = {K} < {MIN_K} weights: a group's scale and zero outweigh them"
+            return None
         if problem := weight_problem(node) or dense_problem(node, ctx):
             return problem
         K, N = dense_kn(node)
@@ -121,11 +145,8 @@ class LowBit(Pass):
         return [node.inputs[0].name]
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        W = dense_weight(node)
+        W, bias, X, rows = self._layer(node, ctx)
         K, N = W.shape
-        bias = dense_bias(node, N)
-        X = ctx.activations.get(node.inputs[0].name)
-        X = X.reshape(-1, K) if X is not None else None
         rounding = ctx.setting("rounding", str, "auto").lower()
         if rounding not in ROUNDINGS:
             raise Decline(f"lowbit.rounding must be one of {ROUNDINGS}, got {rounding!r}")
@@ -138,7 +159,6 @@ class LowBit(Pass):
             key=lambda c: stored_bytes(K, N, *c, bias is not None),
         )
         factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        rows = output_rows(node, ctx, N)
         options, tried = [], []
         for bits, G in choices:
             Kp = padded_k(K, G)
@@ -158,7 +178,7 @@ class LowBit(Pass):
                     params_after=N * Kp + 2 * N * (Kp // G) + (N if bias is not None else 0),
                     bytes_after=size,
                     flops_after=2 * rows * K * N,
-                    emit=self._emitter(ctx.park(Q, S, Z), K, N, bits, G, bias),
+                    emit=self._emitter(ctx.park(Q, S, Z), node, K, N, bits, G, bias),
                     detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]},
                 )
             )
@@ -167,9 +187,37 @@ class LowBit(Pass):
                 f"no bit width / group size fits the tolerance {ctx.local_tolerance:g}: estimated errors "
                 + ", ".join(tried)
             )
-        return options
+        faster = {id(o) for o in keep_faster(node, ctx, options)}  # Decline when none is; all with measure=0
+        return [o for o in options if id(o) in faster]  # most compressive first, as the manager expects
 
-    def _emitter(self, load, K: int, N: int, bits: int, G: int, bias: np.ndarray | None):
+    @staticmethod
+    def _layer(node: gs.Node, ctx: PassContext):
+        """(W K x N, bias or None, calibration rows [n, K] or None, output rows the layer computes)."""
+        if node.op == "Conv":  # rows: up to 8192 seeded input patches (as prune), half of them held out
+            return layer_problem(node, ctx)
+        W = dense_weight(node)
+        K, N = W.shape
+        X = ctx.activations.get(node.inputs[0].name)
+        return W, dense_bias(node, N), X.reshape(-1, K) if X is not None else None, output_rows(node, ctx, N)
+
+    def _emitter(self, load, node: gs.Node, K: int, N: int, bits: int, G: int, bias: np.ndarray | None):
+        if node.op == "Conv":
+            M, C, kh, kw = (int(d) for d in node.inputs[1].shape)
+            a = node.attrs
+            op, attrs = (
+                "LowBitConv",
+                {
+                    "C": C,
+                    "M": M,
+                    "kernel_shape": [kh, kw],
+                    "strides": [int(v) for v in a.get("strides", [1, 1])],
+                    "pads": explicit_pads(node),
+                    "dilations": [int(v) for v in a.get("dilations", [1, 1])],
+                },
+            )
+        else:
+            op, attrs = "LowBitMatMul", {"K": K, "N": N}
+
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
             Q, S, Z = load()
             inputs = [node.inputs[0]] + [
@@ -178,9 +226,9 @@ class LowBit(Pass):
             if bias is not None:
                 inputs.append(gs.Constant(new_name(prefix, "B"), bias.astype(np.float32)))
             new = gs.Node(
-                "LowBitMatMul",
+                op,
                 new_name(prefix, "lowbit"),
-                attrs={"K": K, "N": N, "bits": bits, "group_size": G},
+                attrs={**attrs, "bits": bits, "group_size": G},
                 inputs=inputs,
                 outputs=[node.outputs[0]],
                 domain=DOMAIN,
