@@ -6,6 +6,8 @@ codes of its im2col form W = A reshaped to M x (C kh kw), transposed (K = C kh k
 groups run along its C kh kw reduction axis), with calibration rows X its input patches (up to 8192, seeded,
 as prune takes them; GPTQ's H = X^T X from half of them) (custom_ops/lowbit_conv.cc).
 
+`lowbit.layers=all|fc|conv` selects the layer kinds (default all).
+
 Options: bits in (2, 3, 4) x group size G in (128, 64, 32) (`--set lowbit.bits=4`, `lowbit.group_size=64` fix
 one), most compressive first by stored bytes: bits / 8 per weight plus 5 bytes per group (float32 scale, uint8
 zero point). K is padded to a multiple of G by the kernel (the padded codes meet zero inputs).
@@ -124,6 +126,11 @@ class LowBit(Pass):
     custom_ops = ("LowBitMatMul", "LowBitConv")
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        layers = ctx.setting("layers", str, "all")
+        if layers not in ("all", "fc", "conv"):
+            return f"lowbit.layers={layers!r} is not all, fc or conv"
+        if layers != "all" and layers != ("conv" if node.op == "Conv" else "fc"):
+            return f"{node.op} layers are not selected (lowbit.layers={layers})"
         if node.op == "Conv":
             if problem := conv_problem(node, ctx):
                 return problem

@@ -214,6 +214,11 @@ def test_conv_declines_with_reasons():
     result, _ = _run(conv_net([8, 8, 8], size=8, seed=1, group=2), max_error=10.0)
     rec = _record(result, "conv0")
     assert rec.status == "declined" and "group=2" in rec.reason, rec.as_dict()
+    result, _ = _run(
+        conv_net([8, 8, 8], size=8, seed=1), max_error=10.0, settings={"lowbit": {"layers": "fc"}}
+    )
+    rec = _record(result, "conv1")
+    assert rec.status == "declined" and "lowbit.layers=fc" in rec.reason, rec.as_dict()
 
 
 def test_measured_layers_carry_their_times_or_decline_with_them():
