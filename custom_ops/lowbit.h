@@ -65,11 +65,12 @@ using DequantFn = void (*)(const Weights& w, int64_t n0, int64_t cols, float* ti
 using TileFn = void (*)(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t kp, float* y,
                         int64_t ldy, int64_t cols);
 
-// LowBitConv: for the kPanel filters of a panel (dequantized weights as panel[k][kPanel], k-major) and pixels
-// [p0, p1) of an im2col matrix col[k * ldc + p]: y[f * ldy + p] = (first ? init[f] : y[f * ldy + p])
-// + sum_{k in [k0, k1)} panel[k][f] col[k * ldc + p], for f < filters (init null: 0).
-using ConvTileFn = void (*)(const float* panel, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t p0,
-                            int64_t p1, int64_t filters, const float* init, bool first, float* y, int64_t ldy);
+// LowBitConv: for the filters of a panel (dequantized weights, filter f's row at panel + f * ldp) and the
+// pixels [p0, p1) of im2col rows col[k * ldc + p]: y[f * ldy + p] = (first ? init[f] : y[f * ldy + p])
+// + sum_{k in [k0, k1)} panel[f * ldp + k] col[k * ldc + p], for f < filters (init null: 0).
+using ConvTileFn = void (*)(const float* panel, int64_t ldp, const float* col, int64_t ldc, int64_t k0, int64_t k1,
+                            int64_t p0, int64_t p1, int64_t filters, const float* init, bool first, float* y,
+                            int64_t ldy);
 constexpr int64_t kPanel = 8;  // filters per LowBitConv panel
 
 struct Kernels {

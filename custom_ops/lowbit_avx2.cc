@@ -175,11 +175,12 @@ void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t 
 }
 
 // LowBitConv: 4 filters x kV vectors of 8 pixels in 4 kV accumulators (12 at kV = 3, leaving registers for the
-// kV pixel loads and one broadcast): per k, kV loads of the im2col row and 4 broadcasts feed 4 kV FMAs. The
+// kV pixel loads and one broadcast): per k, kV loads of the im2col row and 4 broadcasts (one from each filter's
+// row of the panel) feed 4 kV FMAs. The
 // last vector is masked when `rem` < 8 (the ragged end of a row of pixels, which may end a buffer).
 template <int kV, bool kMasked>
-inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t nf,
-                      const float* init, bool first, float* y, int64_t ldy, int rem) {
+inline void ConvMicro(const float* panel, int64_t ldp, const float* col, int64_t ldc, int64_t k0, int64_t k1,
+                      int64_t nf, const float* init, bool first, float* y, int64_t ldy, int rem) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
   __m256 acc[4][kV];
@@ -201,9 +202,8 @@ inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t
     for (int v = 0; v < kV; ++v) {
       x[v] = kMasked && v == kV - 1 ? _mm256_maskload_ps(c + 8 * v, mask) : _mm256_loadu_ps(c + 8 * v);
     }
-    const float* w = panel + k * kPanel;
     for (int f = 0; f < 4; ++f) {
-      const __m256 b = _mm256_broadcast_ss(w + f);
+      const __m256 b = _mm256_broadcast_ss(panel + f * ldp + k);
       for (int v = 0; v < kV; ++v) acc[f][v] = _mm256_fmadd_ps(b, x[v], acc[f][v]);
     }
   }
@@ -221,13 +221,13 @@ inline void ConvMicro(const float* panel, const float* col, int64_t ldc, int64_t
   }
 }
 
-void ConvTile(const float* panel, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t p0, int64_t p1,
-              int64_t filters, const float* init, bool first, float* y, int64_t ldy) {
+void ConvTile(const float* panel, int64_t ldp, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t p0,
+              int64_t p1, int64_t filters, const float* init, bool first, float* y, int64_t ldy) {
   int64_t p = p0;
   // Filters 0-3 then 4-7 of the panel on the same pixels: the second pass finds the im2col rows in L1.
   for (; p + 24 <= p1; p += 24) {
     for (int64_t f = 0; f < filters; f += 4) {
-      ConvMicro<3, false>(panel + f, col + p, ldc, k0, k1, std::min<int64_t>(4, filters - f), init ? init + f : nullptr,
+      ConvMicro<3, false>(panel + f * ldp, ldp, col + p, ldc, k0, k1, std::min<int64_t>(4, filters - f), init ? init + f : nullptr,
                    first, y + f * ldy + p, ldy, 8);
     }
   }
@@ -237,9 +237,9 @@ void ConvTile(const float* panel, const float* col, int64_t ldc, int64_t k0, int
       const int64_t nf = std::min<int64_t>(4, filters - f);
       const float* in = init ? init + f : nullptr;
       if (rem == 8) {
-        ConvMicro<1, false>(panel + f, col + p, ldc, k0, k1, nf, in, first, y + f * ldy + p, ldy, rem);
+        ConvMicro<1, false>(panel + f * ldp, ldp, col + p, ldc, k0, k1, nf, in, first, y + f * ldy + p, ldy, rem);
       } else {
-        ConvMicro<1, true>(panel + f, col + p, ldc, k0, k1, nf, in, first, y + f * ldy + p, ldy, rem);
+        ConvMicro<1, true>(panel + f * ldp, ldp, col + p, ldc, k0, k1, nf, in, first, y + f * ldy + p, ldy, rem);
       }
     }
   }

@@ -2,15 +2,17 @@
 // its im2col form (lowbit.h, one column of codes per output filter, groups along C kh kw; numpy reference
 // onnxopt/reference/lowbit.py, lowbit_conv).
 //
-// Per call: (1) the codes are dequantized into panels of kPanel = 8 filters laid out k-major, panel[k][f], one
-// task per panel; the resident weight stays at bits / 8 bytes per weight, the float panels live for the call
-// only (M K floats, as the dense weight; their cost, M K unpacks, is 1 / (OH OW) of the multiply-adds).
-// (2) Per image, the input is laid out as the im2col matrix col[k][p] (k = (c kh + dy) kw + dx, p = oy OW + ox;
-// one task per input channel); 1x1 convolutions with stride 1 and no padding skip that copy and read X in
-// place, which already is col. (3) Y[m][p] = B[m] + sum_k A[m][k] col[k][p]: tasks over chunks of kPixels
-// output pixels; each walks K in blocks of kBlockK (its chunk's im2col rows of a block, copied contiguous, stay
-// in L1 across the panels) and, per block, every panel through Kernels::conv_tile (an AVX2 4-filter x 24-pixel register block,
-// or the portable loop).
+// Per call: (1) the codes are dequantized into panels of kPanel = 8 filters, each filter a row of Kp floats
+// (Kernels::dequant, one task per panel); the resident weight stays at bits / 8 bytes per weight, the float
+// panels live for the call only (M Kp floats, as the dense weight; their cost, M K unpacks, is 1 / (OH OW) of
+// the multiply-adds). (2) Y[m][p] = B[m] + sum_k A[m][k] col[k][p] over the im2col matrix col (k = (c kh + dy)
+// kw + dx, p = oy OW + ox), never stored whole: tasks over (image, chunk of kPixels output pixels) walk K in
+// blocks of kBlockK rows and gather each block of their pixels straight from X into a contiguous [rows][pixels]
+// buffer (row segments copied per output row, zeros for the padding; 1x1 convolutions with stride 1 and no
+// padding copy runs of X), which stays in L1 while every panel runs over it through Kernels::conv_tile (an
+// AVX2 4-filter x 24-pixel register block, or the portable loop). Reading the block in place from a stored
+// im2col matrix was 4.5x slower (its rows lie OH OW floats apart: a page per k), and storing that matrix cost
+// a write and a read of C kh kw OH OW floats per image.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -59,92 +61,104 @@ namespace {
 
 struct Call {
   const LowBitConvKernel* k = nullptr;
-  float* panels = nullptr;  // [tiles][K][kPanel]
-  const float* x = nullptr;  // one image [C][H][W]
-  int64_t h = 0, w = 0, oh = 0, ow = 0;
-  float* col = nullptr;  // [K][P] (or the image itself when direct)
-  float* y = nullptr;    // one image [M][P]
+  float* panels = nullptr;  // [tiles][kPanel][Kp]
+  const float* x = nullptr;  // the images [N][C][H][W]
+  float* y = nullptr;        // [N][M][P]
+  int64_t h = 0, w = 0, oh = 0, ow = 0, chunks = 0;  // chunks: pixel chunks per image
   std::atomic<bool> failed{false};
 };
 
-// Task t: panel t (filters 8 t .. 8 t + 7; missing filters stay zero).
+// Task t: panel t (filters 8 t .. 8 t + 7; the rows of missing filters are zeros: the register block reads
+// four rows whatever the count it stores).
 void PanelTask(void* data, size_t t) {
+  auto* call = static_cast<Call*>(data);
+  const lowbit::Weights& w = call->k->w_;
+  const int64_t n0 = static_cast<int64_t>(t) * lowbit::kPanel, cols = std::min(lowbit::kPanel, w.n - n0);
+  float* panel = call->panels + n0 * w.kp;
+  call->k->kern_->dequant(w, n0, cols, panel);
+  std::fill(panel + cols * w.kp, panel + lowbit::kPanel * w.kp, 0.0f);
+}
+
+// dst[0, n) = src[0, n): the runs are short on small images (7 floats at 7x7), where a call to memcpy per run
+// cost more than the multiply-adds it feeds; whole 8-float moves and a short tail instead (the optimize
+// attribute stops gcc from turning the tail loop back into a memcpy call).
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void CopyRun(float* dst, const float* src,
+                                                                                   int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) std::memcpy(dst + j, src + j, 8 * sizeof(float));
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void Zeros(float* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = 0.0f;
+}
+
+// block[r][j] = col[k0 + r][p0 + j] for r < rows, j < width: the im2col rows of pixels [p0, p0 + width) of
+// one image x [C][H][W], gathered output row by output row (a run of X, zeros where it meets the padding).
+void Gather(const LowBitConvKernel& k, const Call& call, const float* x, int64_t k0, int64_t rows, int64_t p0,
+            int64_t width, float* block) {
+  const int64_t P = call.oh * call.ow;
+  if (k.direct_) {  // col is X itself
+    for (int64_t r = 0; r < rows; ++r) CopyRun(block + r * width, x + (k0 + r) * P + p0, width);
+    return;
+  }
+  const int64_t taps = k.kh_ * k.kw_;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t kk = k0 + r, c = kk / taps, dy = kk % taps / k.kw_, dx = kk % k.kw_;
+    const float* xc = x + c * call.h * call.w;
+    const int64_t off_x = dx * k.dw_ - k.pads_[1];
+    float* out = block + r * width;
+    for (int64_t p = p0; p < p0 + width;) {
+      const int64_t oy = p / call.ow, ox0 = p % call.ow, n = std::min(call.ow - ox0, p0 + width - p);
+      float* o = out + (p - p0);
+      const int64_t iy = oy * k.sh_ - k.pads_[0] + dy * k.dh_;
+      if (iy < 0 || iy >= call.h) {
+        Zeros(o, n);
+      } else if (k.sw_ == 1) {  // ix = ox + off_x: zeros, one run, zeros
+        const float* src = xc + iy * call.w;
+        const int64_t lo = std::clamp<int64_t>(-off_x - ox0, 0, n);
+        const int64_t hi = std::clamp<int64_t>(call.w - off_x - ox0, lo, n);
+        Zeros(o, lo);
+        CopyRun(o + lo, src + ox0 + lo + off_x, hi - lo);
+        Zeros(o + hi, n - hi);
+      } else {
+        const float* src = xc + iy * call.w;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t ix = (ox0 + j) * k.sw_ + off_x;
+          o[j] = ix >= 0 && ix < call.w ? src[ix] : 0.0f;
+        }
+      }
+      p += n;
+    }
+  }
+}
+
+// Task t: image t / chunks, output pixels [(t % chunks) kPixels, ...) of every filter.
+void ConvTask(void* data, size_t t) {
   auto* call = static_cast<Call*>(data);
   if (call->failed.load(std::memory_order_relaxed)) return;
   try {
-    const lowbit::Weights& w = call->k->w_;
-    const int64_t n0 = static_cast<int64_t>(t) * lowbit::kPanel;
-    const int64_t cols = std::min(lowbit::kPanel, w.n - n0);
-    thread_local std::vector<float> tile;
-    tile.resize(static_cast<size_t>(w.kp * lowbit::kPanel));
-    call->k->kern_->dequant(w, n0, cols, tile.data());
-    float* panel = call->panels + static_cast<int64_t>(t) * w.k * lowbit::kPanel;
-    for (int64_t k = 0; k < w.k; ++k) {
-      for (int64_t c = 0; c < lowbit::kPanel; ++c) panel[k * lowbit::kPanel + c] = c < cols ? tile[c * w.kp + k] : 0.0f;
+    const LowBitConvKernel& k = *call->k;
+    const int64_t P = call->oh * call->ow, K = k.w_.k, kp = k.w_.kp;
+    const int64_t image = static_cast<int64_t>(t) / call->chunks;
+    const int64_t p0 = static_cast<int64_t>(t) % call->chunks * kPixels, width = std::min(P, p0 + kPixels) - p0;
+    const float* x = call->x + image * k.c_ * call->h * call->w;
+    float* y = call->y + image * k.m_ * P;
+    const int64_t tiles = (k.m_ + lowbit::kPanel - 1) / lowbit::kPanel;
+    thread_local std::vector<float> block;
+    block.resize(static_cast<size_t>(kBlockK * kPixels));
+    for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+      const int64_t rows = std::min(kBlockK, K - k0);
+      Gather(k, *call, x, k0, rows, p0, width, block.data());
+      for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t f0 = i * lowbit::kPanel;
+        k.kern_->conv_tile(call->panels + f0 * kp + k0, kp, block.data(), width, 0, rows, 0, width,
+                           std::min(lowbit::kPanel, k.m_ - f0), k.bias_.empty() ? nullptr : k.bias_.data() + f0,
+                           k0 == 0, y + f0 * P + p0, P);
+      }
     }
   } catch (...) {
     call->failed.store(true);
-  }
-}
-
-// Task c: the kh kw im2col rows of input channel c.
-void Im2ColTask(void* data, size_t t) {
-  auto* call = static_cast<Call*>(data);
-  const LowBitConvKernel& k = *call->k;
-  const int64_t c = static_cast<int64_t>(t), P = call->oh * call->ow;
-  const float* xc = call->x + c * call->h * call->w;
-  for (int64_t dy = 0; dy < k.kh_; ++dy) {
-    for (int64_t dx = 0; dx < k.kw_; ++dx) {
-      float* row = call->col + ((c * k.kh_ + dy) * k.kw_ + dx) * P;
-      const int64_t off_x = dx * k.dw_ - k.pads_[1];
-      for (int64_t oy = 0; oy < call->oh; ++oy) {
-        float* r = row + oy * call->ow;
-        const int64_t iy = oy * k.sh_ - k.pads_[0] + dy * k.dh_;
-        if (iy < 0 || iy >= call->h) {
-          std::fill(r, r + call->ow, 0.0f);
-          continue;
-        }
-        const float* src = xc + iy * call->w;
-        if (k.sw_ == 1) {  // ix = ox + off_x: zeros, one copy, zeros
-          const int64_t lo = std::clamp<int64_t>(-off_x, 0, call->ow);
-          const int64_t hi = std::clamp<int64_t>(call->w - off_x, lo, call->ow);
-          std::fill(r, r + lo, 0.0f);
-          std::memcpy(r + lo, src + lo + off_x, sizeof(float) * (hi - lo));
-          std::fill(r + hi, r + call->ow, 0.0f);
-        } else {
-          for (int64_t ox = 0; ox < call->ow; ++ox) {
-            const int64_t ix = ox * k.sw_ + off_x;
-            r[ox] = ix >= 0 && ix < call->w ? src[ix] : 0.0f;
-          }
-        }
-      }
-    }
-  }
-}
-
-// Task t: output pixels [t kPixels, ...) of every filter. Each block of kBlockK im2col rows of the task's
-// pixels is first copied into a contiguous [rows][pixels] buffer: read in place, its rows lie OH OW floats
-// apart (12 KiB at 56x56), so every k touched another page and the block thrashed the TLB and L1 sets (4.5x
-// slower than onnxruntime's fp32 Conv before the copy).
-void ConvTask(void* data, size_t t) {
-  auto* call = static_cast<Call*>(data);
-  const LowBitConvKernel& k = *call->k;
-  const int64_t P = call->oh * call->ow, K = k.w_.k;
-  const int64_t p0 = static_cast<int64_t>(t) * kPixels, width = std::min(P, p0 + kPixels) - p0;
-  const int64_t tiles = (k.m_ + lowbit::kPanel - 1) / lowbit::kPanel;
-  thread_local std::vector<float> block;
-  block.resize(static_cast<size_t>(kBlockK * kPixels));
-  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-    const int64_t rows = std::min(kBlockK, K - k0);
-    for (int64_t r = 0; r < rows; ++r) {
-      std::memcpy(block.data() + r * width, call->col + (k0 + r) * P + p0, sizeof(float) * width);
-    }
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t f0 = i * lowbit::kPanel;
-      k.kern_->conv_tile(call->panels + (i * K + k0) * lowbit::kPanel, block.data(), width, 0, rows, 0, width,
-                         std::min(lowbit::kPanel, k.m_ - f0), k.bias_.empty() ? nullptr : k.bias_.data() + f0,
-                         k0 == 0, call->y + f0 * P + p0, P);
-    }
   }
 }
 
@@ -235,35 +249,31 @@ void LowBitConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
                     std::to_string(kh_) + "x" + std::to_string(kw_));
   }
   const int64_t P = oh * ow, K = w.k, tiles = (m_ + lowbit::kPanel - 1) / lowbit::kPanel;
-  if (P > kMaxFloats / std::max<int64_t>(K, m_) || tiles * lowbit::kPanel > kMaxFloats / K) {
+  if (P > kMaxFloats / std::max<int64_t>(K, m_) || tiles * lowbit::kPanel > kMaxFloats / w.kp ||
+      n > kMaxFloats / (P + kPixels)) {
     Fail(where, "X " + ShapeStr(xs) + " needs buffers beyond 2^31 floats");
   }
   float* y = Y.Allocate({n, m_, oh, ow});
   if (n == 0) return;
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
 
-  std::vector<float> panels(static_cast<size_t>(tiles * K * lowbit::kPanel));
-  std::vector<float> col(direct_ ? 0 : static_cast<size_t>(K * P));
+  // Kept per calling thread across calls: a fresh allocation of this size is fresh pages from the kernel, and
+  // their faults cost more than the dequantization (2x the layer's time at 7x7).
+  thread_local std::vector<float> panels;
+  panels.resize(static_cast<size_t>(tiles * lowbit::kPanel * w.kp));
   Call call;
   call.k = this;
   call.panels = panels.data();
+  call.x = X.Data();
+  call.y = y;
   call.h = h;
   call.w = wd;
   call.oh = oh;
   call.ow = ow;
+  call.chunks = (P + kPixels - 1) / kPixels;
   RunTasks(context, PanelTask, tiles, &call);
+  RunTasks(context, ConvTask, n * call.chunks, &call);
   if (call.failed.load()) Fail(where, "a compute task failed (out of memory?)", ORT_FAIL);
-  for (int64_t i = 0; i < n; ++i) {
-    call.x = X.Data() + i * c_ * h * wd;
-    call.y = y + i * m_ * P;
-    if (direct_) {
-      call.col = const_cast<float*>(call.x);  // read only: ConvTask never writes col
-    } else {
-      call.col = col.data();
-      RunTasks(context, Im2ColTask, c_, &call);
-    }
-    RunTasks(context, ConvTask, (P + kPixels - 1) / kPixels, &call);
-  }
 }
 
 Ort::Custom::OrtLiteCustomOp* MakeLowBitConvOp() { return new SafeOp<LowBitConvKernel>("LowBitConv"); }

@@ -67,15 +67,15 @@ inline void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, i
   }
 }
 
-inline void ConvTile(const float* panel, const float* col, int64_t ldc, int64_t k0, int64_t k1, int64_t p0,
-                     int64_t p1, int64_t filters, const float* init, bool first, float* y, int64_t ldy) {
+inline void ConvTile(const float* panel, int64_t ldp, const float* col, int64_t ldc, int64_t k0, int64_t k1,
+                     int64_t p0, int64_t p1, int64_t filters, const float* init, bool first, float* y, int64_t ldy) {
   for (int64_t f = 0; f < filters; ++f) {
     float* yf = y + f * ldy;
     if (first) {
       for (int64_t p = p0; p < p1; ++p) yf[p] = init ? init[f] : 0.0f;
     }
     for (int64_t k = k0; k < k1; ++k) {
-      const float w = panel[k * kPanel + f];
+      const float w = panel[f * ldp + k];
       const float* c = col + k * ldc;
       for (int64_t p = p0; p < p1; ++p) yf[p] += w * c[p];
     }
