@@ -1,6 +1,7 @@
 """LowBitMatMul against onnxruntime on one FC layer at batch 1 (and a small batch): fp32 MatMul, its 4-bit
 MatMulNBits (com.microsoft, block 32, asymmetric: with zero points; accuracy_level 0 = fp32 compute and 4 =
 int8 compute) and its int8 (quantize_dynamic of the same MatMul: DynamicQuantizeLinear + MatMulInteger).
+"a8" is LowBitMatMul with act_bits=8 (each input row quantized to int8, integer dot products).
 
 Ratios are fp32 MatMul time / other time, measured in one process with onnxopt.timing.median_times
 (interleaved, 64 MiB cache flush before every run, spinning off), at 1 and 2 threads. Weights are random:
@@ -56,14 +57,23 @@ def dense(batch: int, K: int, N: int) -> onnx.ModelProto:
     )
 
 
-def lowbit(batch: int, K: int, N: int, bits: int, G: int) -> onnx.ModelProto:
+def lowbit(batch: int, K: int, N: int, bits: int, G: int, act_bits: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     Kp = padded_k(K, G)
     Q = pack_codes(rng.integers(0, 1 << bits, (Kp, N), dtype=np.uint8), bits)
     S = (rng.random((N, Kp // G)) / np.sqrt(K)).astype(np.float32)
     Z = rng.integers(0, 1 << bits, (N, Kp // G), dtype=np.uint8)
+    extra = {"act_bits": act_bits} if act_bits else {}
     node = helper.make_node(
-        "LowBitMatMul", ["X", "Q", "S", "Z"], ["Y"], domain="onnxopt", K=K, N=N, bits=bits, group_size=G
+        "LowBitMatMul",
+        ["X", "Q", "S", "Z"],
+        ["Y"],
+        domain="onnxopt",
+        K=K,
+        N=N,
+        bits=bits,
+        group_size=G,
+        **extra,
     )
     inits = [numpy_helper.from_array(a, n) for a, n in ((Q, "Q"), (S, "S"), (Z, "Z"))]
     return _model(node, inits, batch, K, N)
@@ -106,6 +116,7 @@ def int8(model: onnx.ModelProto) -> onnx.ModelProto:
 COLUMNS = [
     ("lowbit 4b G32", lambda b, K, N: lowbit(b, K, N, 4, 32)),
     ("lowbit 4b G128", lambda b, K, N: lowbit(b, K, N, 4, 128)),
+    ("lowbit 4b G128 a8", lambda b, K, N: lowbit(b, K, N, 4, 128, act_bits=8)),
     ("lowbit 3b G128", lambda b, K, N: lowbit(b, K, N, 3, 128)),
     ("lowbit 2b G128", lambda b, K, N: lowbit(b, K, N, 2, 128)),
     ("MatMulNBits 4b B32", lambda b, K, N: nbits(b, K, N, 0)),

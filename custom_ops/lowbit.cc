@@ -19,8 +19,8 @@ namespace onnxopt {
 namespace lowbit {
 
 const Kernels& PortableKernels() {
-  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::Dequant, portable::Tile,
-                             portable::ConvTile};
+  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::GemvI8,
+                         portable::Dequant,     portable::Tile,        portable::ConvTile};
   return k;
 }
 
@@ -139,6 +139,7 @@ struct LowBitMatMulKernel {
   size_t present_inputs_ = 0;
   lowbit::Weights w_;
   std::vector<float> bias_;  // [N] or empty
+  int64_t act_bits_ = 0;     // 8: activations quantized to int8 per row (bits 4 only)
   const lowbit::Kernels* kern_ = nullptr;
 };
 
@@ -148,6 +149,8 @@ struct Call {
   const LowBitMatMulKernel* k = nullptr;
   const float* x = nullptr;  // rows of kp floats
   const float* sumx = nullptr;
+  const int8_t* xq = nullptr;  // act_bits = 8: one row of kp int8
+  float x_scale = 1.0f;        // act_bits = 8: the row's scale
   float* y = nullptr;  // rows of n floats
   int64_t rows = 0;
   std::atomic<bool> failed{false};
@@ -169,6 +172,20 @@ void GemvTask(void* data, size_t t) {
   for (int64_t g0 = 0; g0 < k.w_.groups; g0 += slab) {
     f(k.w_, call->x, call->sumx, n0, n1, g0, std::min(k.w_.groups, g0 + slab), call->y);
   }
+  AddBias(k, call->y, n0, n1);
+}
+
+// Task t of one int8-quantized row (act_bits = 8): columns [t * kGemvCols, ...), then the row's scale.
+void GemvI8Task(void* data, size_t t) {
+  auto* call = static_cast<Call*>(data);
+  const LowBitMatMulKernel& k = *call->k;
+  const int64_t n0 = static_cast<int64_t>(t) * lowbit::kGemvCols;
+  const int64_t n1 = std::min(k.w_.n, n0 + lowbit::kGemvCols);
+  const int64_t slab = k.w_.slab_chunks * lowbit::kChunk / k.w_.group;
+  for (int64_t g0 = 0; g0 < k.w_.groups; g0 += slab) {
+    k.kern_->gemv_i8(k.w_, call->xq, call->sumx, n0, n1, g0, std::min(k.w_.groups, g0 + slab), call->y);
+  }
+  for (int64_t n = n0; n < n1; ++n) call->y[n] *= call->x_scale;
   AddBias(k, call->y, n0, n1);
 }
 
@@ -211,7 +228,36 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
     }
     bias_ = b.data;
   }
+  if (const auto a = IntAttribute(api, info, "act_bits", where)) {
+    if (*a != 0 && *a != 8) Fail(where, "attribute 'act_bits' must be 0 or 8, got " + std::to_string(*a));
+    if (*a == 8 && w.bits != 4) {
+      Fail(where, "act_bits = 8 needs bits = 4 (the integer path unpacks 4-bit codes), got bits = " +
+                      std::to_string(w.bits));
+    }
+    act_bits_ = *a;
+  }
   kern_ = HasAvx2Fma() ? &lowbit::Avx2Kernels() : &lowbit::PortableKernels();
+}
+
+// act_bits = 8: row x (kp floats, zero-padded) as int8 codes xq = round(x * 127 / max|x|) (ties to even), their
+// per-group sums, and the row's scale max|x| / 127 (all-zero row: codes 0, scale 1). onnxopt.reference.lowbit
+// computes the same codes with the same float32 operations.
+static float QuantizeRow(const lowbit::Weights& w, const float* x, int8_t* xq, float* sums, const std::string& where) {
+  float a = 0.0f;
+  for (int64_t k = 0; k < w.k; ++k) {
+    if (!std::isfinite(x[k])) Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
+    a = std::max(a, std::fabs(x[k]));
+  }
+  const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+  for (int64_t k = 0; k < w.kp; ++k) {
+    xq[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] * inv), -127.0f, 127.0f));
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < w.group; ++j) s += xq[g * w.group + j];
+    sums[g] = static_cast<float>(s);
+  }
+  return a > 0.0f ? a / 127.0f : 1.0f;
 }
 
 Ort::Status LowBitMatMulKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
@@ -263,6 +309,18 @@ void LowBitMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
   call.x = x;
   call.y = y;
   call.rows = m;
+  if (act_bits_ == 8) {  // every row through the integer batch-1 path
+    std::vector<int8_t> xq(static_cast<size_t>(w.kp));
+    std::vector<float> sums(static_cast<size_t>(w.groups));
+    call.xq = xq.data();
+    call.sumx = sums.data();
+    for (int64_t r = 0; r < m; ++r) {
+      call.x_scale = QuantizeRow(w, x + r * w.kp, xq.data(), sums.data(), where);
+      call.y = y + r * w.n;
+      RunTasks(context, GemvI8Task, (w.n + lowbit::kGemvCols - 1) / lowbit::kGemvCols, &call);
+    }
+    return;
+  }
   if (m == 1) {
     std::vector<float> sumx(static_cast<size_t>(w.groups));
     for (int64_t g = 0; g < w.groups; ++g) {

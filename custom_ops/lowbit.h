@@ -73,9 +73,16 @@ using ConvTileFn = void (*)(const float* panel, int64_t ldp, const float* col, i
                             int64_t ldy);
 constexpr int64_t kPanel = 8;  // filters per LowBitConv panel
 
+// act_bits = 8 (bits 4 only): columns [n0, n1) of one row quantized to int8, xq (padded to kp with zeros), over
+// groups [g0, g1): y[n] (= if g0 == 0, else +=) sum_g scale (sum_k q xq) - sum_g scale_zero sumxq[g], sumxq[g]
+// the (integer-valued) sum of xq over group g. The row's scale multiplies y afterwards.
+using GemvI8Fn = void (*)(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0,
+                          int64_t g1, float* y);
+
 struct Kernels {
   GemvFn gemv4;    // bits 4
   GemvFn gemv;     // any bits (2 and 3 use it)
+  GemvI8Fn gemv_i8;  // bits 4, int8 activations
   DequantFn dequant;
   TileFn tile;
   ConvTileFn conv_tile;

@@ -112,6 +112,60 @@ inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64
   }
 }
 
+// act_bits = 8, bits 4: columns n .. n + 3 as GemvBlock, with integer products. A chunk's 16 bytes are
+// broadcast to both 128-bit lanes and the upper lane shifted right by 4 (per 32-bit word; the mask then keeps
+// each byte's own nibble), which puts codes 0..31 in order against 32 int8 inputs; vpmaddubsw multiplies the
+// unsigned codes by the signed inputs into 16-bit pair sums (at most 2 * 15 * 127 = 3810, so up to 8 chunks add
+// in 16 bits without overflow), and one vpmaddwd per group widens to 32 bits. Five instructions per 32 weights
+// and column against about fifteen for the float path.
+inline void GemvI8Block(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n, int64_t n1, int64_t g0,
+                        int64_t g1, float* y) {
+  const int64_t per_group = w.group / kChunk, groups = w.groups;
+  const uint8_t* p = w.Chunk(n, g0 * per_group);
+  const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), mask = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const float* scale[kBlock];
+  __m256 acc[kBlock];
+  for (int c = 0; c < kBlock; ++c) {
+    scale[c] = w.scale.data() + (n + c) * groups;
+    acc[c] = _mm256_setzero_ps();
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256i dot[kBlock];
+    for (int c = 0; c < kBlock; ++c) dot[c] = _mm256_setzero_si256();
+    const int8_t* xg = xq + g * w.group;
+    for (int64_t ch0 = 0; ch0 < per_group; ch0 += 8) {
+      __m256i s16[kBlock];
+      for (int c = 0; c < kBlock; ++c) s16[c] = _mm256_setzero_si256();
+      const int64_t ch1 = std::min(per_group, ch0 + 8);
+      for (int64_t ch = ch0; ch < ch1; ++ch) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + ch * kChunk));
+        for (int c = 0; c < kBlock; ++c, p += 16) {
+          const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(v, shift), mask);
+          s16[c] = _mm256_add_epi16(s16[c], _mm256_maddubs_epi16(codes, xv));
+        }
+      }
+      for (int c = 0; c < kBlock; ++c) dot[c] = _mm256_add_epi32(dot[c], _mm256_madd_epi16(s16[c], ones));
+    }
+    for (int c = 0; c < kBlock; ++c) {
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[c] + g), _mm256_cvtepi32_ps(dot[c]), acc[c]);
+    }
+  }
+  for (int c = 0; c < kBlock && n + c < n1; ++c) {
+    const float* sz = w.scale_zero.data() + (n + c) * groups;
+    float zt = 0.0f;
+    for (int64_t g = g0; g < g1; ++g) zt += sz[g] * sumxq[g];
+    const float part = HSum(acc[c]) - zt;
+    y[n + c] = g0 == 0 ? part : y[n + c] + part;
+  }
+}
+
+void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
+            float* y) {
+  for (int64_t n = n0; n < n1; n += kBlock) GemvI8Block(w, xq, sumxq, n, n1, g0, g1, y);
+}
+
 // n0 is a multiple of 4 (tasks cover multiples of 4 columns).
 template <int kBits>
 void Gemv(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
@@ -255,7 +309,7 @@ void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, in
 }  // namespace
 
 const Kernels& Avx2Kernels() {
-  static const Kernels k{Gemv<4>, GemvAny, Dequant, Tile, ConvTile};
+  static const Kernels k{Gemv<4>, GemvAny, GemvI8, Dequant, Tile, ConvTile};
   return k;
 }
 

@@ -21,6 +21,12 @@ Code layout (Q: uint8 [N, Kp bits / 8]): per output column, chunks of 32 consecu
           whose bit j is bit 2 of q[j].
 so that SIMD unpacking is an and and a shift per half (lowbit_avx2.cc).
 
+With act_bits = 8 (bits 4 only), each row of X is first quantized to int8, symmetric, in float32 arithmetic:
+a = max_k |x[k]|, xq[k] = round_half_even(x[k] * (127 / a)) in [-127, 127], s_x = a / 127 (an all-zero row:
+xq = 0, s_x = 1), and
+    y[n] = s_x sum_g scale[n, g] (sum_{k in g} q[k, n] xq[k] - zero[n, g] sum_{k in g} xq[k]) + b[n],
+whose inner sums are exact integers (the kernel's vpmaddubsw / vpmaddwd dot products).
+
 LowBitConv is the same storage for an ONNX Conv (NCHW, group 1) with weight A [M, C, kh, kw]: its im2col form
 W = A reshaped to M x (C kh kw), transposed (K = C kh kw inputs (c, dy, dx) in that order, N = M outputs), so
 every output filter is one column of codes with groups along its C kh kw reduction axis, and
@@ -87,6 +93,18 @@ def dequantize(Q: np.ndarray, S: np.ndarray, Z: np.ndarray, K: int, bits: int, g
     return W[:K]
 
 
+def quantize_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(xq int8 [..., K], s_x float32 [..., 1]) of act_bits = 8 (module docstring), float32 as the kernel."""
+    X = np.asarray(X, np.float32)
+    if not np.all(np.isfinite(X)):
+        raise ValueError("X holds a non-finite value; act_bits = 8 cannot quantize it")
+    a = np.max(np.abs(X), axis=-1, keepdims=True) if X.shape[-1] else np.zeros((*X.shape[:-1], 1), np.float32)
+    safe = np.where(a > 0, a, np.float32(1))
+    inv = np.where(a > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    xq = np.clip(np.rint((X * inv).astype(np.float32)), -127, 127).astype(np.int8)
+    return xq, np.where(a > 0, a / np.float32(127), np.float32(1)).astype(np.float32)
+
+
 def _check(X, Q, S, Z, B, K, N, bits, group_size) -> None:
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -117,12 +135,20 @@ def lowbit_matmul(
     N: int,
     bits: int,
     group_size: int,
+    act_bits: int = 0,
 ) -> np.ndarray:
-    """Y = X W + B with W dequantized from (Q, S, Z) (module docstring); float64 arithmetic, float32 out."""
+    """Y = X W + B with W dequantized from (Q, S, Z) (module docstring); float64 arithmetic, float32 out.
+    act_bits = 8: X W becomes s_x (xq W) with X's rows quantized to int8 (quantize_rows)."""
     X, Q, S, Z = np.asarray(X), np.asarray(Q), np.asarray(S), np.asarray(Z)
     B = None if B is None else np.asarray(B)
     _check(X, Q, S, Z, B, K, N, bits, group_size)
-    Y = X.astype(np.float64) @ dequantize(Q, S, Z, K, bits, group_size)
+    if act_bits not in (0, 8) or (act_bits == 8 and bits != 4):
+        raise ValueError(f"act_bits must be 0, or 8 with bits = 4; got act_bits={act_bits} bits={bits}")
+    if act_bits == 8:
+        xq, sx = quantize_rows(X)
+        Y = sx.astype(np.float64) * (xq.astype(np.float64) @ dequantize(Q, S, Z, K, bits, group_size))
+    else:
+        Y = X.astype(np.float64) @ dequantize(Q, S, Z, K, bits, group_size)
     if B is not None:
         Y = Y + B.astype(np.float64)
     return Y.astype(np.float32)
@@ -208,6 +234,7 @@ SPEC = OpSpec(
         ("N", "int, output features"),
         ("bits", "int, 2, 3 or 4"),
         ("group_size", "int, G: consecutive k sharing a scale and zero point, a multiple of 32"),
+        ("act_bits", "int, 0 (default: float activations) or 8 (rows of X quantized to int8; bits 4 only)"),
     ],
     constraints=["Q, S, Z, B constant initializers", "chunk layout of Q: see onnxopt/reference/lowbit.py"],
     formula="""
@@ -262,8 +289,9 @@ class LowBitMatMul(OpRun):
 
     op_domain = "onnxopt"
 
-    def _run(self, X, Q, S, Z, B=None, K=None, N=None, bits=None, group_size=None):
-        return (lowbit_matmul(X, Q, S, Z, B, K=K, N=N, bits=bits, group_size=group_size),)
+    def _run(self, X, Q, S, Z, B=None, K=None, N=None, bits=None, group_size=None, act_bits=None):
+        kw = dict(K=K, N=N, bits=bits, group_size=group_size, act_bits=act_bits or 0)
+        return (lowbit_matmul(X, Q, S, Z, B, **kw),)
 
 
 class LowBitConv(OpRun):
