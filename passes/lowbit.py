@@ -6,7 +6,10 @@ codes of its im2col form W = A reshaped to M x (C kh kw), transposed (K = C kh k
 groups run along its C kh kw reduction axis), with calibration rows X its input patches (up to 8192, seeded,
 as prune takes them; GPTQ's H = X^T X from half of them) (custom_ops/lowbit_conv.cc).
 
-`lowbit.layers=all|fc|conv` selects the layer kinds (default all).
+`lowbit.layers=all|fc|conv` selects the layer kinds (default all). `lowbit.act_bits=8` (Gemm/MatMul, 4 bits
+only: other bit widths are not offered) emits LowBitMatMul's int8-activation mode (each input row quantized
+to int8 at run time, integer dot products); its estimated error is measured through the op's reference on
+the held-out rows, so it includes the activation rounding.
 
 Options: bits in (2, 3, 4) x group size G in (128, 64, 32) (`--set lowbit.bits=4`, `lowbit.group_size=64` fix
 one), most compressive first by stored bytes: bits / 8 per weight plus 5 bytes per group (float32 scale, uint8
@@ -40,7 +43,7 @@ from onnxopt.passes.convolution import explicit_pads
 from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight, output_rows
 from onnxopt.passes.lowbit_quantize import dequantize, gptq, inverse_factor, rtn
 from onnxopt.passes.prune import conv_kn, conv_problem, layer_problem
-from onnxopt.reference.lowbit import pack_codes, padded_k
+from onnxopt.reference.lowbit import lowbit_matmul, pack_codes, padded_k
 from onnxopt.rewrite import (
     Decline,
     Option,
@@ -110,6 +113,14 @@ def quantize(
     return kind, pack_codes(q, bits), S, Z, err
 
 
+def act_error(W, X, bias, Q, S, Z, G) -> float:
+    """||X W + b - LowBitMatMul_act8(X)|| / ||X W + b|| on rows X: the weight and the activation rounding."""
+    K, N = W.shape
+    ref = X.astype(np.float64) @ W + (0.0 if bias is None else bias)
+    Y = lowbit_matmul(X.astype(np.float32), Q, S, Z, bias, K=K, N=N, bits=4, group_size=G, act_bits=8)
+    return float(np.linalg.norm(Y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
 def _flag_list(value: str) -> list[int]:
     return [int(v) for v in value.replace(";", ",").split(",") if v.strip()]
 
@@ -157,7 +168,14 @@ class LowBit(Pass):
         rounding = ctx.setting("rounding", str, "auto").lower()
         if rounding not in ROUNDINGS:
             raise Decline(f"lowbit.rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        act_bits = ctx.setting("act_bits", int, 0) if node.op != "Conv" else 0
+        if act_bits not in (0, 8):
+            raise Decline(f"lowbit.act_bits must be 0 or 8, got {act_bits}")
         bits_list = ctx.setting("bits", _flag_list, list(BITS))
+        if act_bits == 8:
+            bits_list = [b for b in bits_list if b == 4]
+            if not bits_list:
+                raise Decline("lowbit.act_bits=8 needs 4-bit codes, and lowbit.bits excludes 4")
         groups = ctx.setting("group_size", _flag_list, list(GROUPS))
         if bad := [b for b in bits_list if b not in BITS] + [g for g in groups if g < 32 or g % 32]:
             raise Decline(f"unsupported bits / group_size {bad}: bits in {BITS}, group sizes multiples of 32")
@@ -175,6 +193,8 @@ class LowBit(Pass):
                     factors[Kp] = inverse_factor(X[0::2][:MAX_FIT_ROWS], Kp)
                 factor = factors[Kp]
             kind, Q, S, Z, err = quantize(W, X, bias, bits, G, rounding, factor)
+            if act_bits == 8 and X is not None and len(X) >= 4:
+                err = act_error(W, X[1::2][:MAX_FIT_ROWS], bias, Q, S, Z, G)
             tried.append(f"{bits}b/G{G}: {err:.3g}")
             if err > ctx.local_tolerance:
                 continue
@@ -185,8 +205,9 @@ class LowBit(Pass):
                     params_after=N * Kp + 2 * N * (Kp // G) + (N if bias is not None else 0),
                     bytes_after=size,
                     flops_after=2 * rows * K * N,
-                    emit=self._emitter(ctx.park(Q, S, Z), node, K, N, bits, G, bias),
-                    detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]},
+                    emit=self._emitter(ctx.park(Q, S, Z), node, K, N, bits, G, bias, act_bits),
+                    detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]}
+                    | ({"act_bits": 8} if act_bits else {}),
                 )
             )
         if not options:
@@ -207,7 +228,17 @@ class LowBit(Pass):
         X = ctx.activations.get(node.inputs[0].name)
         return W, dense_bias(node, N), X.reshape(-1, K) if X is not None else None, output_rows(node, ctx, N)
 
-    def _emitter(self, load, node: gs.Node, K: int, N: int, bits: int, G: int, bias: np.ndarray | None):
+    def _emitter(
+        self,
+        load,
+        node: gs.Node,
+        K: int,
+        N: int,
+        bits: int,
+        G: int,
+        bias: np.ndarray | None,
+        act_bits: int = 0,
+    ):
         if node.op == "Conv":
             M, C, kh, kw = (int(d) for d in node.inputs[1].shape)
             a = node.attrs
@@ -223,7 +254,7 @@ class LowBit(Pass):
                 },
             )
         else:
-            op, attrs = "LowBitMatMul", {"K": K, "N": N}
+            op, attrs = "LowBitMatMul", {"K": K, "N": N} | ({"act_bits": act_bits} if act_bits else {})
 
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
             Q, S, Z = load()

@@ -234,3 +234,19 @@ def test_measured_layers_carry_their_times_or_decline_with_them():
         )
     else:
         assert "not faster" in rec.reason or "undone" in rec.reason, rec.as_dict()
+
+
+def test_int8_activation_mode_through_the_pass():
+    model = mlp([128, 64, 10], seed=9)
+    base, feeds = _run(model, max_error=10.0, settings={"lowbit": {"bits": "4", "rounding": "rtn"}})
+    result, _ = _run(model, max_error=10.0, settings={"lowbit": {"act_bits": "8", "rounding": "rtn"}})
+    fc0 = _record(result, "fc0")
+    assert fc0.status == "applied" and fc0.detail["bits"] == 4 and fc0.detail["act_bits"] == 8, fc0.as_dict()
+    node = next(n for n in result.model.graph.node if n.op_type == "LowBitMatMul")
+    assert {a.name: a.i for a in node.attribute}["act_bits"] == 8
+    # the estimate includes the activation rounding: above the weight-only estimate, and near what it costs
+    assert fc0.est_error > _record(base, "fc0").est_error
+    err = max(e.rel_l2 for e in compare_models(model, result.model, feeds))
+    assert err < 0.2, err
+    result, _ = _run(model, max_error=10.0, settings={"lowbit": {"act_bits": "8", "bits": "2"}})
+    assert "needs 4-bit codes" in _record(result, "fc0").reason
