@@ -228,12 +228,11 @@ def test_measured_layers_carry_their_times_or_decline_with_them():
     settings = {"lowbit": {"bits": "4", "group_size": "32", "measure": "1"}}
     result, _ = _run(model, max_error=10.0, settings=settings, samples=8)
     rec = _record(result, "conv1")
+    said = str(rec.as_dict())
     if rec.status == "applied":
-        assert (rec.detail["ms_before"] > 0 and rec.detail["speedup"] >= 1.05) or "undone" in str(
-            rec.as_dict()
-        )
-    else:
-        assert "not faster" in rec.reason or "undone" in rec.reason, rec.as_dict()
+        assert rec.detail["ms_before"] > 0 and rec.detail["speedup"] >= 1.05, said
+    else:  # declined as slower per layer, or undone as slower in the whole model
+        assert "not faster" in said or "undone" in said, said
 
 
 def test_int8_activation_mode_through_the_pass():
