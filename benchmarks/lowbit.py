@@ -130,8 +130,15 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["4096x4096"], help="KxN of the layer")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--stat", choices=("median", "min"), default="median", help="min: for a loaded machine")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--only", nargs="+", help="columns to time (names as in the table), default all")
     args = ap.parse_args()
-    names = [c[0] for c in COLUMNS]
+    from lowbit_conv import min_times
+
+    timer = median_times if args.stat == "median" else min_times
+    columns = [c for c in COLUMNS if not args.only or c[0] in args.only]
+    names = [c[0] for c in columns]
     rows = [
         "| K x N | batch | threads | fp32 MatMul ms | " + " | ".join(f"{n} ms (x)" for n in names) + " |",
         "|---" * (4 + len(names)) + "|",
@@ -139,9 +146,9 @@ def main() -> None:
     for shape in args.shapes:
         K, N = (int(v) for v in shape.split("x"))
         for batch in args.batches:
-            models = [dense(batch, K, N)] + [make(batch, K, N) for _, make in COLUMNS]
-            for threads in (1, 2):
-                base, *rest = median_times(models, threads, rounds=args.rounds)
+            models = [dense(batch, K, N)] + [make(batch, K, N) for _, make in columns]
+            for threads in args.threads:
+                base, *rest = timer(models, threads, rounds=args.rounds)
                 cells = " | ".join(f"{t:.3f} ({base / t:.2f}x)" for t in rest)
                 rows.append(f"| {K} x {N} | {batch} | {threads} | {base:.3f} | {cells} |")
                 print(rows[-1], file=sys.stderr, flush=True)
