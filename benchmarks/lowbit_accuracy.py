@@ -55,7 +55,7 @@ def main() -> None:
         + f" | {fp32} | top-1 % "
         "| change |",
         "|---" * (6 + len(names)) + "|",
-        f"| fp32 | - | - | {' - |' * len(names)} - | {base:.2f} | - |",
+        f"| fp32 | - | - | {'- | ' * len(names)}- | {base:.2f} | - |",
     ]
     for bits in (4, 3, 2):
         for G in args.groups:
