@@ -1,6 +1,7 @@
 """LowBitMatMul against onnxruntime on one FC layer at batch 1 (and a small batch): fp32 MatMul, its 4-bit
 MatMulNBits (com.microsoft, block 32, asymmetric: with zero points; accuracy_level 0 = fp32 compute and 4 =
 int8 compute) and its int8 (quantize_dynamic of the same MatMul: DynamicQuantizeLinear + MatMulInteger).
+"a8" is LowBitMatMul with act_bits=8 (each input row quantized to int8, integer dot products).
 
 Ratios are fp32 MatMul time / other time, measured in one process with onnxopt.timing.median_times
 (interleaved, 64 MiB cache flush before every run, spinning off), at 1 and 2 threads. Weights are random:
@@ -56,14 +57,23 @@ def dense(batch: int, K: int, N: int) -> onnx.ModelProto:
     )
 
 
-def lowbit(batch: int, K: int, N: int, bits: int, G: int) -> onnx.ModelProto:
+def lowbit(batch: int, K: int, N: int, bits: int, G: int, act_bits: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     Kp = padded_k(K, G)
     Q = pack_codes(rng.integers(0, 1 << bits, (Kp, N), dtype=np.uint8), bits)
     S = (rng.random((N, Kp // G)) / np.sqrt(K)).astype(np.float32)
     Z = rng.integers(0, 1 << bits, (N, Kp // G), dtype=np.uint8)
+    extra = {"act_bits": act_bits} if act_bits else {}
     node = helper.make_node(
-        "LowBitMatMul", ["X", "Q", "S", "Z"], ["Y"], domain="onnxopt", K=K, N=N, bits=bits, group_size=G
+        "LowBitMatMul",
+        ["X", "Q", "S", "Z"],
+        ["Y"],
+        domain="onnxopt",
+        K=K,
+        N=N,
+        bits=bits,
+        group_size=G,
+        **extra,
     )
     inits = [numpy_helper.from_array(a, n) for a, n in ((Q, "Q"), (S, "S"), (Z, "Z"))]
     return _model(node, inits, batch, K, N)
@@ -106,6 +116,7 @@ def int8(model: onnx.ModelProto) -> onnx.ModelProto:
 COLUMNS = [
     ("lowbit 4b G32", lambda b, K, N: lowbit(b, K, N, 4, 32)),
     ("lowbit 4b G128", lambda b, K, N: lowbit(b, K, N, 4, 128)),
+    ("lowbit 4b G128 a8", lambda b, K, N: lowbit(b, K, N, 4, 128, act_bits=8)),
     ("lowbit 3b G128", lambda b, K, N: lowbit(b, K, N, 3, 128)),
     ("lowbit 2b G128", lambda b, K, N: lowbit(b, K, N, 2, 128)),
     ("MatMulNBits 4b B32", lambda b, K, N: nbits(b, K, N, 0)),
@@ -119,8 +130,15 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["4096x4096"], help="KxN of the layer")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--stat", choices=("median", "min"), default="median", help="min: for a loaded machine")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--only", nargs="+", help="columns to time (names as in the table), default all")
     args = ap.parse_args()
-    names = [c[0] for c in COLUMNS]
+    from lowbit_conv import min_times
+
+    timer = median_times if args.stat == "median" else min_times
+    columns = [c for c in COLUMNS if not args.only or c[0] in args.only]
+    names = [c[0] for c in columns]
     rows = [
         "| K x N | batch | threads | fp32 MatMul ms | " + " | ".join(f"{n} ms (x)" for n in names) + " |",
         "|---" * (4 + len(names)) + "|",
@@ -128,9 +146,9 @@ def main() -> None:
     for shape in args.shapes:
         K, N = (int(v) for v in shape.split("x"))
         for batch in args.batches:
-            models = [dense(batch, K, N)] + [make(batch, K, N) for _, make in COLUMNS]
-            for threads in (1, 2):
-                base, *rest = median_times(models, threads, rounds=args.rounds)
+            models = [dense(batch, K, N)] + [make(batch, K, N) for _, make in columns]
+            for threads in args.threads:
+                base, *rest = timer(models, threads, rounds=args.rounds)
                 cells = " | ".join(f"{t:.3f} ({base / t:.2f}x)" for t in rest)
                 rows.append(f"| {K} x {N} | {batch} | {threads} | {base:.3f} | {cells} |")
                 print(rows[-1], file=sys.stderr, flush=True)

@@ -261,7 +261,7 @@ against dense; blk/csr = CSR ms / blocked ms.
 
 def lowbit_section(quick: bool) -> str:
     rounds = "7" if quick else "15"
-    return f"""## lowbit: weight-only 2/3/4-bit FC layers (`benchmarks/lowbit.py`, `lowbit_accuracy.py`)
+    return f"""## lowbit: weight-only 2/3/4-bit FC and Conv layers (`benchmarks/lowbit*.py`)
 
 LowBitMatMul (group-wise codes, float32 scale and uint8 zero point per group) on one FC layer against
 onnxruntime's fp32 MatMul, its MatMulNBits (com.microsoft, 4 bits, block 32, with zero points; accuracy_level
@@ -271,11 +271,22 @@ touched before every run, median of {rounds} runs; ratios are fp32 time / other 
 
 {_script_table("lowbit.py", "--rounds", rounds)}
 
+LowBitConv (the same codes per output filter, along C kh kw) on one Conv layer at batch 1 against
+onnxruntime's fp32 Conv and its int8 QLinearConv (quantize_static, QOperator, per-channel int8 weights),
+same protocol.
+Convs are compute-bound: the codes save memory, not time.
+
+{_script_table("lowbit_conv.py", "--rounds", rounds)}
+
 Accuracy on Fashion-MNIST's FC layers, RTN against GPTQ rounding (top-1 on the 10,000 test images; the
 estimated error is the layer's relative output error on held-out calibration rows). The issue's goals: GPTQ at
 4 bits loses <= 0.5 points; GPTQ's error is below RTN's at 3 and 2 bits.
 
 {_script_table("lowbit_accuracy.py")}
+
+The same on its Convs (conv2-conv4; conv1's 9 weights per filter are declined):
+
+{_script_table("lowbit_accuracy.py", "--layers", "conv")}
 """
 
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernel_util.h"
+#include "lowbit_load.h"
 #include "ops.h"
 
 #define LOWBIT_IMPL portable
@@ -18,7 +19,8 @@ namespace onnxopt {
 namespace lowbit {
 
 const Kernels& PortableKernels() {
-  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::Dequant, portable::Tile};
+  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::GemvI8,
+                         portable::Dequant,     portable::Tile,        portable::ConvTile};
   return k;
 }
 
@@ -29,7 +31,6 @@ const Kernels& Avx2Kernels() { return PortableKernels(); }  // never chosen: Has
 namespace {
 
 constexpr int64_t kGemvCols = 64;      // columns per batch-1 task
-constexpr int64_t kSlabFloats = 4096;  // x floats per K slab of batch 1 (16 KiB: stays in L1)
 
 struct ConstantBytes {
   std::vector<int64_t> shape;
@@ -60,6 +61,8 @@ ConstantBytes ConstantUint8Input(const Ort::ConstKernelInfo& info, size_t index,
   return b;
 }
 
+}  // namespace
+
 int64_t RequiredInt(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t lo, int64_t hi,
                     const std::string& where) {
   const auto v = IntAttribute(api, info, name, where);
@@ -71,7 +74,52 @@ int64_t RequiredInt(const OrtApi* api, const OrtKernelInfo* info, const char* na
   return *v;
 }
 
-}  // namespace
+Weights LoadWeights(const OrtApi* api, const OrtKernelInfo* info, int64_t k, int64_t n, const std::string& where) {
+  Ort::ConstKernelInfo kinfo{info};
+  Weights w;
+  w.k = k;
+  w.n = n;
+  w.bits = RequiredInt(api, info, "bits", 2, 4, where);
+  w.group = RequiredInt(api, info, "group_size", kChunk, int64_t{1} << 20, where);
+  if (w.group % kChunk != 0) {
+    Fail(where, "attribute 'group_size' must be a multiple of 32, got " + std::to_string(w.group));
+  }
+  w.groups = (w.k + w.group - 1) / w.group;
+  w.kp = w.groups * w.group;
+  w.col_bytes = w.kp * w.bits / 8;
+  const std::vector<int64_t> per_group{w.n, w.groups};
+
+  w.np = (w.n + kBlock - 1) / kBlock * kBlock;
+  w.slab_chunks = std::max<int64_t>(1, kSlabFloats / w.group) * w.group / kChunk;
+  const ConstantBytes q = ConstantUint8Input(kinfo, 1, "Q", {w.n, w.col_bytes}, where);
+  const int64_t cb = w.ChunkBytes(), chunks = w.kp / kChunk;
+  w.codes.assign(static_cast<size_t>(w.np * w.col_bytes), 0);  // padded columns: zero codes and scales
+  for (int64_t c = 0; c < w.n; ++c) {
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      std::memcpy(w.codes.data() + w.ChunkOffset(c, ch), q.data + c * w.col_bytes + ch * cb, cb);
+    }
+  }
+  const ConstantTensor s = ConstantFloatInput(kinfo, 2, "S", where);
+  if (s.shape != per_group) {
+    Fail(where, "S must have shape [N, ceil(K / group_size)] = " + ShapeStr(per_group) + ", got " +
+                    ShapeStr(s.shape));
+  }
+  for (size_t i = 0; i < s.data.size(); ++i) {
+    if (!std::isfinite(s.data[i])) Fail(where, "S[" + std::to_string(i) + "] is not finite");
+  }
+  w.scale.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
+  std::copy(s.data.begin(), s.data.end(), w.scale.begin());
+  const ConstantBytes z = ConstantUint8Input(kinfo, 3, "Z", per_group, where);
+  w.scale_zero.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
+  for (size_t i = 0; i < z.count; ++i) {
+    if (z.data[i] >= (1 << w.bits)) {
+      Fail(where, "Z[" + std::to_string(i) + "] = " + std::to_string(z.data[i]) + " is not a " +
+                      std::to_string(w.bits) + "-bit code (must be < " + std::to_string(1 << w.bits) + ")");
+    }
+    w.scale_zero[i] = w.scale[i] * static_cast<float>(z.data[i]);
+  }
+  return w;
+}
 
 }  // namespace lowbit
 
@@ -91,6 +139,7 @@ struct LowBitMatMulKernel {
   size_t present_inputs_ = 0;
   lowbit::Weights w_;
   std::vector<float> bias_;  // [N] or empty
+  int64_t act_bits_ = 0;     // 8: activations quantized to int8 per row (bits 4 only)
   const lowbit::Kernels* kern_ = nullptr;
 };
 
@@ -100,6 +149,8 @@ struct Call {
   const LowBitMatMulKernel* k = nullptr;
   const float* x = nullptr;  // rows of kp floats
   const float* sumx = nullptr;
+  const int8_t* xq = nullptr;  // act_bits = 8: one row of kp int8
+  float x_scale = 1.0f;        // act_bits = 8: the row's scale
   float* y = nullptr;  // rows of n floats
   int64_t rows = 0;
   std::atomic<bool> failed{false};
@@ -121,6 +172,20 @@ void GemvTask(void* data, size_t t) {
   for (int64_t g0 = 0; g0 < k.w_.groups; g0 += slab) {
     f(k.w_, call->x, call->sumx, n0, n1, g0, std::min(k.w_.groups, g0 + slab), call->y);
   }
+  AddBias(k, call->y, n0, n1);
+}
+
+// Task t of one int8-quantized row (act_bits = 8): columns [t * kGemvCols, ...), then the row's scale.
+void GemvI8Task(void* data, size_t t) {
+  auto* call = static_cast<Call*>(data);
+  const LowBitMatMulKernel& k = *call->k;
+  const int64_t n0 = static_cast<int64_t>(t) * lowbit::kGemvCols;
+  const int64_t n1 = std::min(k.w_.n, n0 + lowbit::kGemvCols);
+  const int64_t slab = k.w_.slab_chunks * lowbit::kChunk / k.w_.group;
+  for (int64_t g0 = 0; g0 < k.w_.groups; g0 += slab) {
+    k.kern_->gemv_i8(k.w_, call->xq, call->sumx, n0, n1, g0, std::min(k.w_.groups, g0 + slab), call->y);
+  }
+  for (int64_t n = n0; n < n1; ++n) call->y[n] *= call->x_scale;
   AddBias(k, call->y, n0, n1);
 }
 
@@ -152,48 +217,10 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
   if (present_inputs_ != 4 && present_inputs_ != 5) {
     Fail(where, "expects inputs (X, Q, S, Z) or (X, Q, S, Z, B), got " + std::to_string(present_inputs_));
   }
-  lowbit::Weights& w = w_;
-  w.k = lowbit::RequiredInt(api, info, "K", 1, int64_t{1} << 24, where);
-  w.n = lowbit::RequiredInt(api, info, "N", 1, int64_t{1} << 24, where);
-  w.bits = lowbit::RequiredInt(api, info, "bits", 2, 4, where);
-  w.group = lowbit::RequiredInt(api, info, "group_size", lowbit::kChunk, int64_t{1} << 20, where);
-  if (w.group % lowbit::kChunk != 0) {
-    Fail(where, "attribute 'group_size' must be a multiple of 32, got " + std::to_string(w.group));
-  }
-  w.groups = (w.k + w.group - 1) / w.group;
-  w.kp = w.groups * w.group;
-  w.col_bytes = w.kp * w.bits / 8;
-  const std::vector<int64_t> per_group{w.n, w.groups};
-
-  w.np = (w.n + lowbit::kBlock - 1) / lowbit::kBlock * lowbit::kBlock;
-  w.slab_chunks = std::max<int64_t>(1, lowbit::kSlabFloats / w.group) * w.group / lowbit::kChunk;
-  const lowbit::ConstantBytes q = lowbit::ConstantUint8Input(kinfo, 1, "Q", {w.n, w.col_bytes}, where);
-  const int64_t cb = w.ChunkBytes(), chunks = w.kp / lowbit::kChunk;
-  w.codes.assign(static_cast<size_t>(w.np * w.col_bytes), 0);  // padded columns: zero codes and scales
-  for (int64_t n = 0; n < w.n; ++n) {
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      std::memcpy(w.codes.data() + w.ChunkOffset(n, ch), q.data + n * w.col_bytes + ch * cb, cb);
-    }
-  }
-  const ConstantTensor s = ConstantFloatInput(kinfo, 2, "S", where);
-  if (s.shape != per_group) {
-    Fail(where, "S must have shape [N, ceil(K / group_size)] = " + ShapeStr(per_group) + ", got " +
-                    ShapeStr(s.shape));
-  }
-  for (size_t i = 0; i < s.data.size(); ++i) {
-    if (!std::isfinite(s.data[i])) Fail(where, "S[" + std::to_string(i) + "] is not finite");
-  }
-  w.scale.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
-  std::copy(s.data.begin(), s.data.end(), w.scale.begin());
-  const lowbit::ConstantBytes z = lowbit::ConstantUint8Input(kinfo, 3, "Z", per_group, where);
-  w.scale_zero.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
-  for (size_t i = 0; i < z.count; ++i) {
-    if (z.data[i] >= (1 << w.bits)) {
-      Fail(where, "Z[" + std::to_string(i) + "] = " + std::to_string(z.data[i]) + " is not a " +
-                      std::to_string(w.bits) + "-bit code (must be < " + std::to_string(1 << w.bits) + ")");
-    }
-    w.scale_zero[i] = w.scale[i] * static_cast<float>(z.data[i]);
-  }
+  const int64_t k = lowbit::RequiredInt(api, info, "K", 1, int64_t{1} << 24, where);
+  const int64_t n = lowbit::RequiredInt(api, info, "N", 1, int64_t{1} << 24, where);
+  w_ = lowbit::LoadWeights(api, info, k, n, where);
+  const lowbit::Weights& w = w_;
   if (present_inputs_ == 5) {
     const ConstantTensor b = ConstantFloatInput(kinfo, 4, "B", where);
     if (b.shape != std::vector<int64_t>{w.n}) {
@@ -201,7 +228,36 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
     }
     bias_ = b.data;
   }
+  if (const auto a = IntAttribute(api, info, "act_bits", where)) {
+    if (*a != 0 && *a != 8) Fail(where, "attribute 'act_bits' must be 0 or 8, got " + std::to_string(*a));
+    if (*a == 8 && w.bits != 4) {
+      Fail(where, "act_bits = 8 needs bits = 4 (the integer path unpacks 4-bit codes), got bits = " +
+                      std::to_string(w.bits));
+    }
+    act_bits_ = *a;
+  }
   kern_ = HasAvx2Fma() ? &lowbit::Avx2Kernels() : &lowbit::PortableKernels();
+}
+
+// act_bits = 8: row x (kp floats, zero-padded) as int8 codes xq = round(x * 127 / max|x|) (ties to even), their
+// per-group sums, and the row's scale max|x| / 127 (all-zero row: codes 0, scale 1). onnxopt.reference.lowbit
+// computes the same codes with the same float32 operations.
+static float QuantizeRow(const lowbit::Weights& w, const float* x, int8_t* xq, float* sums, const std::string& where) {
+  float a = 0.0f;
+  for (int64_t k = 0; k < w.k; ++k) {
+    if (!std::isfinite(x[k])) Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
+    a = std::max(a, std::fabs(x[k]));
+  }
+  const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+  for (int64_t k = 0; k < w.kp; ++k) {
+    xq[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] * inv), -127.0f, 127.0f));
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < w.group; ++j) s += xq[g * w.group + j];
+    sums[g] = static_cast<float>(s);
+  }
+  return a > 0.0f ? a / 127.0f : 1.0f;
 }
 
 Ort::Status LowBitMatMulKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
@@ -253,6 +309,18 @@ void LowBitMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
   call.x = x;
   call.y = y;
   call.rows = m;
+  if (act_bits_ == 8) {  // every row through the integer batch-1 path
+    std::vector<int8_t> xq(static_cast<size_t>(w.kp));
+    std::vector<float> sums(static_cast<size_t>(w.groups));
+    call.xq = xq.data();
+    call.sumx = sums.data();
+    for (int64_t r = 0; r < m; ++r) {
+      call.x_scale = QuantizeRow(w, x + r * w.kp, xq.data(), sums.data(), where);
+      call.y = y + r * w.n;
+      RunTasks(context, GemvI8Task, (w.n + lowbit::kGemvCols - 1) / lowbit::kGemvCols, &call);
+    }
+    return;
+  }
   if (m == 1) {
     std::vector<float> sumx(static_cast<size_t>(w.groups));
     for (int64_t g = 0; g < w.groups; ++g) {

@@ -65,11 +65,27 @@ using DequantFn = void (*)(const Weights& w, int64_t n0, int64_t cols, float* ti
 using TileFn = void (*)(const float* x, int64_t ldx, int64_t rows, const float* tile, int64_t kp, float* y,
                         int64_t ldy, int64_t cols);
 
+// LowBitConv: for the filters of a panel (dequantized weights, filter f's row at panel + f * ldp) and the
+// pixels [p0, p1) of im2col rows col[k * ldc + p]: y[f * ldy + p] = (first ? init[f] : y[f * ldy + p])
+// + sum_{k in [k0, k1)} panel[f * ldp + k] col[k * ldc + p], for f < filters (init null: 0).
+using ConvTileFn = void (*)(const float* panel, int64_t ldp, const float* col, int64_t ldc, int64_t k0, int64_t k1,
+                            int64_t p0, int64_t p1, int64_t filters, const float* init, bool first, float* y,
+                            int64_t ldy);
+constexpr int64_t kPanel = 8;  // filters per LowBitConv panel
+
+// act_bits = 8 (bits 4 only): columns [n0, n1) of one row quantized to int8, xq (padded to kp with zeros), over
+// groups [g0, g1): y[n] (= if g0 == 0, else +=) sum_g scale (sum_k q xq) - sum_g scale_zero sumxq[g], sumxq[g]
+// the (integer-valued) sum of xq over group g. The row's scale multiplies y afterwards.
+using GemvI8Fn = void (*)(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0,
+                          int64_t g1, float* y);
+
 struct Kernels {
   GemvFn gemv4;    // bits 4
   GemvFn gemv;     // any bits (2 and 3 use it)
+  GemvI8Fn gemv_i8;  // bits 4, int8 activations
   DequantFn dequant;
   TileFn tile;
+  ConvTileFn conv_tile;
 };
 
 const Kernels& PortableKernels();

@@ -35,6 +35,29 @@ inline void GemvGeneric(const Weights& w, const float* x, const float* sumx, int
   }
 }
 
+// act_bits = 8: per chunk, unpack to bytes, then an integer dot product with xq, exact in int32 per group.
+inline void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0,
+                   int64_t g1, float* y) {
+  const int64_t per_group = w.group / kChunk;
+  uint8_t q[kChunk];
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* sc = w.scale.data() + n * w.groups;
+    const float* sz = w.scale_zero.data() + n * w.groups;
+    float total = 0.0f;
+    for (int64_t g = g0; g < g1; ++g) {
+      int32_t dot = 0;
+      for (int64_t c = 0; c < per_group; ++c) {
+        const int64_t ch = g * per_group + c;
+        UnpackChunk(w.Chunk(n, ch), w.bits, q);
+        const int8_t* xc = xq + ch * kChunk;
+        for (int j = 0; j < kChunk; ++j) dot += int32_t{q[j]} * int32_t{xc[j]};
+      }
+      total += sc[g] * static_cast<float>(dot) - sz[g] * sumxq[g];
+    }
+    y[n] = g0 == 0 ? total : y[n] + total;
+  }
+}
+
 inline void Dequant(const Weights& w, int64_t n0, int64_t cols, float* tile) {
   const int64_t chunks = w.kp / kChunk, per_group = w.group / kChunk;
   uint8_t q[kChunk];
@@ -63,6 +86,21 @@ inline void Tile(const float* x, int64_t ldx, int64_t rows, const float* tile, i
       float s = 0.0f;
       for (int j = 0; j < 8; ++j) s += acc[j];
       y[r * ldy + c] = s;
+    }
+  }
+}
+
+inline void ConvTile(const float* panel, int64_t ldp, const float* col, int64_t ldc, int64_t k0, int64_t k1,
+                     int64_t p0, int64_t p1, int64_t filters, const float* init, bool first, float* y, int64_t ldy) {
+  for (int64_t f = 0; f < filters; ++f) {
+    float* yf = y + f * ldy;
+    if (first) {
+      for (int64_t p = p0; p < p1; ++p) yf[p] = init ? init[f] : 0.0f;
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      const float w = panel[f * ldp + k];
+      const float* c = col + k * ldc;
+      for (int64_t p = p0; p < p1; ++p) yf[p] += w * c[p];
     }
   }
 }

@@ -19,5 +19,6 @@ Ort::Custom::OrtLiteCustomOp* MakeACDCMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeSparseGemmOp();
 Ort::Custom::OrtLiteCustomOp* MakeSparseConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeLowBitMatMulOp();
+Ort::Custom::OrtLiteCustomOp* MakeLowBitConvOp();
 
 }  // namespace onnxopt

@@ -15,6 +15,7 @@ FastfoodMatMul (B [d, n]): per row and block two fast Walsh-Hadamard transforms,
 ACDCMatMul (A [L, n]): per row and layer two DCTs of length n, ~2.5 n log2 n each, plus 2 n for the diagonals.
 SparseGemm / SparseConv (values [nnz]): 2 nnz per output row / per output pixel: only the kept weights.
 LowBitMatMul (attributes K, N): 2 K N per row, as the dense layer (the codes are unpacked, not skipped).
+LowBitConv (attributes C, M, kernel_shape): 2 M C kh kw per output pixel, as the Conv it replaces.
 Symbolic dimensions are fixed to concrete values (default 1) for the count.
 """
 
@@ -197,6 +198,12 @@ def _sparse_conv_flops(inputs, outputs, attrs, shapes) -> int:
     return 2 * y[0] * math.prod(y[2:]) * v[0] if v and y else 0
 
 
+def _lowbit_conv_flops(inputs, outputs, attrs, shapes) -> int:
+    y = shapes.get(outputs[0])
+    k = math.prod(int(v) for v in attrs.get("kernel_shape", (1, 1)))
+    return 2 * y[0] * math.prod(y[2:]) * int(attrs.get("M", 0)) * int(attrs.get("C", 0)) * k if y else 0
+
+
 def _lowbit_flops(inputs, outputs, attrs, shapes) -> int:
     y = shapes.get(outputs[0])
     return 2 * math.prod(y[:-1]) * int(attrs.get("K", 0)) * int(attrs.get("N", 0)) if y else 0
@@ -216,6 +223,7 @@ FLOP_RULES: dict[str, Callable] = {
     "SparseGemm": _sparse_gemm_flops,
     "SparseConv": _sparse_conv_flops,
     "LowBitMatMul": _lowbit_flops,
+    "LowBitConv": _lowbit_conv_flops,
 }
 
 
@@ -329,6 +337,23 @@ def _sparse_conv_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     ]
 
 
+def _lowbit_conv_twin(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """LowBitConv(X, Q, S, Z[, B]) -> the Conv of its attributes with a constant stand-in weight
+    [M, C, kh, kw] (its shape is all the attributes give; the values never matter to shapes)."""
+    a = attributes(node)
+    t = f"{node.output[0]}__twin"
+    kh, kw = (int(k) for k in a.get("kernel_shape", (1, 1)))
+    shape = [int(a.get("M", 1)), int(a.get("C", 1)), kh, kw]
+    wshape = helper.make_tensor(t + "_shape", onnx.TensorProto.INT64, [4], shape)
+    zero = helper.make_tensor(t + "_zero", onnx.TensorProto.FLOAT, [1], [0.0])
+    kept = {k: a[k] for k in ("pads", "strides", "dilations", "kernel_shape") if k in a}
+    return [
+        helper.make_node("Constant", [], [t + "_wshape"], value=wshape),
+        helper.make_node("ConstantOfShape", [t + "_wshape"], [t + "_w"], value=zero),
+        helper.make_node("Conv", [node.input[0], t + "_w"], list(node.output), name=node.name, **kept),
+    ]
+
+
 # onnx's shape inference knows no custom op: for shapes only, each is read as a standard op of equal shape
 # (or, where no single op has it, a short chain of them ending in the custom node's output: CirculantMatMul).
 # DepthwiseConv carries group=C (onnx's Conv inference reads only the output channels from W, so a node
@@ -343,6 +368,7 @@ SHAPE_TWINS: dict[str, Callable[[onnx.NodeProto], onnx.NodeProto | list[onnx.Nod
     "SparseGemm": _sparse_gemm_twin,
     "SparseConv": _sparse_conv_twin,
     "LowBitMatMul": _lowbit_twin,
+    "LowBitConv": _lowbit_conv_twin,
 }
 
 

@@ -1,6 +1,15 @@
 """lowbit: a Gemm or MatMul with a constant float32 weight W (K x N, y = x W + b) becomes a LowBitMatMul whose
 weight is stored as group-wise 2-, 3- or 4-bit codes (weight-only quantization; op semantics and code layout
-in onnxopt.reference.lowbit, kernel in custom_ops/lowbit.cc).
+in onnxopt.reference.lowbit, kernel in custom_ops/lowbit.cc). A Conv (group 1, constant weight
+A [M, C, kh, kw], any kernel size, strides, pads and dilations; explicit pads) becomes a LowBitConv: the same
+codes of its im2col form W = A reshaped to M x (C kh kw), transposed (K = C kh kw, N = M; each filter's
+groups run along its C kh kw reduction axis), with calibration rows X its input patches (up to 8192, seeded,
+as prune takes them; GPTQ's H = X^T X from half of them) (custom_ops/lowbit_conv.cc).
+
+`lowbit.layers=all|fc|conv` selects the layer kinds (default all). `lowbit.act_bits=8` (Gemm/MatMul, 4 bits
+only: other bit widths are not offered) emits LowBitMatMul's int8-activation mode (each input row quantized
+to int8 at run time, integer dot products); its estimated error is measured through the op's reference on
+the held-out rows, so it includes the activation rounding.
 
 Options: bits in (2, 3, 4) x group size G in (128, 64, 32) (`--set lowbit.bits=4`, `lowbit.group_size=64` fix
 one), most compressive first by stored bytes: bits / 8 per weight plus 5 bytes per group (float32 scale, uint8
@@ -13,8 +22,15 @@ default: both, and the one with the lower estimated error is kept; RTN only with
 
 Estimated error: ||X W - X W~||_F / ||X W + b||_F on held-out calibration rows (every other row; GPTQ's H is
 built from the others), as lowrank does; without calibration data, ||W - W~||_F / ||W||_F.
-Opt-in (not in the default method set): the win is speed and size at batch 1 from a custom kernel, and the
-error it costs is decided by the budget like any lossy pass.
+
+Speed (`lowbit.measure`, default 1): every option is timed as a one-layer model against the original layer
+in onnxruntime at the target threads and batch (`lowbit.batch`, default 1; onnxopt.timing), and only the
+options at least MIN_GAIN (1.05x) faster are kept (the node is declined with the times otherwise); the pass
+manager then times the whole model and undoes the rewrites if it is not faster. `lowbit.measure=0` skips
+both and keeps every option the budget allows: lowbit as a size method (codes are bits/8 of the fp32 bytes).
+Measured here: FC layers at batch 1 are faster; Convs (compute-bound, weights small next to the
+activations) are not, so they are rewritten only with measure=0.
+Opt-in (not in the default method set): the error it costs is decided by the budget like any lossy pass.
 """
 
 from __future__ import annotations
@@ -23,9 +39,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import DOMAIN
+from onnxopt.passes.convolution import explicit_pads
 from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight, output_rows
 from onnxopt.passes.lowbit_quantize import dequantize, gptq, inverse_factor, rtn
-from onnxopt.reference.lowbit import pack_codes, padded_k
+from onnxopt.passes.prune import conv_kn, conv_problem, layer_problem
+from onnxopt.reference.lowbit import lowbit_matmul, pack_codes, padded_k
 from onnxopt.rewrite import (
     Decline,
     Option,
@@ -36,6 +54,7 @@ from onnxopt.rewrite import (
     replace_node,
     weight_problem,
 )
+from onnxopt.timing import keep_faster
 
 BITS = (2, 3, 4)
 GROUPS = (128, 64, 32)
@@ -94,19 +113,42 @@ def quantize(
     return kind, pack_codes(q, bits), S, Z, err
 
 
+def act_error(W, X, bias, Q, S, Z, G) -> float:
+    """||X W + b - LowBitMatMul_act8(X)|| / ||X W + b|| on rows X: the weight and the activation rounding."""
+    K, N = W.shape
+    ref = X.astype(np.float64) @ W + (0.0 if bias is None else bias)
+    Y = lowbit_matmul(X.astype(np.float32), Q, S, Z, bias, K=K, N=N, bits=4, group_size=G, act_bits=8)
+    return float(np.linalg.norm(Y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
 def _flag_list(value: str) -> list[int]:
     return [int(v) for v in value.replace(";", ",").split(",") if v.strip()]
 
 
 class LowBit(Pass):
     name = "lowbit"
-    op_types = ("Gemm", "MatMul")
+    op_types = ("Gemm", "MatMul", "Conv")
     lossy = True
     default = False
-    summary = "Gemm/MatMul -> LowBitMatMul (weight-only group-wise 2/3/4-bit codes, RTN or GPTQ rounding)"
-    custom_ops = ("LowBitMatMul",)
+    measured = True  # unless lowbit.measure=0: see the module docstring
+    summary = (
+        "Gemm/MatMul/Conv -> LowBitMatMul/LowBitConv (weight-only group-wise 2/3/4-bit codes, RTN or GPTQ)"
+    )
+    custom_ops = ("LowBitMatMul", "LowBitConv")
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        layers = ctx.setting("layers", str, "all")
+        if layers not in ("all", "fc", "conv"):
+            return f"lowbit.layers={layers!r} is not all, fc or conv"
+        if layers != "all" and layers != ("conv" if node.op == "Conv" else "fc"):
+            return f"{node.op} layers are not selected (lowbit.layers={layers})"
+        if node.op == "Conv":
+            if problem := conv_problem(node, ctx):
+                return problem
+            K, N = conv_kn(node)
+            if K < MIN_K:
+                return f"filters of C kh kw = {K} < {MIN_K} weights: a group's scale and zero outweigh them"
+            return None
         if problem := weight_problem(node) or dense_problem(node, ctx):
             return problem
         K, N = dense_kn(node)
@@ -121,15 +163,19 @@ class LowBit(Pass):
         return [node.inputs[0].name]
 
     def options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
-        W = dense_weight(node)
+        W, bias, X, rows = self._layer(node, ctx)
         K, N = W.shape
-        bias = dense_bias(node, N)
-        X = ctx.activations.get(node.inputs[0].name)
-        X = X.reshape(-1, K) if X is not None else None
         rounding = ctx.setting("rounding", str, "auto").lower()
         if rounding not in ROUNDINGS:
             raise Decline(f"lowbit.rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        act_bits = ctx.setting("act_bits", int, 0) if node.op != "Conv" else 0
+        if act_bits not in (0, 8):
+            raise Decline(f"lowbit.act_bits must be 0 or 8, got {act_bits}")
         bits_list = ctx.setting("bits", _flag_list, list(BITS))
+        if act_bits == 8:
+            bits_list = [b for b in bits_list if b == 4]
+            if not bits_list:
+                raise Decline("lowbit.act_bits=8 needs 4-bit codes, and lowbit.bits excludes 4")
         groups = ctx.setting("group_size", _flag_list, list(GROUPS))
         if bad := [b for b in bits_list if b not in BITS] + [g for g in groups if g < 32 or g % 32]:
             raise Decline(f"unsupported bits / group_size {bad}: bits in {BITS}, group sizes multiples of 32")
@@ -138,7 +184,6 @@ class LowBit(Pass):
             key=lambda c: stored_bytes(K, N, *c, bias is not None),
         )
         factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        rows = output_rows(node, ctx, N)
         options, tried = [], []
         for bits, G in choices:
             Kp = padded_k(K, G)
@@ -148,6 +193,8 @@ class LowBit(Pass):
                     factors[Kp] = inverse_factor(X[0::2][:MAX_FIT_ROWS], Kp)
                 factor = factors[Kp]
             kind, Q, S, Z, err = quantize(W, X, bias, bits, G, rounding, factor)
+            if act_bits == 8 and X is not None and len(X) >= 4:
+                err = act_error(W, X[1::2][:MAX_FIT_ROWS], bias, Q, S, Z, G)
             tried.append(f"{bits}b/G{G}: {err:.3g}")
             if err > ctx.local_tolerance:
                 continue
@@ -158,8 +205,9 @@ class LowBit(Pass):
                     params_after=N * Kp + 2 * N * (Kp // G) + (N if bias is not None else 0),
                     bytes_after=size,
                     flops_after=2 * rows * K * N,
-                    emit=self._emitter(ctx.park(Q, S, Z), K, N, bits, G, bias),
-                    detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]},
+                    emit=self._emitter(ctx.park(Q, S, Z), node, K, N, bits, G, bias, act_bits),
+                    detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]}
+                    | ({"act_bits": 8} if act_bits else {}),
                 )
             )
         if not options:
@@ -167,9 +215,47 @@ class LowBit(Pass):
                 f"no bit width / group size fits the tolerance {ctx.local_tolerance:g}: estimated errors "
                 + ", ".join(tried)
             )
-        return options
+        faster = {id(o) for o in keep_faster(node, ctx, options)}  # Decline when none is; all with measure=0
+        return [o for o in options if id(o) in faster]  # most compressive first, as the manager expects
 
-    def _emitter(self, load, K: int, N: int, bits: int, G: int, bias: np.ndarray | None):
+    @staticmethod
+    def _layer(node: gs.Node, ctx: PassContext):
+        """(W K x N, bias or None, calibration rows [n, K] or None, output rows the layer computes)."""
+        if node.op == "Conv":  # rows: up to 8192 seeded input patches (as prune), half of them held out
+            return layer_problem(node, ctx)
+        W = dense_weight(node)
+        K, N = W.shape
+        X = ctx.activations.get(node.inputs[0].name)
+        return W, dense_bias(node, N), X.reshape(-1, K) if X is not None else None, output_rows(node, ctx, N)
+
+    def _emitter(
+        self,
+        load,
+        node: gs.Node,
+        K: int,
+        N: int,
+        bits: int,
+        G: int,
+        bias: np.ndarray | None,
+        act_bits: int = 0,
+    ):
+        if node.op == "Conv":
+            M, C, kh, kw = (int(d) for d in node.inputs[1].shape)
+            a = node.attrs
+            op, attrs = (
+                "LowBitConv",
+                {
+                    "C": C,
+                    "M": M,
+                    "kernel_shape": [kh, kw],
+                    "strides": [int(v) for v in a.get("strides", [1, 1])],
+                    "pads": explicit_pads(node),
+                    "dilations": [int(v) for v in a.get("dilations", [1, 1])],
+                },
+            )
+        else:
+            op, attrs = "LowBitMatMul", {"K": K, "N": N} | ({"act_bits": act_bits} if act_bits else {})
+
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
             Q, S, Z = load()
             inputs = [node.inputs[0]] + [
@@ -178,9 +264,9 @@ class LowBit(Pass):
             if bias is not None:
                 inputs.append(gs.Constant(new_name(prefix, "B"), bias.astype(np.float32)))
             new = gs.Node(
-                "LowBitMatMul",
+                op,
                 new_name(prefix, "lowbit"),
-                attrs={"K": K, "N": N, "bits": bits, "group_size": G},
+                attrs={**attrs, "bits": bits, "group_size": G},
                 inputs=inputs,
                 outputs=[node.outputs[0]],
                 domain=DOMAIN,

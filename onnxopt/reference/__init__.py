@@ -21,6 +21,7 @@ SPECS: dict[str, OpSpec] = {
         prune.GEMM_SPEC,
         prune.CONV_SPEC,
         lowbit.SPEC,
+        lowbit.CONV_SPEC,
     )
 }
 
@@ -35,6 +36,7 @@ REFERENCE_OPS = [
     prune.SparseGemm,
     prune.SparseConv,
     lowbit.LowBitMatMul,
+    lowbit.LowBitConv,
 ]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]

@@ -190,3 +190,76 @@ def test_creation_errors_are_clear(kwargs, message):
             make_model(Q, S, Z, B, args["K"], args["N"], args["bits"], args["G"], x_shape=["M", 40], **kwargs)
         )
     assert "LowBitMatMul node 'lb'" in str(info.value) or "(LowBitMatMul)" in str(info.value), str(info.value)
+
+
+# act_bits = 8 (bits 4): (K, N, G, leading shape, bias)
+I8_CASES = [
+    (64, 8, 32, (1,), True),
+    (100, 13, 32, (1,), True),  # K padded, N odd
+    (257, 67, 64, (3,), False),  # rows one by one through the integer path
+    (384, 131, 128, (1,), True),
+    (4500, 7, 128, (1,), True),  # two K slabs
+    (1280, 9, 256, (2,), True),  # 8 chunks per group: the 16-bit partial sums at their widest
+]
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
+@pytest.mark.parametrize(
+    "case", I8_CASES, ids=[f"K={c[0]},N={c[1]},G={c[2]},lead={list(c[3])}" for c in I8_CASES]
+)
+def test_int8_activations_match_their_reference(case, portable, monkeypatch):
+    """act_bits = 8: the reference models the activation quantization; the kernel's integer dot products are
+    exact, so it matches within float32 round-off of the scaling (and stays near the float path)."""
+    K, N, G, lead, bias = case
+    Q, S, Z, B = weights(K, N, 4, G, bias, seed=K + N)
+    X = np.random.default_rng(K).standard_normal((*lead, K), dtype=F32)
+    if portable:
+        monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")
+    kw = dict(K=K, N=N, bits=4, group_size=G)
+    Y_ref = lowbit_matmul(X, Q, S, Z, B, **kw, act_bits=8)
+    assert 1e-4 < rel_l2(Y_ref, lowbit_matmul(X, Q, S, Z, B, **kw)) < 0.05  # int8 rows: ~1% off, not 0
+    model = make_model(Q, S, Z, B, K, N, 4, G, x_shape=[*(f"d{i}" for i in range(len(lead))), K], act_bits=8)
+    for threads in (1, 2):
+        (Y,) = onnxopt.make_session(model, threads=threads).run(None, {"X": X})
+        err = rel_l2(Y, Y_ref)
+        assert err <= TOL, f"{case} portable={portable} threads={threads}: rel L2 {err:.3e}"
+
+
+def test_int8_activation_codes_are_exact():
+    """Rows whose int8 codes are exact (x = integers up to 127, so the row scale is 1) and integer weights:
+    every product and sum is exact, so the kernel equals the reference bit for bit."""
+    rng = np.random.default_rng(9)
+    K, N, G = 96, 11, 32
+    q = rng.integers(0, 16, (K, N), dtype=np.uint8)
+    S = np.ones((N, K // G), F32)
+    Z = rng.integers(0, 16, (N, K // G), dtype=np.uint8)
+    X = rng.integers(-127, 128, (3, K)).astype(F32)
+    X[:, 0] = 127.0  # max |x| = 127: the row scale is exactly 1
+    Q = pack_codes(q, 4)
+    Y_ref = lowbit_matmul(X, Q, S, Z, None, K=K, N=N, bits=4, group_size=G, act_bits=8)
+    np.testing.assert_array_equal(Y_ref, X.astype(np.float64) @ (q.astype(np.float64) - Z.T.repeat(G, 0)))
+    for portable in ("0", "1"):
+        import os
+
+        os.environ["ONNXOPT_DISABLE_AVX2"] = portable
+        try:
+            (Y,) = onnxopt.make_session(make_model(Q, S, Z, None, K, N, 4, G, act_bits=8)).run(None, {"X": X})
+        finally:
+            os.environ.pop("ONNXOPT_DISABLE_AVX2")
+        np.testing.assert_array_equal(Y, Y_ref, err_msg=f"portable={portable}")
+
+
+def test_int8_activations_errors():
+    Q, S, Z, B = weights(40, 5, 4, 32, True, 1)
+    with pytest.raises(Exception, match=r"'act_bits' must be 0 or 8, got 4"):
+        onnxopt.make_session(make_model(Q, S, Z, B, 40, 5, 4, 32, act_bits=4))
+    Q2, S2, Z2, B2 = weights(40, 5, 2, 32, True, 1)
+    with pytest.raises(Exception, match=r"act_bits = 8 needs bits = 4"):
+        onnxopt.make_session(make_model(Q2, S2, Z2, B2, 40, 5, 2, 32, act_bits=8))
+    sess = onnxopt.make_session(make_model(Q, S, Z, B, 40, 5, 4, 32, act_bits=8))
+    X = np.zeros((2, 40), F32)
+    X[1, 3] = np.nan
+    with pytest.raises(Exception, match="non-finite value"):
+        sess.run(None, {"X": X})
+    (Y,) = sess.run(None, {"X": np.zeros((1, 40), F32)})  # an all-zero row: codes 0, y = bias
+    np.testing.assert_allclose(Y[0], B, rtol=1e-6)

@@ -1,6 +1,7 @@
 """lowbit pass: the roundings on their own (grid, RTN, GPTQ against RTN on correlated inputs, monotone in
-bits), then the pass on MLPs (Gemm with transB, MatMul, K not a multiple of the group) checked against the
-original and against the numpy reference of the emitted op, and its declines."""
+bits), then the pass on MLPs (Gemm with transB, MatMul, K not a multiple of the group) and CNNs (LowBitConv:
+padding, stride, GPTQ from the input patches) checked against the original and against the numpy reference
+of the emitted op, its declines, and the per-layer timing (lowbit.measure)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from models.synthetic import mlp
+import onnxopt
+from models.synthetic import conv_net, mlp
 from onnxopt.budget import OutputBudget
 from onnxopt.data import synthetic_inputs
 from onnxopt.manager import optimize
 from onnxopt.passes.lowbit import LowBit, quantize, relative_error, stored_bytes
 from onnxopt.passes.lowbit_quantize import dequantize, gptq, grid, inverse_factor, rtn
-from onnxopt.reference.lowbit import lowbit_matmul
+from onnxopt.reference.lowbit import lowbit_conv, lowbit_matmul
 from onnxopt.verify import compare_models
 
 
 def _run(model, max_error=1e-2, settings=None, samples=64):
+    """optimize with the lowbit pass alone; layers are not timed unless the settings say measure=1."""
+    settings = {k: dict(v) for k, v in (settings or {}).items()}
+    settings.setdefault("lowbit", {}).setdefault("measure", "0")
     feeds = synthetic_inputs(model, samples=samples, seed=1)
     budget = OutputBudget(model, feeds, max_error)
     return optimize(model, [LowBit()], feeds, budget, max_error=max_error, settings=settings), feeds
@@ -142,3 +147,105 @@ def test_emitted_weights_are_the_packed_codes():
     assert attrs["bits"] == 2 and attrs["group_size"] == 64 and attrs["K"] == 64
     inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     assert inits[node.input[1]].dtype == np.uint8 and inits[node.input[1]].shape == (attrs["N"], 64 * 2 // 8)
+
+
+def _record(result, name):
+    return next(r for r in result.records if r.node == name)
+
+
+@pytest.mark.parametrize(("strides", "pads"), [(1, 1), (2, 0)])
+def test_conv_rewrites_and_matches_the_original(strides, pads):
+    model = conv_net([8, 16, 12], size=9, seed=5, strides=strides, pads=pads)
+    result, feeds = _run(
+        model, max_error=0.3, settings={"lowbit": {"bits": "4", "group_size": "32"}}, samples=16
+    )
+    recs = [_record(result, n) for n in ("conv0", "conv1")]
+    assert all(r.status == "applied" for r in recs), [r.as_dict() for r in recs]
+    assert recs[1].detail["shape"] == [16 * 9, 12] and recs[1].bytes_after < recs[1].bytes_before / 4
+    onnx.checker.check_model(result.model)
+    nodes = [n for n in result.model.graph.node if n.op_type == "LowBitConv"]
+    assert len(nodes) == 2 and "Conv" not in [n.op_type for n in result.model.graph.node]
+    errs = compare_models(model, result.model, feeds)
+    assert max(e.rel_l2 for e in errs) <= 0.3, errs
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["strides"] == [strides] * 2 and attrs["pads"] == [pads] * 4 and attrs["C"] == 8
+
+
+def test_conv_reference_matches_the_kernel_on_the_rewritten_layer():
+    model = conv_net([8, 10], size=7, seed=8)  # one Conv: its output is the graph output
+    result, feeds = _run(model, max_error=0.3, settings={"lowbit": {"bits": "3", "group_size": "32"}})
+    node = next(n for n in result.model.graph.node if n.op_type == "LowBitConv")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    x = feeds["x"][:3]
+    (y,) = onnxopt.make_session(result.model.SerializeToString()).run(None, {"x": x})
+    ref = lowbit_conv(x, *(inits[n] for n in node.input[1:]), **attrs)
+    assert np.linalg.norm(y - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+def test_conv_gptq_uses_the_patches_and_beats_rtn_after_relu():
+    model = conv_net([8, 16, 16], size=10, seed=6)
+    errs = {}
+    for rounding in ("rtn", "gptq"):
+        settings = {"lowbit": {"bits": "3", "group_size": "32", "rounding": rounding}}
+        result, _ = _run(model, max_error=10.0, settings=settings, samples=32)
+        rec = _record(result, "conv1")  # its inputs are ReLU outputs: overlapping, correlated patches
+        assert rec.status == "applied" and rec.detail["rounding"] == rounding, rec.as_dict()
+        errs[rounding] = rec.est_error
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_conv_more_bits_less_error():
+    model = conv_net([8, 16, 8], size=8, seed=7)
+    errors = []
+    for bits in (2, 3, 4):
+        result, feeds = _run(
+            model, max_error=10.0, settings={"lowbit": {"bits": str(bits), "rounding": "rtn"}}
+        )
+        assert _record(result, "conv1").status == "applied"
+        errors.append(max(e.rel_l2 for e in compare_models(model, result.model, feeds)))
+    assert errors == sorted(errors, reverse=True), errors
+
+
+def test_conv_declines_with_reasons():
+    result, _ = _run(conv_net([2, 8, 8], size=8, seed=1), max_error=10.0)  # conv0: C kh kw = 18
+    rec = _record(result, "conv0")
+    assert rec.status == "declined" and "C kh kw = 18 < 32" in rec.reason, rec.as_dict()
+    result, _ = _run(conv_net([8, 8, 8], size=8, seed=1, group=2), max_error=10.0)
+    rec = _record(result, "conv0")
+    assert rec.status == "declined" and "group=2" in rec.reason, rec.as_dict()
+    result, _ = _run(
+        conv_net([8, 8, 8], size=8, seed=1), max_error=10.0, settings={"lowbit": {"layers": "fc"}}
+    )
+    rec = _record(result, "conv1")
+    assert rec.status == "declined" and "lowbit.layers=fc" in rec.reason, rec.as_dict()
+
+
+def test_measured_layers_carry_their_times_or_decline_with_them():
+    """lowbit.measure=1 (the default): a kept rewrite carries the measured times, a declined one says it was
+    not faster; either way the layer was timed. (Which one happens depends on this machine's load.)"""
+    model = conv_net([16, 32, 8], size=8, seed=2)
+    settings = {"lowbit": {"bits": "4", "group_size": "32", "measure": "1"}}
+    result, _ = _run(model, max_error=10.0, settings=settings, samples=8)
+    rec = _record(result, "conv1")
+    said = str(rec.as_dict())
+    if rec.status == "applied":
+        assert rec.detail["ms_before"] > 0 and rec.detail["speedup"] >= 1.05, said
+    else:  # declined as slower per layer, or undone as slower in the whole model
+        assert "not faster" in said or "undone" in said, said
+
+
+def test_int8_activation_mode_through_the_pass():
+    model = mlp([128, 64, 10], seed=9)
+    base, feeds = _run(model, max_error=10.0, settings={"lowbit": {"bits": "4", "rounding": "rtn"}})
+    result, _ = _run(model, max_error=10.0, settings={"lowbit": {"act_bits": "8", "rounding": "rtn"}})
+    fc0 = _record(result, "fc0")
+    assert fc0.status == "applied" and fc0.detail["bits"] == 4 and fc0.detail["act_bits"] == 8, fc0.as_dict()
+    node = next(n for n in result.model.graph.node if n.op_type == "LowBitMatMul")
+    assert {a.name: a.i for a in node.attribute}["act_bits"] == 8
+    # the estimate includes the activation rounding: above the weight-only estimate, and near what it costs
+    assert fc0.est_error > _record(base, "fc0").est_error
+    err = max(e.rel_l2 for e in compare_models(model, result.model, feeds))
+    assert err < 0.2, err
+    result, _ = _run(model, max_error=10.0, settings={"lowbit": {"act_bits": "8", "bits": "2"}})
+    assert "needs 4-bit codes" in _record(result, "fc0").reason
