@@ -19,5 +19,7 @@ Ort::Custom::OrtLiteCustomOp* MakeACDCMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeSparseGemmOp();
 Ort::Custom::OrtLiteCustomOp* MakeSparseConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeLowBitMatMulOp();
+Ort::Custom::OrtLiteCustomOp* MakeBinaryMatMulOp();
+Ort::Custom::OrtLiteCustomOp* MakeBinaryConvOp();
 
 }  // namespace onnxopt

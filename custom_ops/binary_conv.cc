@@ -1,0 +1,254 @@
+// BinaryConv kernel: ONNX Conv (NCHW, group 1) on binarized weights and activations (binary.h for the math and
+// layouts, onnxopt/reference/binary.py for the semantics).
+//
+// Per call: (1) every input row is binarized into channel-packed words on the zero-padded grid [Hp][Wp][cw],
+// with per-pixel popcount and sum |x| beside it (tasks over image rows); (2) per output row, the AND-popcounts
+// of every filter at every pixel of the row (kernels' conv_row), then the scaling: the receptive field's
+// popcount(a) and sum |x| from the per-pixel arrays (pads hold 0), and popcount(b) over the taps inside the
+// image (the full count for interior pixels, the per-tap counts summed for border pixels).
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "binary.h"
+#include "kernel_util.h"
+#include "ops.h"
+
+namespace onnxopt {
+
+namespace {
+
+constexpr int64_t kMaxAttribute = int64_t{1} << 24;
+
+struct ConvGeometry {
+  int64_t n = 0, h = 0, w = 0, oh = 0, ow = 0, hp = 0, wp = 0;
+};
+
+struct ConvCall {
+  const BinaryConvKernel* k = nullptr;
+  ConvGeometry g;
+  binary::ConvPlan plan;
+  const float* x = nullptr;
+  uint64_t* bits = nullptr;  // [N][Hp][Wp][cw]
+  float* abs_sum = nullptr;  // [N][Hp][Wp]
+  int32_t* ones = nullptr;   // [N][Hp][Wp]
+  float* y = nullptr;
+  std::atomic<bool> failed{false};
+};
+
+void PackTask(void* data, size_t task) {
+  auto* call = static_cast<ConvCall*>(data);
+  const BinaryConvKernel& k = *call->k;
+  const ConvGeometry& g = call->g;
+  const int64_t n = static_cast<int64_t>(task) / g.h, iy = static_cast<int64_t>(task) % g.h;
+  const int64_t pix = (n * g.hp + iy + k.pads_[0]) * g.wp + k.pads_[1];
+  uint64_t* out = call->bits + pix * k.cw_;
+  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.c_, g.h, g.w, iy, k.cw_, out, call->abs_sum + pix);
+  for (int64_t ix = 0; ix < g.w; ++ix) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < k.cw_; ++i) c += __builtin_popcountll(out[ix * k.cw_ + i]);
+    call->ones[pix + ix] = static_cast<int32_t>(c);
+  }
+}
+
+// [first, last) of the taps along one axis that fall inside the input, for output coordinate o.
+std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
+  int64_t first = taps, last = 0;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t i = o * stride - pad + t * dil;
+    if (i >= 0 && i < size) first = std::min(first, t), last = t + 1;
+  }
+  return {first, std::max(first, last)};
+}
+
+void ComputeTask(void* data, size_t task) {
+  auto* call = static_cast<ConvCall*>(data);
+  if (call->failed.load(std::memory_order_relaxed)) return;
+  try {
+    const BinaryConvKernel& k = *call->k;
+    const ConvGeometry& g = call->g;
+    const int64_t n = static_cast<int64_t>(task) / g.oh, oy = static_cast<int64_t>(task) % g.oh;
+    const int64_t taps = k.kh_ * k.kw_, plane = g.hp * g.wp;
+    thread_local std::vector<int32_t> counts;
+    counts.resize(static_cast<size_t>(call->plan.groups * binary::kGroup * g.ow));
+    k.kern_->conv_row(call->plan, call->bits + n * plane * k.cw_, oy, counts.data());
+    const float* abs_sum = call->abs_sum + n * plane;
+    const int32_t* ones = call->ones + n * plane;
+    const auto [y0, y1] = ValidTaps(oy, k.sh_, k.pads_[0], k.dh_, k.kh_, g.h);
+    const float inv = 1.0f / static_cast<float>(taps * k.c_);
+    float* y = call->y + n * k.m_ * g.oh * g.ow + oy * g.ow;
+    for (int64_t ox = 0; ox < g.ow; ++ox) {
+      const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
+      float a = 0.0f;
+      int64_t pc = 0;
+      for (int64_t dy = 0; dy < k.kh_; ++dy) {
+        const int64_t row = (oy * k.sh_ + dy * k.dh_) * g.wp + ox * k.sw_;
+        for (int64_t dx = 0; dx < k.kw_; ++dx) {
+          a += abs_sum[row + dx * k.dw_];
+          pc += ones[row + dx * k.dw_];
+        }
+      }
+      const bool interior = y1 - y0 == k.kh_ && x1 - x0 == k.kw_;
+      const int64_t inside = (y1 - y0) * (x1 - x0) * k.c_;
+      const float kappa = a * inv, d0 = static_cast<float>(2 * pc - inside);
+      for (int64_t m = 0; m < k.m_; ++m) {
+        int64_t b = k.w_.ones[m];
+        if (!interior) {
+          b = 0;
+          for (int64_t dy = y0; dy < y1; ++dy)
+            for (int64_t dx = x0; dx < x1; ++dx) b += k.tap_ones_[m * taps + dy * k.kw_ + dx];
+        }
+        const float d1 = static_cast<float>(2 * counts[m * g.ow + ox] - b);
+        y[m * g.oh * g.ow + ox] = kappa * (k.w_.p[m] * d1 + k.w_.q[m] * d0) + k.bias_[m];
+      }
+    }
+  } catch (...) {
+    call->failed.store(true);
+  }
+}
+
+struct ChannelLimit {
+  int64_t c, cp;
+};
+bool InsideChannels(int64_t bit, const void* ctx) {
+  const auto* l = static_cast<const ChannelLimit*>(ctx);
+  return bit % l->cp < l->c;
+}
+
+}  // namespace
+
+std::string BinaryConvKernel::Where() const { return onnxopt::Where("BinaryConv", node_name_); }
+
+BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info) {
+  Ort::ConstKernelInfo kinfo{info};
+  node_name_ = kinfo.GetNodeName();
+  const std::string where = Where();
+  present_inputs_ = onnxopt::PresentInputs(kinfo);
+  if (present_inputs_ != 3 && present_inputs_ != 4) {
+    Fail(where, "expects inputs (X, Wbits, S) or (X, Wbits, S, B), got " + std::to_string(present_inputs_));
+  }
+  const auto c = IntAttribute(api, info, "C", where);
+  if (!c || *c < 1 || *c > kMaxAttribute) Fail(where, "attribute 'C' (input channels, in [1, 2^24]) is required");
+  c_ = *c;
+  const auto ks = IntsAttribute(api, info, "kernel_shape", where);
+  if (!ks || ks->size() != 2 || (*ks)[0] < 1 || (*ks)[1] < 1 || (*ks)[0] > 64 || (*ks)[1] > 64) {
+    Fail(where, "attribute 'kernel_shape' must be 2 ints in [1, 64]" +
+                    (ks ? ", got " + ShapeStr(*ks) : std::string(", and is required")));
+  }
+  kh_ = (*ks)[0], kw_ = (*ks)[1];
+  auto pair = [&](const char* name, int64_t& a, int64_t& b) {
+    if (auto v = IntsAttribute(api, info, name, where)) {
+      if (v->size() != 2 || (*v)[0] < 1 || (*v)[1] < 1 || (*v)[0] > kMaxAttribute || (*v)[1] > kMaxAttribute) {
+        Fail(where, std::string("attribute '") + name + "' must be 2 ints in [1, 2^24], got " + ShapeStr(*v));
+      }
+      a = (*v)[0], b = (*v)[1];
+    }
+  };
+  pair("strides", sh_, sw_);
+  pair("dilations", dh_, dw_);
+  const auto pads = ReadPads(api, info, where);
+  if (*std::max_element(pads.begin(), pads.end()) > kMaxAttribute) Fail(where, "attribute 'pads' must be at most 2^24");
+  std::copy(pads.begin(), pads.end(), pads_);
+  if (auto group = IntAttribute(api, info, "group", where); group && *group != 1) {
+    Fail(where, "only group = 1 is supported, got " + std::to_string(*group));
+  }
+  cw_ = binary::Words(c_);
+  int is_constant = 0;
+  Ort::ConstValue wv = kinfo.GetTensorConstantInput(1, &is_constant);
+  if (!is_constant || wv == nullptr) Fail(where, "Wbits (input 1) must be a constant initializer");
+  const std::vector<int64_t> wshape = wv.GetTensorTypeAndShapeInfo().GetShape();
+  if (wshape.size() != 2 || wshape[0] < 1) Fail(where, "Wbits must have shape [M, kh kw Cp / 8], got " + ShapeStr(wshape));
+  m_ = wshape[0];
+  const int64_t taps = kh_ * kw_;
+  const ChannelLimit limit{c_, cw_ * binary::kWord};
+  w_ = binary::ReadBitWeights(api, info, m_, taps * cw_ * binary::kWord, InsideChannels, &limit, where);
+  const int64_t groups = (m_ + binary::kGroup - 1) / binary::kGroup, span = taps * cw_;
+  groups_.assign(static_cast<size_t>(groups * span * binary::kGroup), 0);
+  tap_ones_.assign(static_cast<size_t>(m_ * taps), 0);
+  for (int64_t m = 0; m < m_; ++m) {
+    const uint64_t* row = w_.bits.data() + m * w_.words;
+    for (int64_t j = 0; j < span; ++j) {
+      groups_[((m / binary::kGroup) * span + j) * binary::kGroup + m % binary::kGroup] = row[j];
+      tap_ones_[m * taps + j / cw_] += __builtin_popcountll(row[j]);
+    }
+  }
+  w_.bits = {};  // regrouped above; only the counts and scales are kept
+  bias_.assign(static_cast<size_t>(m_), 0.0f);
+  if (present_inputs_ == 4) {
+    const ConstantTensor b = ConstantFloatInput(kinfo, 3, "B", where);
+    if (b.shape != std::vector<int64_t>{m_}) {
+      Fail(where, "B must have shape [M] = [" + std::to_string(m_) + "], got " + ShapeStr(b.shape));
+    }
+    bias_ = b.data;
+  }
+  kern_ = &binary::ChooseKernels();
+}
+
+Ort::Status BinaryConvKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
+                                      const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
+                                      std::optional<const Ort::Custom::Tensor<float>*> B,
+                                      Ort::Custom::Tensor<float>& Y) {
+  return Guarded(Where(), [&] { Run(context, X, Wbits, S, B, Y); });
+}
+
+void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
+                           const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
+                           std::optional<const Ort::Custom::Tensor<float>*> B, Ort::Custom::Tensor<float>& Y) const {
+  const std::string where = Where();
+  const std::vector<int64_t>& xs = X.Shape();
+  if (xs.size() != 4 || xs[1] != c_) {
+    Fail(where, "X must have shape [N, C, H, W] with C = " + std::to_string(c_) + ", got " + ShapeStr(xs));
+  }
+  if (Wbits.Shape() != std::vector<int64_t>{m_, w_.words * 8} || S.Shape() != w_.s_shape) {
+    Fail(where, "Wbits or S changed shape since kernel creation");
+  }
+  if (B.has_value() && *B != nullptr && (*B)->Shape() != std::vector<int64_t>{m_}) {
+    Fail(where, "B must have shape [" + std::to_string(m_) + "], got " + ShapeStr((*B)->Shape()));
+  }
+  ConvCall call;
+  ConvGeometry& g = call.g;
+  g.n = xs[0], g.h = xs[2], g.w = xs[3];
+  g.hp = g.h + pads_[0] + pads_[2];
+  g.wp = g.w + pads_[1] + pads_[3];
+  const int64_t span_y = g.hp - dh_ * (kh_ - 1) - 1, span_x = g.wp - dw_ * (kw_ - 1) - 1;
+  if (span_y < 0 || span_x < 0) {
+    Fail(where, "input " + ShapeStr(xs) + " is smaller than the dilated kernel after padding");
+  }
+  g.oh = span_y / sh_ + 1, g.ow = span_x / sw_ + 1;
+  float* y = Y.Allocate({g.n, m_, g.oh, g.ow});
+  if (g.n == 0 || g.h == 0 || g.w == 0) return;
+  if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
+  if (g.hp * g.wp * cw_ > std::numeric_limits<int32_t>::max()) Fail(where, "input too large (over 2^31 words)");
+  const int64_t plane = g.hp * g.wp;
+  std::vector<uint64_t> bits(static_cast<size_t>(g.n * plane * cw_), 0);
+  std::vector<float> abs_sum(static_cast<size_t>(g.n * plane), 0.0f);
+  std::vector<int32_t> ones(static_cast<size_t>(g.n * plane), 0);
+  const int64_t taps = kh_ * kw_;
+  std::vector<int32_t> offsets(static_cast<size_t>(taps * cw_));
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t i = 0; i < cw_; ++i) {
+      offsets[t * cw_ + i] = static_cast<int32_t>(((t / kw_) * dh_ * g.wp + (t % kw_) * dw_) * cw_ + i);
+    }
+  }
+  call.k = this;
+  call.x = X.Data();
+  call.bits = bits.data();
+  call.abs_sum = abs_sum.data();
+  call.ones = ones.data();
+  call.y = y;
+  binary::ConvPlan& p = call.plan;
+  p.cw = cw_, p.taps = taps, p.groups = (m_ + binary::kGroup - 1) / binary::kGroup, p.ow = g.ow;
+  p.pixel_step = sw_ * cw_, p.row_step = sh_ * g.wp * cw_;
+  p.wgroups = groups_.data();
+  p.offsets = offsets.data();
+  RunTasks(context, PackTask, g.n * g.h, &call);
+  RunTasks(context, ComputeTask, g.n * g.oh, &call);
+  if (call.failed.load()) Fail(where, "a compute task failed (out of memory?)", ORT_FAIL);
+}
+
+Ort::Custom::OrtLiteCustomOp* MakeBinaryConvOp() { return new SafeOp<BinaryConvKernel>("BinaryConv"); }
+
+}  // namespace onnxopt
