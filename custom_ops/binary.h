@@ -10,8 +10,8 @@
 // same one popcount per word, with popcount(a) shared by every output.
 //
 // Weights are copied at kernel creation into uint64 words (bit k % 64 of word k / 64: the input's byte order).
-// BinaryConv's words are regrouped by four filters, [M / 4][taps][Cw][4], so that one 256-bit load holds the
-// same (tap, word) of four filters and the AVX2 loop ANDs it with one broadcast input word per pixel.
+// BinaryConv's words are regrouped by eight filters, [M / 8][taps][Cw][8], so that one 512-bit load (two
+// 256-bit loads) holds the same (tap, word) of eight filters, ANDed with one broadcast input word per pixel.
 // Its input is binarized once per call into channel-packed words per pixel, [Hp][Wp][Cw] (Cw = C / 64 rounded
 // up), over the zero-padded grid: padded pixels and channels are 0 bits, so they add nothing to popcount(a & b);
 // the popcount(b) term then counts only the taps inside the image (per-tap counts kept per filter).
@@ -32,7 +32,7 @@ namespace onnxopt {
 namespace binary {
 
 constexpr int64_t kWord = 64;
-constexpr int64_t kGroup = 4;  // filters per 256-bit weight load of BinaryConv
+constexpr int64_t kGroup = 8;  // filters per 512 bits of BinaryConv's regrouped weights
 
 inline int64_t Words(int64_t bits) { return (bits + kWord - 1) / kWord; }
 
@@ -40,11 +40,11 @@ inline int64_t Words(int64_t bits) { return (bits + kWord - 1) / kWord; }
 struct ConvPlan {
   int64_t cw = 0;               // words per pixel
   int64_t taps = 0;             // kh kw
-  int64_t groups = 0;           // filter groups of 4
+  int64_t groups = 0;           // filter groups of 8
   int64_t ow = 0;               // output columns
   int64_t pixel_step = 0;       // words between consecutive output pixels of a row (sw cw)
   int64_t row_step = 0;         // words between consecutive output rows (sh Wp cw)
-  const uint64_t* wgroups = nullptr;  // [groups][taps][cw][4]
+  const uint64_t* wgroups = nullptr;  // [groups][taps][cw][8]
   const int32_t* offsets = nullptr;   // [taps cw]: word offset of (tap, word) from a pixel's first word
 };
 
@@ -56,7 +56,7 @@ using PartialFn = void (*)(const uint64_t* bits, int64_t words, const float* x, 
 using AndCountFn = void (*)(const uint64_t* bits, int64_t words, const uint64_t* a, int64_t n0, int64_t n1,
                             int32_t* counts);
 // counts[m * ow + ox] = popcount over the receptive field of output (oy, ox) of a & b_m for every filter m of
-// the plan (groups 4), x the packed image, the row's first pixel at x + oy row_step.
+// the plan (groups of 8), x the packed image, the row's first pixel at x + oy row_step.
 using ConvRowFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts);
 // Sign bits of the channels of input row iy (of an NCHW image of C channels, H x W) into out[ix cw + c / 64]
 // (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x|.
@@ -72,7 +72,12 @@ struct Kernels {
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
-const Kernels& ChooseKernels();  // by HasAvx2Fma()
+// The AVX2 kernels with BinaryConv's count loop on AVX-512 VPOPCNTDQ (binary_avx512.cc).
+const Kernels& Avx512Kernels();
+bool HasAvx512Popcount();  // CPU and OS run AVX-512F + VPOPCNTDQ, and ONNXOPT_DISABLE_AVX512 is not set
+// AVX-512 where HasAvx512Popcount(), else AVX2 where HasAvx2Fma(), else portable. ONNXOPT_DISABLE_AVX512=1
+// forces the AVX2 path (tests run all three), ONNXOPT_DISABLE_AVX2=1 the portable one.
+const Kernels& ChooseKernels();
 
 // What both ops read at creation: the packed bits of `rows` rows of `bits` bits (input 1, uint8
 // [rows, words 8]) as words, checked (constant, dtype, shape, padded bits 0), the per-row popcount, and
@@ -126,7 +131,7 @@ struct BinaryConvKernel {
   int64_t c_ = 0, m_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, cw_ = 0;
   int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
   binary::BitWeights w_;
-  std::vector<uint64_t> groups_;   // [M / 4][taps][cw][4] (padded filters: 0)
+  std::vector<uint64_t> groups_;   // [M / 8][taps][cw][8] (padded filters: 0)
   std::vector<int32_t> tap_ones_;  // [M][taps]: popcount of each filter's bits at each tap
   std::vector<float> bias_;
   const binary::Kernels* kern_ = nullptr;

@@ -98,48 +98,42 @@ void AndCount(const uint64_t* bits, int64_t words, const uint64_t* a, int64_t n0
   }
 }
 
-// kPix output pixels from ox, two filter groups (8 filters) from group g (the second may be absent: kG = 1).
-template <int kPix, int kG>
+// kPix output pixels from ox, the eight filters of group g (two 256-bit halves of four filters).
+template <int kPix>
 inline void ConvBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t ox, int32_t* counts) {
   const __m256i lut = Lut(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
   const int64_t span = p.taps * p.cw;
   const uint64_t* wg = p.wgroups + g * span * kGroup;
-  __m256i total[kPix][kG];
-  for (int i = 0; i < kPix; ++i)
-    for (int k = 0; k < kG; ++k) total[i][k] = zero;
+  __m256i total[kPix][2];
+  for (int i = 0; i < kPix; ++i) total[i][0] = total[i][1] = zero;
   for (int64_t j0 = 0; j0 < span; j0 += kFlush) {
     const int64_t j1 = j0 + kFlush < span ? j0 + kFlush : span;
-    __m256i acc[kPix][kG];
-    for (int i = 0; i < kPix; ++i)
-      for (int k = 0; k < kG; ++k) acc[i][k] = zero;
+    __m256i acc[kPix][2];
+    for (int i = 0; i < kPix; ++i) acc[i][0] = acc[i][1] = zero;
     for (int64_t j = j0; j < j1; ++j) {
-      __m256i w[kG];
-      for (int k = 0; k < kG; ++k) {
-        w[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + (k * span + j) * kGroup));
-      }
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * kGroup));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * kGroup + 4));
       const int32_t off = p.offsets[j];
       for (int i = 0; i < kPix; ++i) {
         const __m256i xv = _mm256_set1_epi64x(static_cast<int64_t>(px[off + i * p.pixel_step]));
-        for (int k = 0; k < kG; ++k) acc[i][k] = _mm256_add_epi8(acc[i][k], ByteCount(_mm256_and_si256(xv, w[k]), lut, low));
+        acc[i][0] = _mm256_add_epi8(acc[i][0], ByteCount(_mm256_and_si256(xv, w0), lut, low));
+        acc[i][1] = _mm256_add_epi8(acc[i][1], ByteCount(_mm256_and_si256(xv, w1), lut, low));
       }
     }
     for (int i = 0; i < kPix; ++i)
-      for (int k = 0; k < kG; ++k) total[i][k] = _mm256_add_epi64(total[i][k], _mm256_sad_epu8(acc[i][k], zero));
+      for (int k = 0; k < 2; ++k) total[i][k] = _mm256_add_epi64(total[i][k], _mm256_sad_epu8(acc[i][k], zero));
   }
   for (int i = 0; i < kPix; ++i) {
-    for (int k = 0; k < kG; ++k) {
-      alignas(32) int64_t c[4];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(c), total[i][k]);
-      for (int f = 0; f < kGroup; ++f) counts[((g + k) * kGroup + f) * p.ow + ox + i] = static_cast<int32_t>(c[f]);
-    }
+    alignas(32) int64_t c[kGroup];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), total[i][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c + 4), total[i][1]);
+    for (int f = 0; f < kGroup; ++f) counts[(g * kGroup + f) * p.ow + ox + i] = static_cast<int32_t>(c[f]);
   }
 }
 
 template <int kPix>
 inline void ConvPixels(const ConvPlan& p, const uint64_t* px, int64_t ox, int32_t* counts) {
-  int64_t g = 0;
-  for (; g + 2 <= p.groups; g += 2) ConvBlock<kPix, 2>(p, px, g, ox, counts);
-  if (g < p.groups) ConvBlock<kPix, 1>(p, px, g, ox, counts);
+  for (int64_t g = 0; g < p.groups; ++g) ConvBlock<kPix>(p, px, g, ox, counts);
 }
 
 void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) {

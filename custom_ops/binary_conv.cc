@@ -80,6 +80,12 @@ void ComputeTask(void* data, size_t task) {
     const auto [y0, y1] = ValidTaps(oy, k.sh_, k.pads_[0], k.dh_, k.kh_, g.h);
     const float inv = 1.0f / static_cast<float>(taps * k.c_);
     float* y = call->y + n * k.m_ * g.oh * g.ow + oy * g.ow;
+    // Per pixel of the row: kappa, the D0 term and the valid tap columns; then filter by filter along the row,
+    // so that counts are read and Y written contiguously.
+    thread_local std::vector<float> kappa, d0;
+    thread_local std::vector<int64_t> border;  // pixels whose field is cut by padding
+    kappa.resize(static_cast<size_t>(g.ow)), d0.resize(static_cast<size_t>(g.ow));
+    border.clear();
     for (int64_t ox = 0; ox < g.ow; ++ox) {
       const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
       float a = 0.0f;
@@ -91,18 +97,23 @@ void ComputeTask(void* data, size_t task) {
           pc += ones[row + dx * k.dw_];
         }
       }
-      const bool interior = y1 - y0 == k.kh_ && x1 - x0 == k.kw_;
-      const int64_t inside = (y1 - y0) * (x1 - x0) * k.c_;
-      const float kappa = a * inv, d0 = static_cast<float>(2 * pc - inside);
-      for (int64_t m = 0; m < k.m_; ++m) {
-        int64_t b = k.w_.ones[m];
-        if (!interior) {
-          b = 0;
-          for (int64_t dy = y0; dy < y1; ++dy)
-            for (int64_t dx = x0; dx < x1; ++dx) b += k.tap_ones_[m * taps + dy * k.kw_ + dx];
-        }
-        const float d1 = static_cast<float>(2 * counts[m * g.ow + ox] - b);
-        y[m * g.oh * g.ow + ox] = kappa * (k.w_.p[m] * d1 + k.w_.q[m] * d0) + k.bias_[m];
+      kappa[ox] = a * inv;
+      d0[ox] = static_cast<float>(2 * pc - (y1 - y0) * (x1 - x0) * k.c_);
+      if (y1 - y0 != k.kh_ || x1 - x0 != k.kw_) border.push_back(ox);
+    }
+    for (int64_t m = 0; m < k.m_; ++m) {
+      const float p = k.w_.p[m], q = k.w_.q[m], bias = k.bias_[m], b = static_cast<float>(k.w_.ones[m]);
+      const int32_t* cm = counts.data() + m * g.ow;
+      float* ym = y + m * g.oh * g.ow;
+      for (int64_t ox = 0; ox < g.ow; ++ox) {
+        ym[ox] = kappa[ox] * (p * (static_cast<float>(2 * cm[ox]) - b) + q * d0[ox]) + bias;
+      }
+      for (const int64_t ox : border) {  // popcount(b) over the taps inside the image only
+        const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
+        int64_t inside = 0;
+        for (int64_t dy = y0; dy < y1; ++dy)
+          for (int64_t dx = x0; dx < x1; ++dx) inside += k.tap_ones_[m * taps + dy * k.kw_ + dx];
+        ym[ox] = kappa[ox] * (p * static_cast<float>(2 * cm[ox] - inside) + q * d0[ox]) + bias;
       }
     }
   } catch (...) {

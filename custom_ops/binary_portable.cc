@@ -39,7 +39,7 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
     const uint64_t* px = x + oy * p.row_step + ox * p.pixel_step;
     for (int64_t g = 0; g < p.groups; ++g) {
       const uint64_t* wg = p.wgroups + g * span * kGroup;
-      int64_t c[kGroup] = {0, 0, 0, 0};
+      int64_t c[kGroup] = {};
       for (int64_t j = 0; j < span; ++j) {
         const uint64_t v = px[p.offsets[j]];
         for (int f = 0; f < kGroup; ++f) c[f] += __builtin_popcountll(v & wg[j * kGroup + f]);
@@ -73,9 +73,14 @@ const Kernels& PortableKernels() {
 
 #if !(defined(__x86_64__) || defined(__i386__))
 const Kernels& Avx2Kernels() { return PortableKernels(); }  // never chosen: HasAvx2Fma() is false
+const Kernels& Avx512Kernels() { return PortableKernels(); }
+bool HasAvx512Popcount() { return false; }
 #endif
 
-const Kernels& ChooseKernels() { return HasAvx2Fma() ? Avx2Kernels() : PortableKernels(); }
+const Kernels& ChooseKernels() {
+  if (!HasAvx2Fma()) return PortableKernels();
+  return HasAvx512Popcount() ? Avx512Kernels() : Avx2Kernels();
+}
 
 }  // namespace binary
 }  // namespace onnxopt

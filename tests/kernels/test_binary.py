@@ -106,17 +106,26 @@ def mm_describe(c) -> str:
     return f"K={K},N={N},lead={list(lead)},{mode},{weights},bias={bias}"
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
+BUILDS = {"best": {}, "avx2": {"ONNXOPT_DISABLE_AVX512": "1"}, "portable": {"ONNXOPT_DISABLE_AVX2": "1"}}
+
+
+def use_build(build: str, monkeypatch) -> None:
+    """The kernels the op picks at creation: the best this CPU runs (AVX-512 VPOPCNTDQ for BinaryConv's count
+    loop where present), AVX2, or portable."""
+    for key, value in BUILDS[build].items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("case", MM_CASES, ids=[mm_describe(c) for c in MM_CASES])
-def test_matmul_matches_reference(case, portable, monkeypatch):
+def test_matmul_matches_reference(case, build, monkeypatch):
     K, N, lead, mode, weights, bias = case
     Wbits, S, B = matmul_weights(K, N, weights, bias, seed=K + N)
     rng = np.random.default_rng(K)
     X = rng.standard_normal((*lead, K), dtype=F32)
     X.reshape(-1)[::7] = 0.0  # x = 0 binarizes to +1 in both
-    if portable:
-        monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")
-    what = f"{mm_describe(case)} portable={portable}"
+    use_build(build, monkeypatch)
+    what = f"{mm_describe(case)} build={build}"
     kw = dict(K=K, N=N, mode=mode, weights=weights)
     Y_ref = binary_matmul(X, Wbits, S, B, **kw).astype(np.float64)
     P, Q = pq(S, weights)
@@ -159,17 +168,16 @@ def conv_describe(c) -> str:
     return f"N={n},C={C},{H}x{W},M={M},k={list(k)},s={list(s)},p={list(p)},d={list(d)},{weights},bias={bias}"
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("case", CONV_CASES, ids=[conv_describe(c) for c in CONV_CASES])
-def test_conv_matches_reference(case, portable, monkeypatch):
+def test_conv_matches_reference(case, build, monkeypatch):
     n, C, H, W, M, k, s, p, d, weights, bias = case
     Wbits, S, B = conv_weights(M, C, *k, weights, bias, seed=C + M)
     rng = np.random.default_rng(C)
     X = rng.standard_normal((n, C, H, W), dtype=F32)
     X.reshape(-1)[::5] = 0.0
-    if portable:
-        monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")
-    what = f"{conv_describe(case)} portable={portable}"
+    use_build(build, monkeypatch)
+    what = f"{conv_describe(case)} build={build}"
     attrs = dict(C=C, kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d), weights=weights)
     Y_ref = binary_conv(X, Wbits, S, B, **attrs).astype(np.float64)
     # The reference against a float convolution of the sign maps (pad 0) with the weight the bits stand for.
