@@ -143,8 +143,8 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
   for (; ox < p.ow; ++ox) ConvPixels<1>(p, row + ox * p.pixel_step, ox, counts);
 }
 
-// 8 pixels at a time: bit c of lane l set from channel c's compare, the 64 channels of a word as two 32-bit
-// halves, then stored interleaved as the pixels' words.
+// 8 pixels at a time: the 64 channels of a word as two 32-bit halves per pixel lane, built by shift-and-or,
+// then stored interleaved as the pixels' words.
 void PackRow(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw, uint64_t* out,
              float* abs_sum) {
   std::memset(out, 0, static_cast<size_t>(W * cw) * sizeof(uint64_t));
@@ -153,14 +153,18 @@ void PackRow(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, in
   for (; ix + 8 <= W; ix += 8) {
     __m256 s = zero;
     for (int64_t w = 0; w < cw; ++w) {
-      __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      const int64_t c1 = (w + 1) * kWord < C ? (w + 1) * kWord : C;
-      for (int64_t c = w * kWord; c < c1; ++c) {
-        const __m256 v = _mm256_loadu_ps(image + (c * H + iy) * W + ix);
-        const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
-        const int b = static_cast<int>(c % kWord);
-        half[b >> 5] = _mm256_or_si256(half[b >> 5], _mm256_and_si256(ge, _mm256_set1_epi32(static_cast<int32_t>(1u << (b & 31)))));
-        s = _mm256_add_ps(s, _mm256_and_ps(v, abs_mask));
+      __m256i half[2];
+      for (int h = 0; h < 2; ++h) {
+        // Channels from the highest down, each shifting the earlier ones up: channel c lands on bit c % 32.
+        const int64_t c0 = w * kWord + 32 * h, c1 = c0 + 32 < C ? c0 + 32 : C;
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t c = c1 - 1; c >= c0; --c) {
+          const __m256 v = _mm256_loadu_ps(image + (c * H + iy) * W + ix);
+          const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+          acc = _mm256_or_si256(_mm256_slli_epi32(acc, 1), _mm256_srli_epi32(ge, 31));
+          s = _mm256_add_ps(s, _mm256_and_ps(v, abs_mask));
+        }
+        half[h] = acc;
       }
       alignas(32) uint32_t lo[8], hi[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(lo), half[0]);

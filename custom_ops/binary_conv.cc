@@ -83,8 +83,10 @@ void ComputeTask(void* data, size_t task) {
     // Per pixel of the row: kappa, the D0 term and the valid tap columns; then filter by filter along the row,
     // so that counts are read and Y written contiguously.
     thread_local std::vector<float> kappa, d0;
-    thread_local std::vector<int64_t> border;  // pixels whose field is cut by padding
+    thread_local std::vector<int64_t> border;  // pixels whose field is cut by padding: ox, x0, x1
+    thread_local std::vector<int64_t> cols;    // per tap column: popcount(b) over the row's valid taps
     kappa.resize(static_cast<size_t>(g.ow)), d0.resize(static_cast<size_t>(g.ow));
+    cols.resize(static_cast<size_t>(k.kw_));
     border.clear();
     for (int64_t ox = 0; ox < g.ow; ++ox) {
       const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
@@ -99,7 +101,7 @@ void ComputeTask(void* data, size_t task) {
       }
       kappa[ox] = a * inv;
       d0[ox] = static_cast<float>(2 * pc - (y1 - y0) * (x1 - x0) * k.c_);
-      if (y1 - y0 != k.kh_ || x1 - x0 != k.kw_) border.push_back(ox);
+      if (y1 - y0 != k.kh_ || x1 - x0 != k.kw_) border.insert(border.end(), {ox, x0, x1});
     }
     for (int64_t m = 0; m < k.m_; ++m) {
       const float p = k.w_.p[m], q = k.w_.q[m], bias = k.bias_[m], b = static_cast<float>(k.w_.ones[m]);
@@ -108,11 +110,15 @@ void ComputeTask(void* data, size_t task) {
       for (int64_t ox = 0; ox < g.ow; ++ox) {
         ym[ox] = kappa[ox] * (p * (static_cast<float>(2 * cm[ox]) - b) + q * d0[ox]) + bias;
       }
-      for (const int64_t ox : border) {  // popcount(b) over the taps inside the image only
-        const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
+      if (border.empty()) continue;
+      for (int64_t dx = 0; dx < k.kw_; ++dx) {
+        cols[dx] = 0;
+        for (int64_t dy = y0; dy < y1; ++dy) cols[dx] += k.tap_ones_[m * taps + dy * k.kw_ + dx];
+      }
+      for (size_t i = 0; i < border.size(); i += 3) {  // popcount(b) over the taps inside the image only
+        const int64_t ox = border[i];
         int64_t inside = 0;
-        for (int64_t dy = y0; dy < y1; ++dy)
-          for (int64_t dx = x0; dx < x1; ++dx) inside += k.tap_ones_[m * taps + dy * k.kw_ + dx];
+        for (int64_t dx = border[i + 1]; dx < border[i + 2]; ++dx) inside += cols[dx];
         ym[ox] = kappa[ox] * (p * static_cast<float>(2 * cm[ox] - inside) + q * d0[ox]) + bias;
       }
     }
