@@ -71,11 +71,17 @@ def conv(C: int, H: int, M: int, binary: bool) -> tuple[onnx.ModelProto, int]:
     if not binary:
         W = (rng.standard_normal((M, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
         inits = [numpy_helper.from_array(W, "W"), bias]
-        return _model(helper.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs), inits, [1, C, H, H]), _bytes(inits)
+        return _model(helper.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs), inits, [1, C, H, H]), _bytes(
+            inits
+        )
     b = np.zeros((M, 3, 3, padded(C)), np.uint8)
     b[..., :C] = rng.integers(0, 2, (M, 3, 3, C))
     S = (rng.random((M, 1)) / np.sqrt(9 * C)).astype(np.float32)
-    inits = [numpy_helper.from_array(pack_bits(b.reshape(M, -1)), "Wbits"), numpy_helper.from_array(S, "S"), bias]
+    inits = [
+        numpy_helper.from_array(pack_bits(b.reshape(M, -1)), "Wbits"),
+        numpy_helper.from_array(S, "S"),
+        bias,
+    ]
     node = helper.make_node(
         "BinaryConv", ["X", "Wbits", "S", "B"], ["Y"], domain="onnxopt", C=C, weights="sign", **attrs
     )
@@ -89,7 +95,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
     rows = [
-        "| layer | threads | fp32 ms | binary full ms (x) | binary partial ms (x) | weight bytes fp32 / binary |",
+        "| layer | threads | fp32 ms | binary full ms (x) | binary partial ms (x) "
+        "| weight bytes fp32 / binary |",
         "|---|---|---|---|---|---|",
     ]
     for shape in args.fc:
@@ -98,7 +105,8 @@ def main() -> None:
         for threads in (1, 2):
             t0, t1, t2 = median_times([base, full, part], threads, rounds=args.rounds)
             rows.append(
-                f"| FC 1x{K}x{N} | {threads} | {t0:.3f} | {t1:.3f} ({t0 / t1:.1f}x) | {t2:.3f} ({t0 / t2:.1f}x) "
+                f"| FC 1x{K}x{N} | {threads} | {t0:.3f} | {t1:.3f} ({t0 / t1:.1f}x) "
+                f"| {t2:.3f} ({t0 / t2:.1f}x) "
                 f"| {b0 / b1:.1f}x |"
             )
             print(rows[-1], file=sys.stderr, flush=True)

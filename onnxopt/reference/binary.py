@@ -3,7 +3,7 @@ scale (binary-weight networks, XNOR-Net), optionally on binarized activations.
 
 Weights. Bit b[k, n] in {0, 1} per weight and one or two float32 numbers per output n (S [N, 1] or [N, 2]):
     weights = "sign":  W[k, n] = S[n, 0] (2 b - 1)         (XNOR-Net: b = [W >= 0], S = mean |W_n|)
-    weights = "01":    W[k, n] = S[n, 0] b + S[n, 1]        (the {0,1}-weight variant of Kim et al.: W ~ a B + c)
+    weights = "01":    W[k, n] = S[n, 0] b + S[n, 1]        ({0,1} weights after Kim et al.: W ~ a B + c)
 Both are W = P[n] b + Q[n] with (P, Q) = (2 S0, -S0) or (S0, S1), and every kernel computes that form.
 
 BinaryMatMul, mode "partial" (binary weights, float activations): with S1[n] = sum_{k: b[k,n]=1} x[k] and
@@ -13,8 +13,9 @@ Mode "full" (XNOR-Net): activations are binarized too, s(x) = +1 if x >= 0 else 
 kappa = mean_k |x[k]| of the row. With a[k] = [x[k] >= 0] and n = K, the integer parts
     D1[n] = sum_{k: b=1} s(x[k]) = 2 popcount(a & b_n) - popcount(b_n)
     D0    = sum_k s(x[k])        = 2 popcount(a) - K
-give y[n] = kappa (P[n] D1[n] + Q[n] D0) + bias[n]. For sign weights P D1 + Q D0 = S0 (K - 2 popcount(a ^ b_n)),
-XNOR-Net's XNOR-popcount dot product; the kernels use the AND form, which serves both weight kinds.
+give y[n] = kappa (P[n] D1[n] + Q[n] D0) + bias[n]. For sign weights P D1 + Q D0 =
+S0 (K - 2 popcount(a ^ b_n)), XNOR-Net's XNOR-popcount dot product; the kernels use the AND form, which
+serves both weight kinds.
 
 BinaryConv (always full; ONNX Conv semantics, NCHW, group 1, any kernel size, strides, dilations, pads): the
 same per output pixel over its receptive field. Padding: a binary activation has no zero, so padded taps are
@@ -125,7 +126,7 @@ def conv_bits(Wbits: np.ndarray, C: int, kh: int, kw: int) -> np.ndarray:
     return np.ascontiguousarray(b.transpose(0, 3, 1, 2)).astype(np.int64)
 
 
-def _windows(xp: np.ndarray, kh: int, kw: int, OH: int, OW: int, strides, dilations) -> np.ndarray:
+def windows(xp: np.ndarray, kh: int, kw: int, OH: int, OW: int, strides, dilations) -> np.ndarray:
     """[N, C, kh, kw, OH, OW] views of the padded input at every tap."""
     sh, sw = strides
     dh, dw = dilations
@@ -166,17 +167,17 @@ def binary_conv(
     if B is not None and np.shape(B) != (M,):
         raise ValueError(f"B must have shape [{M}], got {list(np.shape(B))}")
     top, left, bottom, right = (int(p) for p in pads)
-    n, _, H, W = X.shape
+    H, W = X.shape[2:]
     OH = (H + top + bottom - dilations[0] * (kh - 1) - 1) // strides[0] + 1
     OW = (W + left + right - dilations[1] * (kw - 1) - 1) // strides[1] + 1
     x = np.pad(X.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
     inside = np.pad(np.ones((1, 1, H, W)), ((0, 0), (0, 0), (top, bottom), (left, right)))
     s = np.where(x >= 0, 1, -1).astype(np.int64) * inside.astype(np.int64)  # pad: 0
-    ws = _windows(s, kh, kw, OH, OW, strides, dilations)  # [N, C, kh, kw, OH, OW]
+    ws = windows(s, kh, kw, OH, OW, strides, dilations)  # [N, C, kh, kw, OH, OW]
     b = conv_bits(Wbits, C, kh, kw)
     D1 = np.einsum("ncyxhw,mcyx->nmhw", ws, b)  # exact integers
     D0 = ws.sum(axis=(1, 2, 3))[:, None]
-    kappa = _windows(np.abs(x), kh, kw, OH, OW, strides, dilations).sum(axis=(1, 2, 3)) / (kh * kw * C)
+    kappa = windows(np.abs(x), kh, kw, OH, OW, strides, dilations).sum(axis=(1, 2, 3)) / (kh * kw * C)
     P, Q = pq(S, weights)
     Y = kappa[:, None] * (P[None, :, None, None] * D1 + Q[None, :, None, None] * D0)
     if B is not None:

@@ -1,5 +1,5 @@
-"""BinaryMatMul and BinaryConv kernels: the C++ ops in onnxruntime against the numpy reference (partial and full
-modes, sign and {0,1} weights, K and C not multiples of 64, odd N and M, batches, strides, dilations,
+"""BinaryMatMul and BinaryConv kernels: the C++ ops in onnxruntime against the numpy reference (partial and
+full modes, sign and {0,1} weights, K and C not multiples of 64, odd N and M, batches, strides, dilations,
 asymmetric pads, kernels 1x1 to 5x5, both builds, 1 and 2 threads); the integer part compared exactly (every
 output within round-off of the reference, far below one popcount step); bit packing; bad input."""
 
