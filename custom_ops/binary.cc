@@ -77,6 +77,20 @@ BitWeights ReadBitWeights(const OrtApi* api, const OrtKernelInfo* info, int64_t 
   return w;
 }
 
+std::vector<float> ReadCentering(const Ort::ConstKernelInfo& info, size_t present, int64_t count, const char* dim,
+                                 const std::string& where) {
+  if (present < 5) return {};
+  ConstantTensor t = ConstantFloatInput(info, 4, "T", where);
+  if (t.shape != std::vector<int64_t>{count}) {
+    Fail(where, std::string("T must have shape [") + dim + "] = [" + std::to_string(count) + "], got " +
+                    ShapeStr(t.shape));
+  }
+  for (size_t i = 0; i < t.data.size(); ++i) {
+    if (!std::isfinite(t.data[i])) Fail(where, "T[" + std::to_string(i) + "] is not finite");
+  }
+  return std::move(t.data);
+}
+
 }  // namespace binary
 
 namespace {
@@ -153,8 +167,9 @@ BinaryMatMulKernel::BinaryMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
   node_name_ = kinfo.GetNodeName();
   const std::string where = Where();
   present_inputs_ = onnxopt::PresentInputs(kinfo);
-  if (present_inputs_ != 3 && present_inputs_ != 4) {
-    Fail(where, "expects inputs (X, Wbits, S) or (X, Wbits, S, B), got " + std::to_string(present_inputs_));
+  if (present_inputs_ < 3 || present_inputs_ > 5) {
+    Fail(where, "expects inputs (X, Wbits, S), (X, Wbits, S, B) or (X, Wbits, S, B, T), got " +
+                    std::to_string(present_inputs_));
   }
   k_ = PositiveInt(api, info, "K", where);
   n_ = PositiveInt(api, info, "N", where);
@@ -164,12 +179,30 @@ BinaryMatMulKernel::BinaryMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
   const KLimit limit{k_};
   w_ = binary::ReadBitWeights(api, info, n_, k_, InsideK, &limit, where);
   bias_.assign(static_cast<size_t>(n_), 0.0f);
-  if (present_inputs_ == 4) {
+  if (present_inputs_ == 5 && kinfo.GetInputName(3).empty()) {
+    Fail(where, "T (centering, input 4) needs the bias B (input 3): zeros if none");
+  }
+  if (present_inputs_ >= 4) {
     const ConstantTensor b = ConstantFloatInput(kinfo, 3, "B", where);
     if (b.shape != std::vector<int64_t>{n_}) {
       Fail(where, "B must have shape [N] = [" + std::to_string(n_) + "], got " + ShapeStr(b.shape));
     }
     bias_ = b.data;
+  }
+  t_ = binary::ReadCentering(kinfo, present_inputs_, k_, "K", where);
+  if (!t_.empty() && !full_) Fail(where, "T (centering) applies to mode 'full' only");
+  if (!t_.empty()) {
+    // The centering's constant T W = p sum_{b=1} T + q sum T, folded into the bias once.
+    double t_sum = 0.0;
+    for (const float v : t_) t_sum += v;
+    for (int64_t n = 0; n < n_; ++n) {
+      const uint64_t* row = w_.bits.data() + n * w_.words;
+      double on = 0.0;
+      for (int64_t i = 0; i < w_.words; ++i) {
+        for (uint64_t v = row[i]; v != 0; v &= v - 1) on += t_[i * binary::kWord + __builtin_ctzll(v)];
+      }
+      bias_[n] += static_cast<float>(w_.p[n] * on + w_.q[n] * t_sum);
+    }
   }
   kern_ = &binary::ChooseKernels();
 }
@@ -177,13 +210,15 @@ BinaryMatMulKernel::BinaryMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
 Ort::Status BinaryMatMulKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
                                         const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
                                         std::optional<const Ort::Custom::Tensor<float>*> B,
+                                        std::optional<const Ort::Custom::Tensor<float>*> T,
                                         Ort::Custom::Tensor<float>& Y) {
-  return Guarded(Where(), [&] { Run(context, X, Wbits, S, B, Y); });
+  return Guarded(Where(), [&] { Run(context, X, Wbits, S, B, T, Y); });
 }
 
 void BinaryMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
                              const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
-                             std::optional<const Ort::Custom::Tensor<float>*> B, Ort::Custom::Tensor<float>& Y) const {
+                             std::optional<const Ort::Custom::Tensor<float>*> B,
+                             std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y) const {
   const std::string where = Where();
   const std::vector<int64_t>& xs = X.Shape();
   if (xs.empty() || xs.back() != k_) {
@@ -194,6 +229,9 @@ void BinaryMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
   }
   if (B.has_value() && *B != nullptr && (*B)->Shape() != std::vector<int64_t>{n_}) {
     Fail(where, "B must have shape [" + std::to_string(n_) + "], got " + ShapeStr((*B)->Shape()));
+  }
+  if (T.has_value() && *T != nullptr && (*T)->Shape() != std::vector<int64_t>{k_}) {
+    Fail(where, "T must have shape [" + std::to_string(k_) + "], got " + ShapeStr((*T)->Shape()));
   }
   std::vector<int64_t> ys(xs.begin(), xs.end() - 1);
   ys.push_back(n_);
@@ -233,8 +271,9 @@ void BinaryMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
       uint64_t* ar = a.data() + r * words;
       double abs_sum = 0.0;
       for (int64_t i = 0; i < k_; ++i) {
-        ar[i / binary::kWord] |= uint64_t{xr[i] >= 0.0f} << (i % binary::kWord);
-        abs_sum += std::fabs(xr[i]);
+        const float t = t_.empty() ? 0.0f : t_[i];
+        ar[i / binary::kWord] |= uint64_t{xr[i] >= t} << (i % binary::kWord);
+        abs_sum += std::fabs(xr[i] - t);
       }
       int64_t ones = 0;
       for (int64_t i = 0; i < words; ++i) ones += __builtin_popcountll(ar[i]);

@@ -58,10 +58,10 @@ using AndCountFn = void (*)(const uint64_t* bits, int64_t words, const uint64_t*
 // counts[m * ow + ox] = popcount over the receptive field of output (oy, ox) of a & b_m for every filter m of
 // the plan (groups of 8), x the packed image, the row's first pixel at x + oy row_step.
 using ConvRowFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts);
-// Sign bits of the channels of input row iy (of an NCHW image of C channels, H x W) into out[ix cw + c / 64]
-// (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x|.
-using PackRowFn = void (*)(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw,
-                           uint64_t* out, float* abs_sum);
+// Bits [x >= t[c]] of the channels of input row iy (of an NCHW image of C channels, H x W) into
+// out[ix cw + c / 64] (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x - t[c]|.
+using PackRowFn = void (*)(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy,
+                           int64_t cw, uint64_t* out, float* abs_sum);
 
 struct Kernels {
   PartialFn partial;
@@ -78,6 +78,11 @@ bool HasAvx512Popcount();  // CPU and OS run AVX-512F + VPOPCNTDQ, and ONNXOPT_D
 // AVX-512 where HasAvx512Popcount(), else AVX2 where HasAvx2Fma(), else portable. ONNXOPT_DISABLE_AVX512=1
 // forces the AVX2 path (tests run all three), ONNXOPT_DISABLE_AVX2=1 the portable one.
 const Kernels& ChooseKernels();
+
+// The optional centering input T (input 4, float32 [count], constant), checked; empty when absent. It needs
+// the bias input B (input 3) present.
+std::vector<float> ReadCentering(const Ort::ConstKernelInfo& info, size_t present, int64_t count, const char* dim,
+                                 const std::string& where);
 
 // What both ops read at creation: the packed bits of `rows` rows of `bits` bits (input 1, uint8
 // [rows, words 8]) as words, checked (constant, dtype, shape, padded bits 0), the per-row popcount, and
@@ -100,10 +105,11 @@ struct BinaryMatMulKernel {
   size_t PresentInputs() const { return present_inputs_; }
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
                       const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
-                      std::optional<const Ort::Custom::Tensor<float>*> B, Ort::Custom::Tensor<float>& Y);
+                      std::optional<const Ort::Custom::Tensor<float>*> B,
+                      std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y);
   void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X, const Ort::Custom::Tensor<uint8_t>& Wbits,
            const Ort::Custom::Tensor<float>& S, std::optional<const Ort::Custom::Tensor<float>*> B,
-           Ort::Custom::Tensor<float>& Y) const;
+           std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y) const;
   std::string Where() const;
 
   std::string node_name_;
@@ -111,7 +117,8 @@ struct BinaryMatMulKernel {
   int64_t k_ = 0, n_ = 0;
   bool full_ = true;
   binary::BitWeights w_;
-  std::vector<float> bias_;  // [N], zeros when absent
+  std::vector<float> bias_;  // [N]: B (zeros when absent) plus T W (the centering's constant)
+  std::vector<float> t_;     // [K] centering, empty when absent
   const binary::Kernels* kern_ = nullptr;
 };
 
@@ -120,10 +127,11 @@ struct BinaryConvKernel {
   size_t PresentInputs() const { return present_inputs_; }
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
                       const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
-                      std::optional<const Ort::Custom::Tensor<float>*> B, Ort::Custom::Tensor<float>& Y);
+                      std::optional<const Ort::Custom::Tensor<float>*> B,
+                      std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y);
   void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X, const Ort::Custom::Tensor<uint8_t>& Wbits,
            const Ort::Custom::Tensor<float>& S, std::optional<const Ort::Custom::Tensor<float>*> B,
-           Ort::Custom::Tensor<float>& Y) const;
+           std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y) const;
   std::string Where() const;
 
   std::string node_name_;
@@ -133,7 +141,10 @@ struct BinaryConvKernel {
   binary::BitWeights w_;
   std::vector<uint64_t> groups_;   // [M / 8][taps][cw][8] (padded filters: 0)
   std::vector<int32_t> tap_ones_;  // [M][taps]: popcount of each filter's bits at each tap
-  std::vector<float> bias_;
+  std::vector<float> t_;           // [C] centering (zeros when absent)
+  std::vector<float> tap_tw_;      // [M][taps]: sum_c T[c] W[m, c, tap] (empty without T)
+  std::vector<float> bias_;        // [M] B (zeros when absent)
+  std::vector<float> bias_full_;   // [M] B + the centering constant of a field with every tap inside
   const binary::Kernels* kern_ = nullptr;
 };
 }  // namespace onnxopt

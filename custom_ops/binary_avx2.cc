@@ -145,8 +145,8 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
 
 // 8 pixels at a time: the 64 channels of a word as two 32-bit halves per pixel lane, built by shift-and-or,
 // then stored interleaved as the pixels' words.
-void PackRow(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw, uint64_t* out,
-             float* abs_sum) {
+void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw,
+             uint64_t* out, float* abs_sum) {
   std::memset(out, 0, static_cast<size_t>(W * cw) * sizeof(uint64_t));
   const __m256 zero = _mm256_setzero_ps(), abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t ix = 0;
@@ -159,7 +159,7 @@ void PackRow(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, in
         const int64_t c0 = w * kWord + 32 * h, c1 = c0 + 32 < C ? c0 + 32 : C;
         __m256i acc = _mm256_setzero_si256();
         for (int64_t c = c1 - 1; c >= c0; --c) {
-          const __m256 v = _mm256_loadu_ps(image + (c * H + iy) * W + ix);
+          const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(image + (c * H + iy) * W + ix), _mm256_set1_ps(t[c]));
           const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
           acc = _mm256_or_si256(_mm256_slli_epi32(acc, 1), _mm256_srli_epi32(ge, 31));
           s = _mm256_add_ps(s, _mm256_and_ps(v, abs_mask));
@@ -177,8 +177,8 @@ void PackRow(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, in
     float s = 0.0f;
     for (int64_t c = 0; c < C; ++c) {
       const float v = image[(c * H + iy) * W + ix];
-      if (v >= 0.0f) out[ix * cw + c / kWord] |= uint64_t{1} << (c % kWord);
-      s += std::fabs(v);
+      if (v >= t[c]) out[ix * cw + c / kWord] |= uint64_t{1} << (c % kWord);
+      s += std::fabs(v - t[c]);
     }
     abs_sum[ix] = s;
   }

@@ -46,7 +46,7 @@ void PackTask(void* data, size_t task) {
   const int64_t n = static_cast<int64_t>(task) / g.h, iy = static_cast<int64_t>(task) % g.h;
   const int64_t pix = (n * g.hp + iy + k.pads_[0]) * g.wp + k.pads_[1];
   uint64_t* out = call->bits + pix * k.cw_;
-  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.c_, g.h, g.w, iy, k.cw_, out, call->abs_sum + pix);
+  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, out, call->abs_sum + pix);
   for (int64_t ix = 0; ix < g.w; ++ix) {
     int64_t c = 0;
     for (int64_t i = 0; i < k.cw_; ++i) c += __builtin_popcountll(out[ix * k.cw_ + i]);
@@ -85,8 +85,9 @@ void ComputeTask(void* data, size_t task) {
     thread_local std::vector<float> kappa, d0;
     thread_local std::vector<int64_t> border;  // pixels whose field is cut by padding: ox, x0, x1
     thread_local std::vector<int64_t> cols;    // per tap column: popcount(b) over the row's valid taps
+    thread_local std::vector<double> tw_cols;  // per tap column: the centering constant over the same taps
     kappa.resize(static_cast<size_t>(g.ow)), d0.resize(static_cast<size_t>(g.ow));
-    cols.resize(static_cast<size_t>(k.kw_));
+    cols.resize(static_cast<size_t>(k.kw_)), tw_cols.resize(static_cast<size_t>(k.kw_));
     border.clear();
     for (int64_t ox = 0; ox < g.ow; ++ox) {
       const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
@@ -104,22 +105,28 @@ void ComputeTask(void* data, size_t task) {
       if (y1 - y0 != k.kh_ || x1 - x0 != k.kw_) border.insert(border.end(), {ox, x0, x1});
     }
     for (int64_t m = 0; m < k.m_; ++m) {
-      const float p = k.w_.p[m], q = k.w_.q[m], bias = k.bias_[m], b = static_cast<float>(k.w_.ones[m]);
+      const float p = k.w_.p[m], q = k.w_.q[m], bias = k.bias_full_[m], b = static_cast<float>(k.w_.ones[m]);
       const int32_t* cm = counts.data() + m * g.ow;
       float* ym = y + m * g.oh * g.ow;
       for (int64_t ox = 0; ox < g.ow; ++ox) {
         ym[ox] = kappa[ox] * (p * (static_cast<float>(2 * cm[ox]) - b) + q * d0[ox]) + bias;
       }
       if (border.empty()) continue;
+      const bool centred = !k.tap_tw_.empty();
       for (int64_t dx = 0; dx < k.kw_; ++dx) {
-        cols[dx] = 0;
-        for (int64_t dy = y0; dy < y1; ++dy) cols[dx] += k.tap_ones_[m * taps + dy * k.kw_ + dx];
+        cols[dx] = 0, tw_cols[dx] = 0.0;
+        for (int64_t dy = y0; dy < y1; ++dy) {
+          cols[dx] += k.tap_ones_[m * taps + dy * k.kw_ + dx];
+          if (centred) tw_cols[dx] += k.tap_tw_[m * taps + dy * k.kw_ + dx];
+        }
       }
-      for (size_t i = 0; i < border.size(); i += 3) {  // popcount(b) over the taps inside the image only
+      for (size_t i = 0; i < border.size(); i += 3) {  // popcount(b) (and T W) over the taps inside only
         const int64_t ox = border[i];
         int64_t inside = 0;
-        for (int64_t dx = border[i + 1]; dx < border[i + 2]; ++dx) inside += cols[dx];
-        ym[ox] = kappa[ox] * (p * static_cast<float>(2 * cm[ox] - inside) + q * d0[ox]) + bias;
+        double tw = 0.0;
+        for (int64_t dx = border[i + 1]; dx < border[i + 2]; ++dx) inside += cols[dx], tw += tw_cols[dx];
+        ym[ox] = kappa[ox] * (p * static_cast<float>(2 * cm[ox] - inside) + q * d0[ox]) + k.bias_[m] +
+                 static_cast<float>(tw);
       }
     }
   } catch (...) {
@@ -144,8 +151,9 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
   node_name_ = kinfo.GetNodeName();
   const std::string where = Where();
   present_inputs_ = onnxopt::PresentInputs(kinfo);
-  if (present_inputs_ != 3 && present_inputs_ != 4) {
-    Fail(where, "expects inputs (X, Wbits, S) or (X, Wbits, S, B), got " + std::to_string(present_inputs_));
+  if (present_inputs_ < 3 || present_inputs_ > 5) {
+    Fail(where, "expects inputs (X, Wbits, S), (X, Wbits, S, B) or (X, Wbits, S, B, T), got " +
+                    std::to_string(present_inputs_));
   }
   const auto c = IntAttribute(api, info, "C", where);
   if (!c || *c < 1 || *c > kMaxAttribute) Fail(where, "attribute 'C' (input channels, in [1, 2^24]) is required");
@@ -192,28 +200,58 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
       tap_ones_[m * taps + j / cw_] += __builtin_popcountll(row[j]);
     }
   }
-  w_.bits = {};  // regrouped above; only the counts and scales are kept
   bias_.assign(static_cast<size_t>(m_), 0.0f);
-  if (present_inputs_ == 4) {
+  if (present_inputs_ == 5 && kinfo.GetInputName(3).empty()) {
+    Fail(where, "T (centering, input 4) needs the bias B (input 3): zeros if none");
+  }
+  if (present_inputs_ >= 4) {
     const ConstantTensor b = ConstantFloatInput(kinfo, 3, "B", where);
     if (b.shape != std::vector<int64_t>{m_}) {
       Fail(where, "B must have shape [M] = [" + std::to_string(m_) + "], got " + ShapeStr(b.shape));
     }
     bias_ = b.data;
   }
+  bias_full_ = bias_;
+  t_ = binary::ReadCentering(kinfo, present_inputs_, c_, "C", where);
+  if (!t_.empty()) {
+    // Per filter and tap: sum_c T[c] (p b + q) = p sum_{b=1} T + q sum T.
+    double t_sum = 0.0;
+    for (const float v : t_) t_sum += v;
+    tap_tw_.assign(static_cast<size_t>(m_ * taps), 0.0f);
+    for (int64_t m = 0; m < m_; ++m) {
+      double total = 0.0;
+      for (int64_t t = 0; t < taps; ++t) {
+        double on = 0.0;
+        for (int64_t i = 0; i < cw_; ++i) {
+          for (uint64_t v = w_.bits[m * w_.words + t * cw_ + i]; v != 0; v &= v - 1) {
+            on += t_[i * binary::kWord + __builtin_ctzll(v)];
+          }
+        }
+        const double tw = w_.p[m] * on + w_.q[m] * t_sum;
+        tap_tw_[m * taps + t] = static_cast<float>(tw);
+        total += tw;
+      }
+      bias_full_[m] += static_cast<float>(total);
+    }
+  } else {
+    t_.assign(static_cast<size_t>(c_), 0.0f);
+  }
+  w_.bits = {};  // regrouped above; only the counts and scales are kept
   kern_ = &binary::ChooseKernels();
 }
 
 Ort::Status BinaryConvKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
                                       const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
                                       std::optional<const Ort::Custom::Tensor<float>*> B,
+                                      std::optional<const Ort::Custom::Tensor<float>*> T,
                                       Ort::Custom::Tensor<float>& Y) {
-  return Guarded(Where(), [&] { Run(context, X, Wbits, S, B, Y); });
+  return Guarded(Where(), [&] { Run(context, X, Wbits, S, B, T, Y); });
 }
 
 void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
                            const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
-                           std::optional<const Ort::Custom::Tensor<float>*> B, Ort::Custom::Tensor<float>& Y) const {
+                           std::optional<const Ort::Custom::Tensor<float>*> B,
+                           std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y) const {
   const std::string where = Where();
   const std::vector<int64_t>& xs = X.Shape();
   if (xs.size() != 4 || xs[1] != c_) {
@@ -224,6 +262,9 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   }
   if (B.has_value() && *B != nullptr && (*B)->Shape() != std::vector<int64_t>{m_}) {
     Fail(where, "B must have shape [" + std::to_string(m_) + "], got " + ShapeStr((*B)->Shape()));
+  }
+  if (T.has_value() && *T != nullptr && (*T)->Shape() != std::vector<int64_t>{c_}) {
+    Fail(where, "T must have shape [" + std::to_string(c_) + "], got " + ShapeStr((*T)->Shape()));
   }
   ConvCall call;
   ConvGeometry& g = call.g;

@@ -49,8 +49,8 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
   }
 }
 
-void PackRow(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw, uint64_t* out,
-             float* abs_sum) {
+void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw,
+             uint64_t* out, float* abs_sum) {
   std::memset(out, 0, static_cast<size_t>(W * cw) * sizeof(uint64_t));
   for (int64_t ix = 0; ix < W; ++ix) abs_sum[ix] = 0.0f;
   for (int64_t c = 0; c < C; ++c) {
@@ -58,8 +58,8 @@ void PackRow(const float* image, int64_t C, int64_t H, int64_t W, int64_t iy, in
     const uint64_t bit = uint64_t{1} << (c % kWord);
     uint64_t* o = out + c / kWord;
     for (int64_t ix = 0; ix < W; ++ix) {
-      if (row[ix] >= 0.0f) o[ix * cw] |= bit;
-      abs_sum[ix] += std::fabs(row[ix]);
+      if (row[ix] >= t[c]) o[ix * cw] |= bit;
+      abs_sum[ix] += std::fabs(row[ix] - t[c]);
     }
   }
 }

@@ -11,11 +11,16 @@ Modes:
   partial: binary weights, float activations: y = x W~ + bias (BinaryMatMul only: a Conv gains no arithmetic
       from it, every multiply-add stays).
   full: activations binarized too, sign(x) scaled by the mean |x| of the row or receptive field
-      (XNOR-Net's K; BinaryMatMul mode=full, BinaryConv).
-`--set binary.mode=full|partial|auto` and `binary.weights=sign|01|auto` pick them (auto: every one that
-applies). Options are ordered most compressive first (full before partial, sign before 01) and the budget
-picks: post-training binarization of a network trained in full precision usually breaks any budget, and then
-the node is declined with every option's estimated error in the reason.
+      (XNOR-Net's K; BinaryMatMul mode=full, BinaryConv), centred: x is binarized around T, the mean of each
+      input feature (channel of a Conv) on the calibration inputs, and the op adds T W~ (input T). Without it,
+      a layer after a ReLU sees only +1 signs and its output no longer depends on its input
+      (`binary.center=0` turns it off).
+Layers whose bits would not be smaller than their float weights (a Conv on one input channel pads each
+tap's channels to 64 bits) are declined. `--set binary.mode=full|partial|auto` and
+`binary.weights=sign|01|auto` pick them (auto: every one that applies); `binary.layers=all|fc|conv|NAME,...`
+the layers tried (default all). Options are ordered most compressive first (full before partial, sign before
+01) and the budget picks: post-training binarization of a network trained in full precision usually breaks
+any budget, and then the node is declined with every option's estimated error in the reason.
 
 Estimated error: ||Y~ - Y||_F / ||Y||_F of the layer's output on calibration inputs (up to 4096 rows of a
 Gemm/MatMul, up to 4 images of a Conv), Y~ computed by the op's numpy reference.
@@ -91,6 +96,10 @@ def _choices(ctx: PassContext, conv: bool) -> list[tuple[str, str]]:
     return [(m, w) for m in modes for w in (WEIGHTS if weights == "auto" else (weights,))]
 
 
+def _centred(ctx: PassContext) -> bool:
+    return ctx.setting("center", lambda v: v not in ("0", "false", "no"), True)
+
+
 def conv_problem(node: gs.Node, ctx: PassContext) -> str | None:
     """Why a Conv cannot become a BinaryConv."""
     shape = tuple(node.inputs[1].shape)
@@ -135,6 +144,10 @@ class Binary(Pass):
     custom_ops = ("BinaryMatMul", "BinaryConv")
 
     def check(self, node: gs.Node, ctx: PassContext) -> str | None:
+        layers = ctx.setting("layers", str, "all")
+        kind = "conv" if node.op == "Conv" else "fc"
+        if layers not in ("all", kind) and node.name not in layers.replace(";", ",").split(","):
+            return f"not selected (binary.layers={layers})"
         if problem := weight_problem(node):
             return problem
         if node.op == "Conv":
@@ -163,18 +176,21 @@ class Binary(Pass):
         X = X.reshape(-1, K)[:MAX_ROWS]
         Y = X.astype(np.float64) @ W.astype(np.float64) + (0.0 if bias is None else bias)
         rows = output_rows(node, ctx, N)
+        center = X.astype(np.float64).mean(axis=0).astype(np.float32) if _centred(ctx) else None
         options, tried = [], []
         for mode, weights in _choices(ctx, conv=False):
+            T = center if mode == "full" else None
+            B = bias if T is None or bias is not None else np.zeros(N, np.float32)
             b, S = fit(W, weights)
             bits = np.zeros((N, padded(K)), np.uint8)
             bits[:, :K] = b
             Wbits = pack_bits(bits)
-            err = relative_error(binary_matmul(X, Wbits, S, bias, K=K, N=N, mode=mode, weights=weights), Y)
+            err = relative_error(binary_matmul(X, Wbits, S, B, K=K, N=N, mode=mode, weights=weights, T=T), Y)
             tried.append(f"{mode}/{weights}: {err:.3g}")
             if err > ctx.local_tolerance:
                 continue
             attrs = {"K": K, "N": N, "mode": mode, "weights": weights}
-            options.append(self._option(err, Wbits, S, bias, attrs, "BinaryMatMul", rows * K * N, mode))
+            options.append(self._option(err, Wbits, S, B, T, attrs, "BinaryMatMul", rows * K * N, mode))
         return self._fitting(options, tried, ctx)
 
     def _conv_options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
@@ -198,6 +214,12 @@ class Binary(Pass):
         Y = float_conv(X, Wc, attrs) + (0.0 if bias is None else bias[:, None, None])
         out = ctx.shapes.get(node.outputs[0].name)
         pixels = int(np.prod(out[2:])) if out and all(isinstance(d, int) for d in out) else 1
+        if padded(C) * kh * kw // 8 >= 4 * C * kh * kw:
+            raise Decline(
+                f"C={C}: bits padded to 64 channels per tap would not be smaller than the float weight"
+            )
+        T = X.astype(np.float64).mean(axis=(0, 2, 3)).astype(np.float32) if _centred(ctx) else None
+        B = bias if T is None or bias is not None else np.zeros(M, np.float32)
         options, tried = [], []
         for mode, weights in _choices(ctx, conv=True):
             # b over (c, dy, dx) per filter, stored tap-major with channels padded to 64 (reference layout).
@@ -206,12 +228,12 @@ class Binary(Pass):
             bits[..., :C] = b.reshape(M, C, kh, kw).transpose(0, 2, 3, 1)
             Wbits = pack_bits(bits.reshape(M, -1))
             node_attrs = {**attrs, "weights": weights}
-            err = relative_error(binary_conv(X, Wbits, S, bias, **node_attrs), Y)
+            err = relative_error(binary_conv(X, Wbits, S, B, **node_attrs, T=T), Y)
             tried.append(f"{mode}/{weights}: {err:.3g}")
             if err > ctx.local_tolerance:
                 continue
             options.append(
-                self._option(err, Wbits, S, bias, node_attrs, "BinaryConv", pixels * M * C * kh * kw, mode)
+                self._option(err, Wbits, S, B, T, node_attrs, "BinaryConv", pixels * M * C * kh * kw, mode)
             )
         return self._fitting(options, tried, ctx)
 
@@ -224,20 +246,20 @@ class Binary(Pass):
             )
         return options
 
-    def _option(self, err, Wbits, S, bias, attrs: dict, op: str, macs: int, mode: str) -> Option:
-        extra = 0 if bias is None else bias.size
+    def _option(self, err, Wbits, S, bias, T, attrs: dict, op: str, macs: int, mode: str) -> Option:
+        extra = (0 if bias is None else bias.size) + (0 if T is None else T.size)
         return Option(
             est_error=err,
             params_after=Wbits.size * 8 + S.size + extra,  # one parameter per bit
             bytes_after=Wbits.nbytes + S.nbytes + 4 * extra,
             # full: one AND + popcount per 64 binary multiply-adds; partial: one masked add per weight
             flops_after=2 * macs // WORD if mode == "full" else macs,
-            emit=self._emitter(op, Wbits, S, bias, attrs),
-            detail={"op": op, "mode": mode, "weights": attrs["weights"]},
+            emit=self._emitter(op, Wbits, S, bias, T, attrs),
+            detail={"op": op, "mode": mode, "weights": attrs["weights"], "centred": T is not None},
         )
 
     @staticmethod
-    def _emitter(op: str, Wbits: np.ndarray, S: np.ndarray, bias: np.ndarray | None, attrs: dict):
+    def _emitter(op: str, Wbits: np.ndarray, S: np.ndarray, bias: np.ndarray | None, T, attrs: dict):
         def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
             inputs = [
                 node.inputs[0],
@@ -246,6 +268,8 @@ class Binary(Pass):
             ]
             if bias is not None:
                 inputs.append(gs.Constant(new_name(prefix, "B"), bias.astype(np.float32)))
+            if T is not None:
+                inputs.append(gs.Constant(new_name(prefix, "T"), T))
             new = gs.Node(
                 op,
                 new_name(prefix, "binary"),

@@ -17,12 +17,19 @@ give y[n] = kappa (P[n] D1[n] + Q[n] D0) + bias[n]. For sign weights P D1 + Q D0
 S0 (K - 2 popcount(a ^ b_n)), XNOR-Net's XNOR-popcount dot product; the kernels use the AND form, which
 serves both weight kinds.
 
+Centering (full mode, optional input T, one value per input feature or channel): activations are binarized
+around T instead of 0, x ~ T + kappa s(x - T), so that inputs that are not zero-centred (after a ReLU every
+sign is +1) keep their information: s = s(x - T), kappa = mean |x - T|, and the layer adds T W (its exact
+contribution through the binary weight), y[n] += TW[n] = sum_k T[k] W[k, n]. T absent: T = 0.
+
 BinaryConv (always full; ONNX Conv semantics, NCHW, group 1, any kernel size, strides, dilations, pads): the
 same per output pixel over its receptive field. Padding: a binary activation has no zero, so padded taps are
 taken out of the sums (pad acts as 0, as in a zero-padded float conv): D1 and D0 run over the taps that fall
 inside the image, with K the count of those (taps x C), and kappa = (sum over the valid field of |x|) /
 (kh kw C): XNOR-Net's K, the channel-mean of |x| box-filtered with zero padding. The kernel computes the
 whole field with padded pixels' bits 0 and corrects by per-tap popcounts of b (only border pixels differ).
+With centering T [C], padded taps stay out of every term: y += sum over the valid taps (dy, dx) of
+sum_c T[c] W[m, c, dy, dx] (per-tap constants summed like the popcounts).
 
 Bit layout (uint8, bit j of byte i is entry 8 i + j, little-endian, so bytes read as uint64 words):
     BinaryMatMul: Wbits [N, Kp / 8], Kp = K rounded up to 64; row n holds b[0..K, n]; padded bits 0.
@@ -89,9 +96,11 @@ def binary_matmul(
     N: int,
     mode: str = "full",
     weights: str = "sign",
+    T: np.ndarray | None = None,
 ) -> np.ndarray:
     """Y [..., N] of BinaryMatMul (module docstring); float64 arithmetic, float32 out."""
     X, Wbits, S = np.asarray(X), np.asarray(Wbits), np.asarray(S)
+    _check_t(T, K, B, mode)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_s(S, N, weights)
@@ -109,14 +118,26 @@ def binary_matmul(
     if mode == "partial":
         Y = P * (x @ b) + Q * x.sum(axis=1, keepdims=True)
     else:
-        s = np.where(x >= 0, 1, -1).astype(np.int64)
+        t = np.zeros(K) if T is None else np.asarray(T, np.float64)
+        s = np.where(x >= t, 1, -1).astype(np.int64)
         D1 = s @ b  # exact integers
         D0 = s.sum(axis=1, keepdims=True)
-        kappa = np.abs(x).mean(axis=1, keepdims=True)
-        Y = kappa * (P * D1 + Q * D0)
+        kappa = np.abs(x - t).mean(axis=1, keepdims=True)
+        Y = kappa * (P * D1 + Q * D0) + t @ (b * P + Q)
     if B is not None:
         Y = Y + np.asarray(B, np.float64)
     return Y.reshape(*X.shape[:-1], N).astype(np.float32)
+
+
+def _check_t(T, n: int, B, mode: str) -> None:
+    if T is None:
+        return
+    if mode != "full":
+        raise ValueError("T (centering) applies to mode 'full' only")
+    if B is None:
+        raise ValueError("T needs the bias input B (zeros if the layer has none)")
+    if np.asarray(T).dtype != np.float32 or np.shape(T) != (n,):
+        raise ValueError(f"T must be float32 [{n}], got {list(np.shape(T))}")
 
 
 def conv_bits(Wbits: np.ndarray, C: int, kh: int, kw: int) -> np.ndarray:
@@ -152,9 +173,11 @@ def binary_conv(
     pads=(0, 0, 0, 0),
     dilations=(1, 1),
     weights: str = "sign",
+    T: np.ndarray | None = None,
 ) -> np.ndarray:
     """Y [N, M, OH, OW] of BinaryConv (module docstring); float64 arithmetic, float32 out."""
     X, Wbits, S = np.asarray(X), np.asarray(Wbits), np.asarray(S)
+    _check_t(T, C, B, "full")
     kh, kw = (int(k) for k in kernel_shape)
     M = Wbits.shape[0] if Wbits.ndim == 2 else -1
     if Wbits.dtype != np.uint8 or Wbits.ndim != 2 or Wbits.shape[1] != kh * kw * padded(C) // 8:
@@ -170,8 +193,10 @@ def binary_conv(
     H, W = X.shape[2:]
     OH = (H + top + bottom - dilations[0] * (kh - 1) - 1) // strides[0] + 1
     OW = (W + left + right - dilations[1] * (kw - 1) - 1) // strides[1] + 1
-    x = np.pad(X.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
-    inside = np.pad(np.ones((1, 1, H, W)), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    t = np.zeros((1, C, 1, 1)) if T is None else np.asarray(T, np.float64).reshape(1, C, 1, 1)
+    pad = ((0, 0), (0, 0), (top, bottom), (left, right))
+    x = np.pad(X.astype(np.float64) - t, pad)
+    inside = np.pad(np.ones((1, 1, H, W)), pad)
     s = np.where(x >= 0, 1, -1).astype(np.int64) * inside.astype(np.int64)  # pad: 0
     ws = windows(s, kh, kw, OH, OW, strides, dilations)  # [N, C, kh, kw, OH, OW]
     b = conv_bits(Wbits, C, kh, kw)
@@ -179,7 +204,9 @@ def binary_conv(
     D0 = ws.sum(axis=(1, 2, 3))[:, None]
     kappa = windows(np.abs(x), kh, kw, OH, OW, strides, dilations).sum(axis=(1, 2, 3)) / (kh * kw * C)
     P, Q = pq(S, weights)
-    Y = kappa[:, None] * (P[None, :, None, None] * D1 + Q[None, :, None, None] * D0)
+    Wt = b * P[:, None, None, None] + Q[:, None, None, None]
+    tw = np.einsum("ncyxhw,mcyx->nmhw", windows(inside * t, kh, kw, OH, OW, strides, dilations), Wt)
+    Y = kappa[:, None] * (P[None, :, None, None] * D1 + Q[None, :, None, None] * D0) + tw
     if B is not None:
         Y = Y + np.asarray(B, np.float64)[None, :, None, None]
     return Y.astype(np.float32)
@@ -197,6 +224,7 @@ MATMUL_SPEC = OpSpec(
         ),
         ("S", "float32 [N, 1] (weights=sign: alpha) or [N, 2] (weights=01: a, c), constant"),
         ("B", "float32 [N], constant, optional; bias"),
+        ("T", "float32 [K], constant, optional (mode full, with B); centering: x binarized as sign(x - T)"),
     ],
     outputs=[("Y", "float32 [..., N]")],
     attributes=[
@@ -211,6 +239,7 @@ W[k, n] = P[n] b[k, n] + Q[n]   (sign: P = 2 S0, Q = -S0;  01: P = S0, Q = S1)
 partial: Y[n] = P[n] sum_{b=1} x[k] + Q[n] sum_k x[k] + B[n]
 full:    a = [x >= 0], kappa = mean |x|,
          Y[n] = kappa (P[n] (2 popcount(a & b_n) - popcount(b_n)) + Q[n] (2 popcount(a) - K)) + B[n]
+         with T: a = [x >= T], kappa = mean |x - T|, and Y[n] += sum_k T[k] W[k, n]
 """,
     reference=binary_matmul,
 )
@@ -224,6 +253,7 @@ CONV_SPEC = OpSpec(
         ("Wbits", "uint8 [M, kh kw Cp / 8], constant; bit (dy kw + dx) Cp + c of row m is b[m, c, dy, dx]"),
         ("S", "float32 [M, 1] (weights=sign) or [M, 2] (weights=01), constant"),
         ("B", "float32 [M], constant, optional; bias"),
+        ("T", "float32 [C], constant, optional (with B); centering: x binarized as sign(x - T[c])"),
     ],
     outputs=[("Y", "float32 [N, M, OH, OW]")],
     attributes=[
@@ -239,6 +269,7 @@ CONV_SPEC = OpSpec(
 per output pixel, over the taps inside the image (pad acts as 0), s = sign(x) in {-1, +1}:
   D1[m] = sum_{b[m]=1} s,  D0 = sum s,  kappa = sum |x| / (kh kw C)
   Y[m] = kappa (P[m] D1[m] + Q[m] D0) + B[m]
+with T: s = sign(x - T[c]), kappa from |x - T[c]|, Y[m] += sum over valid taps, c of T[c] W[m, c, tap]
 """,
     reference=binary_conv,
 )
@@ -249,8 +280,9 @@ class BinaryMatMul(OpRun):
 
     op_domain = "onnxopt"
 
-    def _run(self, X, Wbits, S, B=None, K=None, N=None, mode=None, weights=None):
-        return (binary_matmul(X, Wbits, S, B, K=K, N=N, mode=mode or "full", weights=weights or "sign"),)
+    def _run(self, X, Wbits, S, B=None, T=None, K=None, N=None, mode=None, weights=None):
+        kw = dict(K=K, N=N, mode=mode or "full", weights=weights or "sign", T=T)
+        return (binary_matmul(X, Wbits, S, B, **kw),)
 
 
 class BinaryConv(OpRun):
@@ -264,6 +296,7 @@ class BinaryConv(OpRun):
         Wbits,
         S,
         B=None,
+        T=None,
         C=None,
         kernel_shape=None,
         strides=None,
@@ -283,5 +316,6 @@ class BinaryConv(OpRun):
                 pads=pads or (0, 0, 0, 0),
                 dilations=dilations or (1, 1),
                 weights=weights or "sign",
+                T=T,
             ),
         )

@@ -48,7 +48,7 @@ def conv_weights(M: int, C: int, kh: int, kw: int, weights: str, bias: bool, see
     return pack_bits(b.reshape(M, -1)), scales(M, weights, rng), B
 
 
-def make_model(op: str, Wbits, S, B, x_shape, attrs: dict, inputs_w: bool = False) -> bytes:
+def make_model(op: str, Wbits, S, B, x_shape, attrs: dict, inputs_w: bool = False, T=None) -> bytes:
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
     inits = [numpy_helper.from_array(S, "S")]
     if inputs_w:
@@ -59,6 +59,9 @@ def make_model(op: str, Wbits, S, B, x_shape, attrs: dict, inputs_w: bool = Fals
     if B is not None:
         inits.append(numpy_helper.from_array(B, "B"))
         names.append("B")
+    if T is not None:
+        inits.append(numpy_helper.from_array(T, "T"))
+        names += ["", "T"] if B is None else ["T"]
     node = helper.make_node(op, names, ["Y"], domain="onnxopt", name="bin", **attrs)
     graph = helper.make_graph(
         [node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits
@@ -200,6 +203,61 @@ def test_conv_matches_reference(case, build, monkeypatch):
         assert_exact_integers(Y, Y_ref, step + (step == 0), f"{what} threads={threads}")
 
 
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize(("K", "N", "weights"), [(100, 13, "sign"), (1030, 70, "01")])
+def test_matmul_centering(K, N, weights, build, monkeypatch):
+    """mode full with T: x binarized around T (post-ReLU inputs), the constant T W added."""
+    Wbits, S, B = matmul_weights(K, N, weights, True, seed=K)
+    rng = np.random.default_rng(N)
+    X = np.maximum(rng.standard_normal((3, K), dtype=F32), 0)
+    T = (0.4 * rng.random(K)).astype(F32)
+    X[0, :5] = T[:5]  # x = T binarizes to +1 in both
+    use_build(build, monkeypatch)
+    kw = dict(K=K, N=N, mode="full", weights=weights)
+    Y_ref = binary_matmul(X, Wbits, S, B, **kw, T=T).astype(np.float64)
+    P, Q = pq(S, weights)
+    W = matmul_bits(Wbits, K) * P + Q
+    x = X.astype(np.float64) - T
+    kappa = np.abs(x).mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        Y_ref, kappa * (np.where(x >= 0, 1.0, -1.0) @ W) + T @ W + B, rtol=1e-5, atol=1e-5
+    )
+    (Y,) = onnxopt.make_session(make_model("BinaryMatMul", Wbits, S, B, [3, K], kw, T=T)).run(None, {"X": X})
+    assert_exact_integers(Y, Y_ref, np.broadcast_to(2 * kappa * np.abs(P), Y.shape), f"K={K} build={build}")
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[4]], ids=["stride2", "5x5"])
+def test_conv_centering(case, build, monkeypatch):
+    """BinaryConv with T: binarized around T[c]; the constant T W summed over the taps inside the image."""
+    n, C, H, W, M, k, s, p, d, weights, _ = case
+    Wbits, S, B = conv_weights(M, C, *k, weights, True, seed=C)
+    rng = np.random.default_rng(M)
+    X = np.maximum(rng.standard_normal((n, C, H, W), dtype=F32), 0)
+    T = (0.5 * rng.random(C)).astype(F32)
+    use_build(build, monkeypatch)
+    attrs = dict(C=C, kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d), weights=weights)
+    Y_ref = binary_conv(X, Wbits, S, B, **attrs, T=T).astype(np.float64)
+    P, Q = pq(S, weights)
+    Wf = conv_bits(Wbits, C, *k) * P[:, None, None, None] + Q[:, None, None, None]
+    conv = onnx.helper.make_node(
+        "Conv", ["X", "W"], ["Y"], kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d)
+    )
+    xc = X.astype(np.float64) - T[None, :, None, None]
+    (sign_conv,) = ReferenceEvaluator(conv).run(None, {"X": np.where(xc >= 0, 1.0, -1.0), "W": Wf})
+    ones = np.ones((1, C, *k))
+    (box,) = ReferenceEvaluator(conv).run(None, {"X": np.abs(xc), "W": ones / ones.size})
+    (t_conv,) = ReferenceEvaluator(conv).run(
+        None, {"X": np.broadcast_to(T[None, :, None, None], X.shape) * 1.0, "W": Wf}
+    )
+    np.testing.assert_allclose(Y_ref, box * sign_conv + t_conv + B[None, :, None, None], rtol=1e-6, atol=1e-6)
+    (Y,) = onnxopt.make_session(make_model("BinaryConv", Wbits, S, B, list(X.shape), attrs, T=T)).run(
+        None, {"X": X}
+    )
+    step = 2 * box * np.abs(P)[None, :, None, None]
+    assert_exact_integers(Y, Y_ref, step + (step == 0), f"{case} build={build}")
+
+
 def test_reference_evaluator_and_specs():
     Wbits, S, B = matmul_weights(70, 6, "01", True, 3)
     X = np.random.default_rng(0).standard_normal((2, 70), dtype=F32)
@@ -238,6 +296,17 @@ def test_matmul_bad_input():
     )
     assert "constant" in run_error(
         make_model("BinaryMatMul", Wbits, S, B, [1, 100], good, inputs_w=True), {"X": X, "Wbits": Wbits}
+    )
+    T = np.zeros(100, F32)
+    partial = {**good, "mode": "partial"}
+    assert "'full' only" in run_error(
+        make_model("BinaryMatMul", Wbits, S, B, [1, 100], partial, T=T), {"X": X}
+    )
+    assert "T must have shape [K] = [100]" in run_error(
+        make_model("BinaryMatMul", Wbits, S, B, [1, 100], good, T=T[:99]), {"X": X}
+    )
+    assert "needs the bias" in run_error(
+        make_model("BinaryMatMul", Wbits, S, None, [1, 100], good, T=T), {"X": X}
     )
 
 

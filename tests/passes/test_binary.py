@@ -65,8 +65,13 @@ def test_pass_rewrites_mlp_and_runs_the_reference(use_gemm, trans_b, mode, weigh
     for name in ("fc0", "fc1"):
         rec = _record(result, name)
         assert rec.status == "applied", rec.as_dict()
-        assert rec.detail == {"op": "BinaryMatMul", "mode": mode, "weights": weights}
-        assert rec.bytes_after < rec.bytes_before / 10
+        assert rec.detail == {
+            "op": "BinaryMatMul",
+            "mode": mode,
+            "weights": weights,
+            "centred": mode == "full",
+        }
+        assert rec.bytes_after < rec.bytes_before / 5  # bits, scales, bias and T of a 64 x 10 layer
     onnx.checker.check_model(result.model)
     assert [n.op_type for n in result.model.graph.node].count("BinaryMatMul") == 2
     (x,) = feeds.values()
@@ -144,6 +149,14 @@ def test_declines_with_reasons():
     )
     result, _ = _run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert "float32" in _record(result, "mm").reason
+
+
+def test_layers_setting_selects_nodes():
+    result, _ = _run(mlp([32, 32, 10], seed=10), settings={"binary": {"layers": "fc1"}})
+    assert _record(result, "fc1").status == "applied"
+    assert "not selected" in _record(result, "fc0").reason
+    result, _ = _run(conv_net([4, 8, 4], size=6, seed=7), settings={"binary": {"layers": "fc"}})
+    assert "not selected" in _record(result, "conv0").reason
 
 
 def test_shared_weight_is_declined():
