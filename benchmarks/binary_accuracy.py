@@ -79,6 +79,7 @@ def main() -> None:
             cells = [
                 layers,
                 mode,
+                "yes" if centred else "no",
                 weights,
                 errs,
                 f"{after:,} / {before:,}",
