@@ -279,8 +279,8 @@ def binary_section(quick: bool) -> str:
 BinaryMatMul (full: binary weights and activations; partial: binary weights, float activations) and BinaryConv
 (full, 3x3, pad 1) against onnxruntime's fp32 MatMul and Conv at batch 1: one-node models, A/B interleaved,
 a 64 MiB buffer touched before every run, median of {rounds} runs; ratios are fp32 time / binary time.
-BinaryConv's count loop uses AVX-512 VPOPCNTDQ where the CPU has it (else AVX2's nibble lookup). The issue's goals: full
-3x3 conv 64@56x56 and 128@28x28 >= 4x, Gemm 1x4096x4096 >= 10x at one thread; weights 32x smaller.
+BinaryConv's count loop uses AVX-512 VPOPCNTDQ where the CPU has it (else AVX2's nibble lookup). The issue's
+goals: full 3x3 conv 64@56x56 and 128@28x28 >= 4x, Gemm 1x4096x4096 >= 10x at one thread; weights 32x smaller.
 
 {_script_table("binary.py", "--rounds", rounds)}
 
