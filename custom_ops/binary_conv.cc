@@ -22,6 +22,7 @@ namespace onnxopt {
 namespace {
 
 constexpr int64_t kMaxAttribute = int64_t{1} << 24;
+constexpr int64_t kRowChunks = 16;  // compute tasks per image: enough to balance a few threads
 
 struct ConvGeometry {
   int64_t n = 0, h = 0, w = 0, oh = 0, ow = 0, hp = 0, wp = 0;
@@ -36,6 +37,7 @@ struct ConvCall {
   float* abs_sum = nullptr;  // [N][Hp][Wp]
   int32_t* ones = nullptr;   // [N][Hp][Wp]
   float* y = nullptr;
+  int64_t chunks = 1;        // output-row chunks per image (compute tasks)
   std::atomic<bool> failed{false};
 };
 
@@ -64,16 +66,27 @@ std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, in
   return {first, std::max(first, last)};
 }
 
-void ComputeTask(void* data, size_t task) {
-  auto* call = static_cast<ConvCall*>(data);
-  if (call->failed.load(std::memory_order_relaxed)) return;
-  try {
+// A task's scratch, allocated once for its rows.
+struct RowScratch {
+  std::vector<int32_t> counts;  // [groups 8][ow]
+  std::vector<float> kappa, d0;  // [ow]
+  std::vector<int64_t> border;   // pixels whose field is cut by padding: ox, x0, x1
+  std::vector<int64_t> cols;     // per tap column: popcount(b) over the row's valid taps
+  std::vector<double> tw_cols;   // per tap column: the centering constant over the same taps
+};
+
+// Output row oy of image n: the counts of every filter, then the scaling.
+void ComputeRow(const ConvCall* call, int64_t n, int64_t oy, RowScratch& r) {
+  {
     const BinaryConvKernel& k = *call->k;
     const ConvGeometry& g = call->g;
-    const int64_t n = static_cast<int64_t>(task) / g.oh, oy = static_cast<int64_t>(task) % g.oh;
     const int64_t taps = k.kh_ * k.kw_, plane = g.hp * g.wp;
-    thread_local std::vector<int32_t> counts;
-    counts.resize(static_cast<size_t>(call->plan.groups * binary::kGroup * g.ow));
+    std::vector<int32_t>& counts = r.counts;
+    std::vector<float>& kappa = r.kappa;
+    std::vector<float>& d0 = r.d0;
+    std::vector<int64_t>& border = r.border;
+    std::vector<int64_t>& cols = r.cols;
+    std::vector<double>& tw_cols = r.tw_cols;
     k.kern_->conv_row(call->plan, call->bits + n * plane * k.cw_, oy, counts.data());
     const float* abs_sum = call->abs_sum + n * plane;
     const int32_t* ones = call->ones + n * plane;
@@ -82,12 +95,6 @@ void ComputeTask(void* data, size_t task) {
     float* y = call->y + n * k.m_ * g.oh * g.ow + oy * g.ow;
     // Per pixel of the row: kappa, the D0 term and the valid tap columns; then filter by filter along the row,
     // so that counts are read and Y written contiguously.
-    thread_local std::vector<float> kappa, d0;
-    thread_local std::vector<int64_t> border;  // pixels whose field is cut by padding: ox, x0, x1
-    thread_local std::vector<int64_t> cols;    // per tap column: popcount(b) over the row's valid taps
-    thread_local std::vector<double> tw_cols;  // per tap column: the centering constant over the same taps
-    kappa.resize(static_cast<size_t>(g.ow)), d0.resize(static_cast<size_t>(g.ow));
-    cols.resize(static_cast<size_t>(k.kw_)), tw_cols.resize(static_cast<size_t>(k.kw_));
     border.clear();
     for (int64_t ox = 0; ox < g.ow; ++ox) {
       const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
@@ -129,6 +136,22 @@ void ComputeTask(void* data, size_t task) {
                  static_cast<float>(tw);
       }
     }
+  }
+}
+
+// Task t: rows [t0, t1) of chunk t % chunks of image t / chunks.
+void ComputeTask(void* data, size_t task) {
+  auto* call = static_cast<ConvCall*>(data);
+  if (call->failed.load(std::memory_order_relaxed)) return;
+  try {
+    const ConvGeometry& g = call->g;
+    const int64_t n = static_cast<int64_t>(task) / call->chunks, chunk = static_cast<int64_t>(task) % call->chunks;
+    const int64_t rows = (g.oh + call->chunks - 1) / call->chunks;
+    RowScratch r;
+    r.counts.resize(static_cast<size_t>(call->plan.groups * binary::kGroup * g.ow));
+    r.kappa.resize(static_cast<size_t>(g.ow)), r.d0.resize(static_cast<size_t>(g.ow));
+    r.cols.resize(static_cast<size_t>(call->k->kw_)), r.tw_cols.resize(static_cast<size_t>(call->k->kw_));
+    for (int64_t oy = chunk * rows; oy < std::min(g.oh, (chunk + 1) * rows); ++oy) ComputeRow(call, n, oy, r);
   } catch (...) {
     call->failed.store(true);
   }
@@ -303,7 +326,8 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   p.wgroups = groups_.data();
   p.offsets = offsets.data();
   RunTasks(context, PackTask, g.n * g.h, &call);
-  RunTasks(context, ComputeTask, g.n * g.oh, &call);
+  call.chunks = std::min<int64_t>(g.oh, kRowChunks);
+  RunTasks(context, ComputeTask, g.n * call.chunks, &call);
   if (call.failed.load()) Fail(where, "a compute task failed (out of memory?)", ORT_FAIL);
 }
 
