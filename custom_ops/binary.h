@@ -17,7 +17,12 @@
 // the popcount(b) term then counts only the taps inside the image (per-tap counts kept per filter).
 //
 // Popcounts: AVX2 with the nibble lookup (vpshufb) on 256-bit words, byte counts summed with vpsadbw at most
-// every 31 words (8 x 31 < 256); the portable build uses __builtin_popcountll.
+// every 31 words (8 x 31 < 256); where the CPU has AVX-512 VPOPCNTDQ, BinaryConv's count loop uses vpopcntq and
+// the partial sums use 16-bit masked adds (binary_avx512.cc); the portable build uses __builtin_popcountll.
+//
+// Centering (optional input T, full mode): bits are [x >= T], kappa the mean of |x - T|, and the constant
+// T W~ is added (BinaryMatMul: folded into the bias; BinaryConv: per filter and tap, summed over the taps
+// inside the image like the popcounts of b).
 #pragma once
 
 #include <cstdint>
@@ -72,7 +77,7 @@ struct Kernels {
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
-// The AVX2 kernels with BinaryConv's count loop on AVX-512 VPOPCNTDQ (binary_avx512.cc).
+// The AVX2 kernels with BinaryConv's count loop and the partial sums on AVX-512 (binary_avx512.cc).
 const Kernels& Avx512Kernels();
 bool HasAvx512Popcount();  // CPU and OS run AVX-512F + VPOPCNTDQ, and ONNXOPT_DISABLE_AVX512 is not set
 // AVX-512 where HasAvx512Popcount(), else AVX2 where HasAvx2Fma(), else portable. ONNXOPT_DISABLE_AVX512=1

@@ -1,7 +1,9 @@
 // BinaryConv's count loop on AVX-512 VPOPCNTDQ: one vpopcntq counts the AND of a broadcast input word with
 // the same (tap, word) of eight filters (binary.h's [M / 8][taps][cw][8] layout), into 64-bit lanes that need
 // no flushing: 3 instructions per 512 binary multiply-adds, against 8 per 256 for AVX2's nibble lookup.
-// Chosen at run time (HasAvx512Popcount); the AVX2 and portable paths stay (tests run all three).
+// BinaryMatMul's partial mode: 16 weight bits are the mask of one masked add of 16 inputs (no expansion).
+// Chosen at run time (HasAvx512Popcount: AVX-512F and VPOPCNTDQ); the AVX2 and portable paths stay (tests run
+// all three).
 // Compiled for these instructions by the pragma below, not by the build's flags: only this file uses them.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,popcnt,avx512f,avx512vpopcntdq")
@@ -15,6 +17,45 @@
 namespace onnxopt {
 namespace binary {
 namespace {
+
+template <int kRows>
+void PartialRows(const uint64_t* bits, int64_t words, const float* x, int64_t ldx, int64_t n0, int64_t n1,
+                 float* s1, int64_t lds) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint64_t* b = bits + n * words;
+    __m512 acc[kRows][4];
+    for (int r = 0; r < kRows; ++r)
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+    for (int64_t w = 0; w < words; ++w) {
+      const uint64_t v = b[w];
+      const float* xw = x + w * kWord;
+      for (int q = 0; q < 4; ++q) {
+        const __mmask16 m = static_cast<__mmask16>(v >> (16 * q));
+        for (int r = 0; r < kRows; ++r) {
+          acc[r][q] = _mm512_mask_add_ps(acc[r][q], m, acc[r][q], _mm512_loadu_ps(xw + r * ldx + 16 * q));
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      // Summed through memory: gcc 12's _mm512_reduce_add_ps trips -Wmaybe-uninitialized in its own header.
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+      float sum = 0.0f;
+      for (const float v : lanes) sum += v;
+      s1[r * lds + n - n0] = sum;
+    }
+  }
+}
+
+void Partial(const uint64_t* bits, int64_t words, const float* x, int64_t ldx, int rows, int64_t n0, int64_t n1,
+             float* s1, int64_t lds) {
+  switch (rows) {
+    case 1: return PartialRows<1>(bits, words, x, ldx, n0, n1, s1, lds);
+    case 2: return PartialRows<2>(bits, words, x, ldx, n0, n1, s1, lds);
+    case 3: return PartialRows<3>(bits, words, x, ldx, n0, n1, s1, lds);
+    default: return PartialRows<4>(bits, words, x, ldx, n0, n1, s1, lds);
+  }
+}
 
 // kPix output pixels from ox, kG groups of eight filters from group g.
 template <int kPix, int kG>
@@ -59,7 +100,7 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
 }  // namespace
 
 const Kernels& Avx512Kernels() {
-  static const Kernels k{Avx2Kernels().partial, Avx2Kernels().and_count, ConvRow, Avx2Kernels().pack_row};
+  static const Kernels k{Partial, Avx2Kernels().and_count, ConvRow, Avx2Kernels().pack_row};
   return k;
 }
 
