@@ -64,15 +64,22 @@ using AndCountFn = void (*)(const uint64_t* bits, int64_t words, const uint64_t*
 // the plan (groups of 8), x the packed image, the row's first pixel at x + oy row_step.
 using ConvRowFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts);
 // Bits [x >= t[c]] of the channels of input row iy (of an NCHW image of C channels, H x W) into
-// out[ix cw + c / 64] (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x - t[c]|.
+// out[ix cw + c / 64] (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x - t[c]|; ones[ix] the
+// pixel's popcount.
 using PackRowFn = void (*)(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy,
-                           int64_t cw, uint64_t* out, float* abs_sum);
+                           int64_t cw, uint64_t* out, float* abs_sum, int32_t* ones);
+
+// y[i] = kappa[i] (two_p c[i] + q d0[i] - pb) + bias for i < n: BinaryConv's scaling of one filter's counts
+// along an output row, kappa (p (2 c - popcount(b)) + q d0) + bias with pb = p popcount(b).
+using ScaleRowFn = void (*)(const int32_t* c, const float* kappa, const float* d0, int64_t n, float two_p, float q,
+                            float pb, float bias, float* y);
 
 struct Kernels {
   PartialFn partial;
   AndCountFn and_count;
   ConvRowFn conv_row;
   PackRowFn pack_row;
+  ScaleRowFn scale_row;
 };
 
 const Kernels& PortableKernels();

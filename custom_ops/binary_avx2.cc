@@ -146,7 +146,7 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
 // 8 pixels at a time: the 64 channels of a word as two 32-bit halves per pixel lane, built by shift-and-or,
 // then stored interleaved as the pixels' words.
 void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw,
-             uint64_t* out, float* abs_sum) {
+             uint64_t* out, float* abs_sum, int32_t* ones) {
   std::memset(out, 0, static_cast<size_t>(W * cw) * sizeof(uint64_t));
   const __m256 zero = _mm256_setzero_ps(), abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t ix = 0;
@@ -182,12 +182,29 @@ void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W
     }
     abs_sum[ix] = s;
   }
+  for (int64_t ix = 0; ix < W; ++ix) {
+    int64_t c = 0;
+    for (int64_t w = 0; w < cw; ++w) c += _mm_popcnt_u64(out[ix * cw + w]);
+    ones[ix] = static_cast<int32_t>(c);
+  }
+}
+
+void ScaleRow(const int32_t* c, const float* kappa, const float* d0, int64_t n, float two_p, float q, float pb,
+              float bias, float* y) {
+  const __m256 vp = _mm256_set1_ps(two_p), vq = _mm256_set1_ps(q), vpb = _mm256_set1_ps(pb), vb = _mm256_set1_ps(bias);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 cv = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
+    const __m256 inner = _mm256_fmadd_ps(vp, cv, _mm256_fmsub_ps(vq, _mm256_loadu_ps(d0 + i), vpb));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(kappa + i), inner, vb));
+  }
+  for (; i < n; ++i) y[i] = kappa[i] * (two_p * static_cast<float>(c[i]) + q * d0[i] - pb) + bias;
 }
 
 }  // namespace
 
 const Kernels& Avx2Kernels() {
-  static const Kernels k{Partial, AndCount, ConvRow, PackRow};
+  static const Kernels k{Partial, AndCount, ConvRow, PackRow, ScaleRow};
   return k;
 }
 

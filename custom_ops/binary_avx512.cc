@@ -100,7 +100,7 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
 }  // namespace
 
 const Kernels& Avx512Kernels() {
-  static const Kernels k{Partial, Avx2Kernels().and_count, ConvRow, Avx2Kernels().pack_row};
+  static const Kernels k{Partial, Avx2Kernels().and_count, ConvRow, Avx2Kernels().pack_row, Avx2Kernels().scale_row};
   return k;
 }
 

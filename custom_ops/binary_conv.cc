@@ -22,7 +22,8 @@ namespace onnxopt {
 namespace {
 
 constexpr int64_t kMaxAttribute = int64_t{1} << 24;
-constexpr int64_t kRowChunks = 16;  // compute tasks per image: enough to balance a few threads
+constexpr int64_t kRowChunks = 16;
+constexpr int64_t kMaxKernel = 64;  // kh, kw bound (attribute check)  // compute tasks per image: enough to balance a few threads
 
 struct ConvGeometry {
   int64_t n = 0, h = 0, w = 0, oh = 0, ow = 0, hp = 0, wp = 0;
@@ -48,12 +49,8 @@ void PackTask(void* data, size_t task) {
   const int64_t n = static_cast<int64_t>(task) / g.h, iy = static_cast<int64_t>(task) % g.h;
   const int64_t pix = (n * g.hp + iy + k.pads_[0]) * g.wp + k.pads_[1];
   uint64_t* out = call->bits + pix * k.cw_;
-  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, out, call->abs_sum + pix);
-  for (int64_t ix = 0; ix < g.w; ++ix) {
-    int64_t c = 0;
-    for (int64_t i = 0; i < k.cw_; ++i) c += __builtin_popcountll(out[ix * k.cw_ + i]);
-    call->ones[pix + ix] = static_cast<int32_t>(c);
-  }
+  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, out, call->abs_sum + pix,
+                    call->ones + pix);
 }
 
 // [first, last) of the taps along one axis that fall inside the input, for output coordinate o.
@@ -71,8 +68,6 @@ struct RowScratch {
   std::vector<int32_t> counts;  // [groups 8][ow]
   std::vector<float> kappa, d0;  // [ow]
   std::vector<int64_t> border;   // pixels whose field is cut by padding: ox, x0, x1
-  std::vector<int64_t> cols;     // per tap column: popcount(b) over the row's valid taps
-  std::vector<double> tw_cols;   // per tap column: the centering constant over the same taps
 };
 
 // Output row oy of image n: the counts of every filter, then the scaling.
@@ -85,8 +80,6 @@ void ComputeRow(const ConvCall* call, int64_t n, int64_t oy, RowScratch& r) {
     std::vector<float>& kappa = r.kappa;
     std::vector<float>& d0 = r.d0;
     std::vector<int64_t>& border = r.border;
-    std::vector<int64_t>& cols = r.cols;
-    std::vector<double>& tw_cols = r.tw_cols;
     k.kern_->conv_row(call->plan, call->bits + n * plane * k.cw_, oy, counts.data());
     const float* abs_sum = call->abs_sum + n * plane;
     const int32_t* ones = call->ones + n * plane;
@@ -112,28 +105,34 @@ void ComputeRow(const ConvCall* call, int64_t n, int64_t oy, RowScratch& r) {
       if (y1 - y0 != k.kh_ || x1 - x0 != k.kw_) border.insert(border.end(), {ox, x0, x1});
     }
     for (int64_t m = 0; m < k.m_; ++m) {
-      const float p = k.w_.p[m], q = k.w_.q[m], bias = k.bias_full_[m], b = static_cast<float>(k.w_.ones[m]);
+      const float p = k.w_.p[m], q = k.w_.q[m];
       const int32_t* cm = counts.data() + m * g.ow;
       float* ym = y + m * g.oh * g.ow;
-      for (int64_t ox = 0; ox < g.ow; ++ox) {
-        ym[ox] = kappa[ox] * (p * (static_cast<float>(2 * cm[ox]) - b) + q * d0[ox]) + bias;
-      }
+      k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(k.w_.ones[m]),
+                         k.bias_full_[m], ym);
       if (border.empty()) continue;
-      const bool centred = !k.tap_tw_.empty();
+      // popcount(b) (and T W) over the taps inside the image: prefix sums over the tap columns of the row's
+      // valid tap rows, so each border pixel takes two differences.
+      int64_t pre[kMaxKernel + 1];  // only [0, kw] used: not zeroed whole (per filter and row)
+      double tpre[kMaxKernel + 1];
+      pre[0] = 0, tpre[0] = 0.0;
+      const int32_t* tap_ones = k.tap_ones_.data() + m * taps;
+      const float* tap_tw = k.tap_tw_.empty() ? nullptr : k.tap_tw_.data() + m * taps;
       for (int64_t dx = 0; dx < k.kw_; ++dx) {
-        cols[dx] = 0, tw_cols[dx] = 0.0;
+        int64_t c = 0;
+        double t = 0.0;
         for (int64_t dy = y0; dy < y1; ++dy) {
-          cols[dx] += k.tap_ones_[m * taps + dy * k.kw_ + dx];
-          if (centred) tw_cols[dx] += k.tap_tw_[m * taps + dy * k.kw_ + dx];
+          c += tap_ones[dy * k.kw_ + dx];
+          if (tap_tw != nullptr) t += tap_tw[dy * k.kw_ + dx];
         }
+        pre[dx + 1] = pre[dx] + c;
+        tpre[dx + 1] = tpre[dx] + t;
       }
-      for (size_t i = 0; i < border.size(); i += 3) {  // popcount(b) (and T W) over the taps inside only
-        const int64_t ox = border[i];
-        int64_t inside = 0;
-        double tw = 0.0;
-        for (int64_t dx = border[i + 1]; dx < border[i + 2]; ++dx) inside += cols[dx], tw += tw_cols[dx];
+      for (size_t i = 0; i < border.size(); i += 3) {
+        const int64_t ox = border[i], x0 = border[i + 1], x1 = border[i + 2];
+        const int64_t inside = pre[x1] - pre[x0];
         ym[ox] = kappa[ox] * (p * static_cast<float>(2 * cm[ox] - inside) + q * d0[ox]) + k.bias_[m] +
-                 static_cast<float>(tw);
+                 static_cast<float>(tpre[x1] - tpre[x0]);
       }
     }
   }
@@ -150,7 +149,6 @@ void ComputeTask(void* data, size_t task) {
     RowScratch r;
     r.counts.resize(static_cast<size_t>(call->plan.groups * binary::kGroup * g.ow));
     r.kappa.resize(static_cast<size_t>(g.ow)), r.d0.resize(static_cast<size_t>(g.ow));
-    r.cols.resize(static_cast<size_t>(call->k->kw_)), r.tw_cols.resize(static_cast<size_t>(call->k->kw_));
     for (int64_t oy = chunk * rows; oy < std::min(g.oh, (chunk + 1) * rows); ++oy) ComputeRow(call, n, oy, r);
   } catch (...) {
     call->failed.store(true);
@@ -182,7 +180,7 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
   if (!c || *c < 1 || *c > kMaxAttribute) Fail(where, "attribute 'C' (input channels, in [1, 2^24]) is required");
   c_ = *c;
   const auto ks = IntsAttribute(api, info, "kernel_shape", where);
-  if (!ks || ks->size() != 2 || (*ks)[0] < 1 || (*ks)[1] < 1 || (*ks)[0] > 64 || (*ks)[1] > 64) {
+  if (!ks || ks->size() != 2 || (*ks)[0] < 1 || (*ks)[1] < 1 || (*ks)[0] > kMaxKernel || (*ks)[1] > kMaxKernel) {
     Fail(where, "attribute 'kernel_shape' must be 2 ints in [1, 64]" +
                     (ks ? ", got " + ShapeStr(*ks) : std::string(", and is required")));
   }

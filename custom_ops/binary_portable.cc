@@ -50,7 +50,7 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
 }
 
 void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw,
-             uint64_t* out, float* abs_sum) {
+             uint64_t* out, float* abs_sum, int32_t* ones) {
   std::memset(out, 0, static_cast<size_t>(W * cw) * sizeof(uint64_t));
   for (int64_t ix = 0; ix < W; ++ix) abs_sum[ix] = 0.0f;
   for (int64_t c = 0; c < C; ++c) {
@@ -62,12 +62,22 @@ void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W
       abs_sum[ix] += std::fabs(row[ix] - t[c]);
     }
   }
+  for (int64_t ix = 0; ix < W; ++ix) {
+    int64_t c = 0;
+    for (int64_t w = 0; w < cw; ++w) c += __builtin_popcountll(out[ix * cw + w]);
+    ones[ix] = static_cast<int32_t>(c);
+  }
+}
+
+void ScaleRow(const int32_t* c, const float* kappa, const float* d0, int64_t n, float two_p, float q, float pb,
+              float bias, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = kappa[i] * (two_p * static_cast<float>(c[i]) + q * d0[i] - pb) + bias;
 }
 
 }  // namespace
 
 const Kernels& PortableKernels() {
-  static const Kernels k{Partial, AndCount, ConvRow, PackRow};
+  static const Kernels k{Partial, AndCount, ConvRow, PackRow, ScaleRow};
   return k;
 }
 
