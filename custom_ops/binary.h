@@ -12,8 +12,9 @@
 // Weights are copied at kernel creation into uint64 words (bit k % 64 of word k / 64: the input's byte order).
 // BinaryConv's words are regrouped by eight filters, [M / 8][taps][Cw][8], so that one 512-bit load (two
 // 256-bit loads) holds the same (tap, word) of eight filters, ANDed with one broadcast input word per pixel.
-// Its input is binarized once per call into channel-packed words per pixel, [Hp][Wp][Cw] (Cw = C / 64 rounded
-// up), over the zero-padded grid: padded pixels and channels are 0 bits, so they add nothing to popcount(a & b);
+// Its input is binarized once per call into channel-packed words per pixel, stored as word planes [Cw][Hp][Wp]
+// (Cw = C / 64 rounded up; word w of every pixel in plane w, so consecutive pixels' words are consecutive and
+// the AVX-512 loop loads eight pixels at once), over the zero-padded grid: padded pixels and channels are 0 bits, so they add nothing to popcount(a & b);
 // the popcount(b) term then counts only the taps inside the image (per-tap counts kept per filter).
 //
 // Popcounts: AVX2 with the nibble lookup (vpshufb) on 256-bit words, byte counts summed with vpsadbw at most
@@ -47,8 +48,8 @@ struct ConvPlan {
   int64_t taps = 0;             // kh kw
   int64_t groups = 0;           // filter groups of 8
   int64_t ow = 0;               // output columns
-  int64_t pixel_step = 0;       // words between consecutive output pixels of a row (sw cw)
-  int64_t row_step = 0;         // words between consecutive output rows (sh Wp cw)
+  int64_t pixel_step = 0;       // words between consecutive output pixels of a row (sw)
+  int64_t row_step = 0;         // words between consecutive output rows (sh Wp)
   const uint64_t* wgroups = nullptr;  // [groups][taps][cw][8]
   const int32_t* offsets = nullptr;   // [taps cw]: word offset of (tap, word) from a pixel's first word
 };
@@ -64,10 +65,10 @@ using AndCountFn = void (*)(const uint64_t* bits, int64_t words, const uint64_t*
 // the plan (groups of 8), x the packed image, the row's first pixel at x + oy row_step.
 using ConvRowFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts);
 // Bits [x >= t[c]] of the channels of input row iy (of an NCHW image of C channels, H x W) into
-// out[ix cw + c / 64] (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x - t[c]|; ones[ix] the
+// out[(c / 64) plane + ix] (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x - t[c]|; ones[ix] the
 // pixel's popcount.
 using PackRowFn = void (*)(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy,
-                           int64_t cw, uint64_t* out, float* abs_sum, int32_t* ones);
+                           int64_t cw, int64_t plane, uint64_t* out, float* abs_sum, int32_t* ones);
 
 // y[i] = kappa[i] (two_p c[i] + q d0[i] - pb) + bias for i < n: BinaryConv's scaling of one filter's counts
 // along an output row, kappa (p (2 c - popcount(b)) + q d0) + bias with pb = p popcount(b).

@@ -144,10 +144,10 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
 }
 
 // 8 pixels at a time: the 64 channels of a word as two 32-bit halves per pixel lane, built by shift-and-or,
-// then stored interleaved as the pixels' words.
+// then stored as the pixels' words in the word's plane.
 void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw,
-             uint64_t* out, float* abs_sum, int32_t* ones) {
-  std::memset(out, 0, static_cast<size_t>(W * cw) * sizeof(uint64_t));
+             int64_t plane, uint64_t* out, float* abs_sum, int32_t* ones) {
+  for (int64_t w = 0; w < cw; ++w) std::memset(out + w * plane, 0, static_cast<size_t>(W) * sizeof(uint64_t));
   const __m256 zero = _mm256_setzero_ps(), abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t ix = 0;
   for (; ix + 8 <= W; ix += 8) {
@@ -169,7 +169,7 @@ void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W
       alignas(32) uint32_t lo[8], hi[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(lo), half[0]);
       _mm256_store_si256(reinterpret_cast<__m256i*>(hi), half[1]);
-      for (int l = 0; l < 8; ++l) out[(ix + l) * cw + w] = uint64_t{lo[l]} | uint64_t{hi[l]} << 32;
+      for (int l = 0; l < 8; ++l) out[w * plane + ix + l] = uint64_t{lo[l]} | uint64_t{hi[l]} << 32;
     }
     _mm256_storeu_ps(abs_sum + ix, s);
   }
@@ -177,14 +177,14 @@ void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W
     float s = 0.0f;
     for (int64_t c = 0; c < C; ++c) {
       const float v = image[(c * H + iy) * W + ix];
-      if (v >= t[c]) out[ix * cw + c / kWord] |= uint64_t{1} << (c % kWord);
+      if (v >= t[c]) out[c / kWord * plane + ix] |= uint64_t{1} << (c % kWord);
       s += std::fabs(v - t[c]);
     }
     abs_sum[ix] = s;
   }
   for (int64_t ix = 0; ix < W; ++ix) {
     int64_t c = 0;
-    for (int64_t w = 0; w < cw; ++w) c += _mm_popcnt_u64(out[ix * cw + w]);
+    for (int64_t w = 0; w < cw; ++w) c += _mm_popcnt_u64(out[w * plane + ix]);
     ones[ix] = static_cast<int32_t>(c);
   }
 }

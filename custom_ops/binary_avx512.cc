@@ -1,7 +1,8 @@
 // BinaryConv's count loop on AVX-512 VPOPCNTDQ: one vpopcntq counts the AND of a broadcast input word with
 // the same (tap, word) of eight filters (binary.h's [M / 8][taps][cw][8] layout), into 64-bit lanes that need
 // no flushing: 3 instructions per 512 binary multiply-adds, against 8 per 256 for AVX2's nibble lookup.
-// BinaryMatMul's partial mode: 16 weight bits are the mask of one masked add of 16 inputs (no expansion).
+// With stride 1 the lanes hold eight output pixels instead (PixelBlock): each filter's counts then leave in one
+// narrowing store. BinaryMatMul's partial mode: 16 weight bits are the mask of one masked add of 16 inputs.
 // Chosen at run time (HasAvx512Popcount: AVX-512F and VPOPCNTDQ); the AVX2 and portable paths stay (tests run
 // all three).
 // Compiled for these instructions by the pragma below, not by the build's flags: only this file uses them.
@@ -90,8 +91,40 @@ inline void ConvPixels(const ConvPlan& p, const uint64_t* px, int64_t ox, int32_
   if (g < p.groups) ConvBlock<kPix, 1>(p, px, g, ox, counts);
 }
 
+// Stride 1: eight consecutive output pixels read eight consecutive words of each word plane, one 512-bit load
+// per (tap, word), ANDed with each of kG x 8 filters' broadcast word; a filter's eight counts are then one
+// narrowing store into its row of counts (no per-count stores). `mask` covers the pixels left in the row.
+template <int kG>
+inline void PixelBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t ox, __mmask8 mask, int32_t* counts) {
+  constexpr int kF = kG * kGroup;
+  const int64_t span = p.taps * p.cw;
+  const uint64_t* wg = p.wgroups + g * span * kGroup;
+  __m512i acc[kF];
+  for (int f = 0; f < kF; ++f) acc[f] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < span; ++j) {
+    const __m512i xv = _mm512_maskz_loadu_epi64(mask, px + p.offsets[j]);
+    for (int k = 0; k < kG; ++k) {
+      const uint64_t* w = wg + (k * span + j) * kGroup;
+      for (int f = 0; f < kGroup; ++f) {
+        const __m512i wv = _mm512_set1_epi64(static_cast<long long>(w[f]));
+        acc[k * kGroup + f] = _mm512_add_epi64(acc[k * kGroup + f], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
+      }
+    }
+  }
+  for (int f = 0; f < kF; ++f) _mm512_mask_cvtepi64_storeu_epi32(counts + (g * kGroup + f) * p.ow + ox, mask, acc[f]);
+}
+
 void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) {
   const uint64_t* row = x + oy * p.row_step;
+  if (p.pixel_step == 1) {
+    for (int64_t ox = 0; ox < p.ow; ox += 8) {
+      const __mmask8 mask = static_cast<__mmask8>(p.ow - ox >= 8 ? 0xff : (1u << (p.ow - ox)) - 1);
+      int64_t g = 0;
+      for (; g + 2 <= p.groups; g += 2) PixelBlock<2>(p, row + ox, g, ox, mask, counts);
+      if (g < p.groups) PixelBlock<1>(p, row + ox, g, ox, mask, counts);
+    }
+    return;
+  }
   int64_t ox = 0;
   for (; ox + 4 <= p.ow; ox += 4) ConvPixels<4>(p, row + ox * p.pixel_step, ox, counts);
   for (; ox < p.ow; ++ox) ConvPixels<1>(p, row + ox * p.pixel_step, ox, counts);

@@ -1,7 +1,7 @@
 // BinaryConv kernel: ONNX Conv (NCHW, group 1) on binarized weights and activations (binary.h for the math and
 // layouts, onnxopt/reference/binary.py for the semantics).
 //
-// Per call: (1) every input row is binarized into channel-packed words on the zero-padded grid [Hp][Wp][cw],
+// Per call: (1) every input row is binarized into channel-packed words on the zero-padded grid [cw][Hp][Wp],
 // with per-pixel popcount and sum |x| beside it (tasks over image rows); (2) per output row, the AND-popcounts
 // of every filter at every pixel of the row (kernels' conv_row), then the scaling: the receptive field's
 // popcount(a) and sum |x| from the per-pixel arrays (pads hold 0), and popcount(b) over the taps inside the
@@ -47,9 +47,10 @@ void PackTask(void* data, size_t task) {
   const BinaryConvKernel& k = *call->k;
   const ConvGeometry& g = call->g;
   const int64_t n = static_cast<int64_t>(task) / g.h, iy = static_cast<int64_t>(task) % g.h;
-  const int64_t pix = (n * g.hp + iy + k.pads_[0]) * g.wp + k.pads_[1];
-  uint64_t* out = call->bits + pix * k.cw_;
-  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, out, call->abs_sum + pix,
+  const int64_t plane = g.hp * g.wp, at = (iy + k.pads_[0]) * g.wp + k.pads_[1], pix = n * plane + at;
+  uint64_t* out = call->bits + n * plane * k.cw_ + at;  // image n's word planes [cw][Hp][Wp]
+  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, plane, out,
+                    call->abs_sum + pix,
                     call->ones + pix);
 }
 
@@ -309,7 +310,7 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   std::vector<int32_t> offsets(static_cast<size_t>(taps * cw_));
   for (int64_t t = 0; t < taps; ++t) {
     for (int64_t i = 0; i < cw_; ++i) {
-      offsets[t * cw_ + i] = static_cast<int32_t>(((t / kw_) * dh_ * g.wp + (t % kw_) * dw_) * cw_ + i);
+      offsets[t * cw_ + i] = static_cast<int32_t>(i * plane + (t / kw_) * dh_ * g.wp + (t % kw_) * dw_);
     }
   }
   call.k = this;
@@ -320,7 +321,7 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   call.y = y;
   binary::ConvPlan& p = call.plan;
   p.cw = cw_, p.taps = taps, p.groups = (m_ + binary::kGroup - 1) / binary::kGroup, p.ow = g.ow;
-  p.pixel_step = sw_ * cw_, p.row_step = sh_ * g.wp * cw_;
+  p.pixel_step = sw_, p.row_step = sh_ * g.wp;
   p.wgroups = groups_.data();
   p.offsets = offsets.data();
   RunTasks(context, PackTask, g.n * g.h, &call);

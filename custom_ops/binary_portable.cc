@@ -50,21 +50,21 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
 }
 
 void PackRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy, int64_t cw,
-             uint64_t* out, float* abs_sum, int32_t* ones) {
-  std::memset(out, 0, static_cast<size_t>(W * cw) * sizeof(uint64_t));
+             int64_t plane, uint64_t* out, float* abs_sum, int32_t* ones) {
+  for (int64_t w = 0; w < cw; ++w) std::memset(out + w * plane, 0, static_cast<size_t>(W) * sizeof(uint64_t));
   for (int64_t ix = 0; ix < W; ++ix) abs_sum[ix] = 0.0f;
   for (int64_t c = 0; c < C; ++c) {
     const float* row = image + (c * H + iy) * W;
     const uint64_t bit = uint64_t{1} << (c % kWord);
-    uint64_t* o = out + c / kWord;
+    uint64_t* o = out + c / kWord * plane;
     for (int64_t ix = 0; ix < W; ++ix) {
-      if (row[ix] >= t[c]) o[ix * cw] |= bit;
+      if (row[ix] >= t[c]) o[ix] |= bit;
       abs_sum[ix] += std::fabs(row[ix] - t[c]);
     }
   }
   for (int64_t ix = 0; ix < W; ++ix) {
     int64_t c = 0;
-    for (int64_t w = 0; w < cw; ++w) c += __builtin_popcountll(out[ix * cw + w]);
+    for (int64_t w = 0; w < cw; ++w) c += __builtin_popcountll(out[w * plane + ix]);
     ones[ix] = static_cast<int32_t>(c);
   }
 }
