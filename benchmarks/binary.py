@@ -90,8 +90,8 @@ def conv(C: int, H: int, M: int, binary: bool) -> tuple[onnx.ModelProto, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fc", nargs="+", default=["4096x4096", "1024x1024"], help="KxN of FC layers")
-    ap.add_argument("--convs", nargs="+", default=["64@56", "128@28", "256@14"], help="C@H (M = C), 3x3")
+    ap.add_argument("--fc", nargs="*", default=["4096x4096", "1024x1024"], help="KxN of FC layers")
+    ap.add_argument("--convs", nargs="*", default=["64@56", "128@28", "256@14"], help="C@H (M = C), 3x3")
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
     rows = [

@@ -68,7 +68,7 @@ std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, in
 struct RowScratch {
   std::vector<int32_t> counts;  // [groups 8][ow]
   std::vector<float> kappa, d0;  // [ow]
-  std::vector<int64_t> border;   // pixels whose field is cut by padding: ox, x0, x1
+  std::vector<int64_t> border;   // pixels whose tap columns are cut by padding: ox, x0, x1
 };
 
 // Output row oy of image n: the counts of every filter, then the scaling.
@@ -103,17 +103,21 @@ void ComputeRow(const ConvCall* call, int64_t n, int64_t oy, RowScratch& r) {
       }
       kappa[ox] = a * inv;
       d0[ox] = static_cast<float>(2 * pc - (y1 - y0) * (x1 - x0) * k.c_);
-      if (y1 - y0 != k.kh_ || x1 - x0 != k.kw_) border.insert(border.end(), {ox, x0, x1});
+      if (x1 - x0 != k.kw_) border.insert(border.end(), {ox, x0, x1});
     }
+    const bool cut_rows = y1 - y0 != k.kh_;  // a top or bottom row: some tap rows fall in the padding
     for (int64_t m = 0; m < k.m_; ++m) {
       const float p = k.w_.p[m], q = k.w_.q[m];
       const int32_t* cm = counts.data() + m * g.ow;
       float* ym = y + m * g.oh * g.ow;
-      k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(k.w_.ones[m]),
-                         k.bias_full_[m], ym);
-      if (border.empty()) continue;
+      if (!cut_rows && border.empty()) {
+        k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(k.w_.ones[m]),
+                           k.bias_full_[m], ym);
+        continue;
+      }
       // popcount(b) (and T W) over the taps inside the image: prefix sums over the tap columns of the row's
-      // valid tap rows, so each border pixel takes two differences.
+      // valid tap rows. The row is scaled with the full tap-column range, then the pixels whose tap columns
+      // are cut (the left and right borders) take two differences each.
       int64_t pre[kMaxKernel + 1];  // only [0, kw] used: not zeroed whole (per filter and row)
       double tpre[kMaxKernel + 1];
       pre[0] = 0, tpre[0] = 0.0;
@@ -129,6 +133,9 @@ void ComputeRow(const ConvCall* call, int64_t n, int64_t oy, RowScratch& r) {
         pre[dx + 1] = pre[dx] + c;
         tpre[dx + 1] = tpre[dx] + t;
       }
+      const float bias = k.bias_[m] + static_cast<float>(tpre[k.kw_]);
+      k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(pre[k.kw_]), bias,
+                         ym);
       for (size_t i = 0; i < border.size(); i += 3) {
         const int64_t ox = border[i], x0 = border[i + 1], x1 = border[i + 2];
         const int64_t inside = pre[x1] - pre[x0];
