@@ -290,6 +290,25 @@ The same on its Convs (conv2-conv4; conv1's 9 weights per filter are declined):
 """
 
 
+def binary_section(quick: bool) -> str:
+    rounds = "7" if quick else "21"
+    return f"""## binary: 1-bit weights, XNOR-popcount layers (`benchmarks/binary.py`, `binary_accuracy.py`)
+
+BinaryMatMul (full: binary weights and activations; partial: binary weights, float activations) and BinaryConv
+(full, 3x3, pad 1) against onnxruntime's fp32 MatMul and Conv at batch 1: one-node models, A/B interleaved,
+a 64 MiB buffer touched before every run, median of {rounds} runs; ratios are fp32 time / binary time.
+BinaryConv's count loop uses AVX-512 VPOPCNTDQ where the CPU has it (else AVX2's nibble lookup). The issue's
+goals: full 3x3 conv 64@56x56 and 128@28x28 >= 4x, Gemm 1x4096x4096 >= 10x at one thread; weights 32x smaller.
+
+{_script_table("binary.py", "--rounds", rounds)}
+
+Post-training binarization of Fashion-MNIST (no retraining; top-1 on the 10,000 test images; the estimated
+error is the layer's relative output error on calibration inputs), and what the default budget does with it.
+
+{_script_table("binary_accuracy.py")}
+"""
+
+
 SECTIONS = {
     "models": models_section,
     "conv": conv_section,
@@ -297,6 +316,7 @@ SECTIONS = {
     "structured": structured_section,
     "sparse": sparse_section,
     "lowbit": lowbit_section,
+    "binary": binary_section,
 }
 
 

@@ -20,5 +20,7 @@ Ort::Custom::OrtLiteCustomOp* MakeSparseGemmOp();
 Ort::Custom::OrtLiteCustomOp* MakeSparseConvOp();
 Ort::Custom::OrtLiteCustomOp* MakeLowBitMatMulOp();
 Ort::Custom::OrtLiteCustomOp* MakeLowBitConvOp();
+Ort::Custom::OrtLiteCustomOp* MakeBinaryMatMulOp();
+Ort::Custom::OrtLiteCustomOp* MakeBinaryConvOp();
 
 }  // namespace onnxopt

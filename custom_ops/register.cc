@@ -49,6 +49,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       ops.emplace_back(onnxopt::MakeSparseConvOp());
       ops.emplace_back(onnxopt::MakeLowBitMatMulOp());
       ops.emplace_back(onnxopt::MakeLowBitConvOp());
+      ops.emplace_back(onnxopt::MakeBinaryMatMulOp());
+      ops.emplace_back(onnxopt::MakeBinaryConvOp());
     }
     Ort::CustomOpDomain domain{onnxopt::kDomain};
     for (auto& op : ops) domain.Add(op.get());

@@ -10,6 +10,7 @@ from __future__ import annotations
 from onnxopt.errors import UserError
 from onnxopt.model_pass import ModelPass
 from onnxopt.passes.acdc import ACDC
+from onnxopt.passes.binary import Binary
 from onnxopt.passes.circulant import Circulant
 from onnxopt.passes.depthwise import Depthwise
 from onnxopt.passes.fastfood import Fastfood
@@ -37,6 +38,7 @@ METHODS: dict[str, type[Pass] | type[ModelPass]] = {
         TensorTrain,
         Prune,
         LowBit,
+        Binary,
         Int8,
     )
 }

@@ -7,7 +7,7 @@ onnx.reference OpRun class named like the op, for `onnx.reference.ReferenceEvalu
 from __future__ import annotations
 
 from onnxopt.ops import OpSpec
-from onnxopt.reference import acdc, circulant, depthwise, fastfood, fftconv, lowbit, prune, winograd
+from onnxopt.reference import acdc, binary, circulant, depthwise, fastfood, fftconv, lowbit, prune, winograd
 
 SPECS: dict[str, OpSpec] = {
     spec.name: spec
@@ -22,6 +22,8 @@ SPECS: dict[str, OpSpec] = {
         prune.CONV_SPEC,
         lowbit.SPEC,
         lowbit.CONV_SPEC,
+        binary.MATMUL_SPEC,
+        binary.CONV_SPEC,
     )
 }
 
@@ -37,6 +39,8 @@ REFERENCE_OPS = [
     prune.SparseConv,
     lowbit.LowBitMatMul,
     lowbit.LowBitConv,
+    binary.BinaryMatMul,
+    binary.BinaryConv,
 ]
 
 __all__ = ["REFERENCE_OPS", "SPECS"]

@@ -1,0 +1,163 @@
+// BinaryMatMul and BinaryConv: layers with one bit per weight (the `binary` method; semantics, bit layout and
+// numpy reference in onnxopt/reference/binary.py).
+//
+// Every weight is W = P[n] b + Q[n], b in {0, 1} (sign weights: P = 2 alpha, Q = -alpha; {0,1} weights of Kim
+// et al.: P = a, Q = c). So one kernel family serves both kinds:
+//   partial (float activations):  y[n] = P S1 + Q Sx,  S1 = sum of x where b = 1, Sx = sum of x;
+//   full (XNOR-Net):              y[n] = kappa (P (2 popcount(a & b) - popcount(b)) + Q (2 popcount(a) - K)),
+//                                  a the sign bits of x, kappa = mean |x| over the receptive field.
+// For sign weights the full form equals XNOR-Net's kappa alpha (K - 2 popcount(a ^ b)); the AND form needs the
+// same one popcount per word, with popcount(a) shared by every output.
+//
+// Weights are copied at kernel creation into uint64 words (bit k % 64 of word k / 64: the input's byte order).
+// BinaryConv's words are regrouped by eight filters, [M / 8][taps][Cw][8], so that one 512-bit load (two
+// 256-bit loads) holds the same (tap, word) of eight filters, ANDed with one broadcast input word per pixel.
+// Its input is binarized once per call into channel-packed words per pixel, stored as word planes [Cw][Hp][Wp]
+// (Cw = C / 64 rounded up; word w of every pixel in plane w, so consecutive pixels' words are consecutive and
+// the AVX-512 loop loads eight pixels at once), over the zero-padded grid: padded pixels and channels are 0 bits, so they add nothing to popcount(a & b);
+// the popcount(b) term then counts only the taps inside the image (per-tap counts kept per filter).
+//
+// Popcounts: AVX2 with the nibble lookup (vpshufb) on 256-bit words, byte counts summed with vpsadbw at most
+// every 31 words (8 x 31 < 256); where the CPU has AVX-512 VPOPCNTDQ, BinaryConv's count loop uses vpopcntq and
+// the partial sums use 16-bit masked adds (binary_avx512.cc); the portable build uses __builtin_popcountll.
+//
+// Centering (optional input T, full mode): bits are [x >= T], kappa the mean of |x - T|, and the constant
+// T W~ is added (BinaryMatMul: folded into the bias; BinaryConv: per filter and tap, summed over the taps
+// inside the image like the popcounts of b).
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_lite_custom_op.h"
+
+namespace onnxopt {
+namespace binary {
+
+constexpr int64_t kWord = 64;
+constexpr int64_t kGroup = 8;  // filters per 512 bits of BinaryConv's regrouped weights
+
+inline int64_t Words(int64_t bits) { return (bits + kWord - 1) / kWord; }
+
+// What BinaryConv's count loop needs of one call's geometry.
+struct ConvPlan {
+  int64_t cw = 0;               // words per pixel
+  int64_t taps = 0;             // kh kw
+  int64_t groups = 0;           // filter groups of 8
+  int64_t ow = 0;               // output columns
+  int64_t pixel_step = 0;       // words between consecutive output pixels of a row (sw)
+  int64_t row_step = 0;         // words between consecutive output rows (sh Wp)
+  const uint64_t* wgroups = nullptr;  // [groups][taps][cw][8]
+  const int32_t* offsets = nullptr;   // [taps cw]: word offset of (tap, word) from a pixel's first word
+};
+
+// s1[r * lds + n - n0] = sum_{k: b[n, k] = 1} x[r * ldx + k] for rows r < rows (1..4), n in [n0, n1); rows of
+// x hold `words` * 64 floats (zero beyond K).
+using PartialFn = void (*)(const uint64_t* bits, int64_t words, const float* x, int64_t ldx, int rows, int64_t n0,
+                           int64_t n1, float* s1, int64_t lds);
+// counts[n - n0] = popcount(a & bits[n]) over `words` words, n in [n0, n1).
+using AndCountFn = void (*)(const uint64_t* bits, int64_t words, const uint64_t* a, int64_t n0, int64_t n1,
+                            int32_t* counts);
+// counts[m * ow + ox] = popcount over the receptive field of output (oy, ox) of a & b_m for every filter m of
+// the plan (groups of 8), x the packed image, the row's first pixel at x + oy row_step.
+using ConvRowFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts);
+// Bits [x >= t[c]] of the channels of input row iy (of an NCHW image of C channels, H x W) into
+// out[(c / 64) plane + ix] (bit c % 64), the pad channels 0; abs_sum[ix] = sum_c |x - t[c]|; ones[ix] the
+// pixel's popcount.
+using PackRowFn = void (*)(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy,
+                           int64_t cw, int64_t plane, uint64_t* out, float* abs_sum, int32_t* ones);
+
+// y[i] = kappa[i] (two_p c[i] + q d0[i] - pb) + bias for i < n: BinaryConv's scaling of one filter's counts
+// along an output row, kappa (p (2 c - popcount(b)) + q d0) + bias with pb = p popcount(b).
+using ScaleRowFn = void (*)(const int32_t* c, const float* kappa, const float* d0, int64_t n, float two_p, float q,
+                            float pb, float bias, float* y);
+
+struct Kernels {
+  PartialFn partial;
+  AndCountFn and_count;
+  ConvRowFn conv_row;
+  PackRowFn pack_row;
+  ScaleRowFn scale_row;
+};
+
+const Kernels& PortableKernels();
+const Kernels& Avx2Kernels();
+// The AVX2 kernels with BinaryConv's count loop and the partial sums on AVX-512 (binary_avx512.cc).
+const Kernels& Avx512Kernels();
+bool HasAvx512Popcount();  // CPU and OS run AVX-512F + VPOPCNTDQ, and ONNXOPT_DISABLE_AVX512 is not set
+// AVX-512 where HasAvx512Popcount(), else AVX2 where HasAvx2Fma(), else portable. ONNXOPT_DISABLE_AVX512=1
+// forces the AVX2 path (tests run all three), ONNXOPT_DISABLE_AVX2=1 the portable one.
+const Kernels& ChooseKernels();
+
+// The optional centering input T (input 4, float32 [count], constant), checked; empty when absent. It needs
+// the bias input B (input 3) present.
+std::vector<float> ReadCentering(const Ort::ConstKernelInfo& info, size_t present, int64_t count, const char* dim,
+                                 const std::string& where);
+
+// What both ops read at creation: the packed bits of `rows` rows of `bits` bits (input 1, uint8
+// [rows, words 8]) as words, checked (constant, dtype, shape, padded bits 0), the per-row popcount, and
+// P, Q from S (input 2) for the `weights` attribute.
+struct BitWeights {
+  int64_t rows = 0, words = 0;
+  std::vector<uint64_t> bits;     // [rows][words]
+  std::vector<int32_t> ones;      // popcount of each row
+  std::vector<float> p, q;        // W = p b + q
+  std::vector<int64_t> s_shape;   // S's shape (checked again at run time)
+};
+// `valid(row, bit)`: whether a bit position holds a weight (false: padding, must be 0).
+BitWeights ReadBitWeights(const OrtApi* api, const OrtKernelInfo* info, int64_t rows, int64_t bits,
+                          bool (*valid)(int64_t bit, const void* ctx), const void* ctx, const std::string& where);
+
+}  // namespace binary
+
+struct BinaryMatMulKernel {
+  BinaryMatMulKernel(const OrtApi* api, const OrtKernelInfo* info);
+  size_t PresentInputs() const { return present_inputs_; }
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
+                      const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
+                      std::optional<const Ort::Custom::Tensor<float>*> B,
+                      std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y);
+  void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X, const Ort::Custom::Tensor<uint8_t>& Wbits,
+           const Ort::Custom::Tensor<float>& S, std::optional<const Ort::Custom::Tensor<float>*> B,
+           std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y) const;
+  std::string Where() const;
+
+  std::string node_name_;
+  size_t present_inputs_ = 0;
+  int64_t k_ = 0, n_ = 0;
+  bool full_ = true;
+  binary::BitWeights w_;
+  std::vector<float> bias_;  // [N]: B (zeros when absent) plus T W (the centering's constant)
+  std::vector<float> t_;     // [K] centering, empty when absent
+  const binary::Kernels* kern_ = nullptr;
+};
+
+struct BinaryConvKernel {
+  BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info);
+  size_t PresentInputs() const { return present_inputs_; }
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
+                      const Ort::Custom::Tensor<uint8_t>& Wbits, const Ort::Custom::Tensor<float>& S,
+                      std::optional<const Ort::Custom::Tensor<float>*> B,
+                      std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y);
+  void Run(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X, const Ort::Custom::Tensor<uint8_t>& Wbits,
+           const Ort::Custom::Tensor<float>& S, std::optional<const Ort::Custom::Tensor<float>*> B,
+           std::optional<const Ort::Custom::Tensor<float>*> T, Ort::Custom::Tensor<float>& Y) const;
+  std::string Where() const;
+
+  std::string node_name_;
+  size_t present_inputs_ = 0;
+  int64_t c_ = 0, m_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, cw_ = 0;
+  int64_t pads_[4] = {0, 0, 0, 0};  // top, left, bottom, right
+  binary::BitWeights w_;
+  std::vector<uint64_t> groups_;   // [M / 8][taps][cw][8] (padded filters: 0)
+  std::vector<int32_t> tap_ones_;  // [M][taps]: popcount of each filter's bits at each tap
+  std::vector<float> t_;           // [C] centering (zeros when absent)
+  std::vector<float> tap_tw_;      // [M][taps]: sum_c T[c] W[m, c, tap] (empty without T)
+  std::vector<float> bias_;        // [M] B (zeros when absent)
+  std::vector<float> bias_full_;   // [M] B + the centering constant of a field with every tap inside
+  const binary::Kernels* kern_ = nullptr;
+};
+}  // namespace onnxopt
