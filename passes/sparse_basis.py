@@ -21,8 +21,10 @@ options that save both bytes and FLOPs of what is emitted are kept (the basis co
 and 2 FLOPs per nonzero, or the dense 1x1), and only those on the Pareto front of (bytes, error), most
 compressive first. Without calibration data the metric is the identity (weight error).
 
-Settings: `sparse_basis.sparse=auto|0|1` (auto: the combination runs as SparseConv from SPARSE_AT sparsity,
-where the 1x1 sparse kernel measured faster than dense, BENCHMARKS.md; 1: always; 0: always dense 1x1),
+Settings: `sparse_basis.sparse=auto|0|1` (auto: densities up to 1 - SPARSE_AT run as SparseConv, where the
+1x1 sparse kernel measured faster than dense (BENCHMARKS.md), and the dense 1x1 is offered with every
+coefficient kept, S dense (a rank-B factorization); 1: every density sparse; 0: every density as a dense 1x1
+holding S's zeros, standard ONNX that is smaller only once the file is compressed, as prune's sparse=0),
 `sparse_basis.basis=B` (one basis size), `sparse_basis.density=F` (one density), `sparse_basis.damping=D`.
 """
 
@@ -42,7 +44,7 @@ from onnxopt.passes.prune import FLOOR, conv_problem
 from onnxopt.passes.prune_fit import csr_bytes, relative_error, to_csr
 from onnxopt.rewrite import Decline, Option, Pass, PassContext, constant_value, new_name, replace_node
 
-DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)  # of S; with sparse=auto those under SPARSE_AT, and 1.0
 SPARSE_AT = 0.7  # combinations at least this sparse run as SparseConv (prune_sparse.SPARSE_AT, same kernel)
 
 
@@ -87,9 +89,10 @@ class SparseBasis(Pass):
             raise Decline(f"sparse_basis.sparse={mode!r} is not auto, 0 or 1")
         candidates = []
         for B in _bases(ctx, N, K):
-            for density in _densities(ctx):
-                nnz = max(1, round(density * N * B))
-                sparse = mode == "1" or (mode == "auto" and 1 - nnz / (N * B) >= SPARSE_AT)
+            for density in _densities(ctx, mode):
+                sparse = mode == "1" or (mode == "auto" and 1 - density >= SPARSE_AT)
+                # in auto mode a dense 1x1 keeps every coefficient: its zeros would cost the same
+                nnz = N * B if mode == "auto" and not sparse else max(1, round(density * N * B))
                 comb_bytes, comb_flops = (csr_bytes(nnz, N), 2 * nnz) if sparse else (4 * N * B, 2 * N * B)
                 cost = (4 * B * K + comb_bytes + 4 * extra, pixels * (2 * B * K + comb_flops))
                 if cost[0] >= before[0] or cost[1] >= before[1]:
@@ -136,13 +139,15 @@ def _bases(ctx: PassContext, N: int, K: int) -> list[int]:
     return [b for b in rank_grid(min(N - 1, K)) if b >= 2]
 
 
-def _densities(ctx: PassContext) -> tuple[float, ...]:
+def _densities(ctx: PassContext, mode: str) -> tuple[float, ...]:
     fixed = ctx.setting("density", float)
     if fixed is not None:
         if not 0.0 < fixed <= 1.0:
             raise Decline(f"sparse_basis.density={fixed:g} is not in (0, 1]")
         return (fixed,)
-    return DENSITIES
+    if mode == "auto":
+        return (*(d for d in DENSITIES if 1 - d >= SPARSE_AT), 1.0)
+    return DENSITIES if mode == "1" else (*DENSITIES, 1.0)
 
 
 def combination_nodes(
