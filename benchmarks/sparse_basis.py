@@ -8,9 +8,9 @@ character error rate on 200 other lines). Each row is one optimization with the 
 looser one. `prune` runs on the same layers (`prune.layers=conv`, its sparse kernels off: `prune.sparse=0`,
 so its bytes are the dense pruned weight's and its size is counted as its nonzeros).
 
-"kept" = after / before over the Convs the method rewrote plus those it declined (the group-1 Convs of the
-model): weights (sparse_basis: basis + nonzeros of S; prune: nonzeros), bytes of what is emitted
-(sparse_basis: basis + CSR of S or dense 1x1; prune: dense pruned weight) and FLOPs of what is emitted.
+"kept" = after / before over all group-1 Convs of the model with constant weights (rewritten or not):
+weights (sparse_basis: basis + nonzeros of S; prune: nonzeros), bytes of what is emitted (sparse_basis:
+basis + CSR of S or dense 1x1; prune: dense pruned weight) and FLOPs of what is emitted.
 
 Speed: every Conv the budget rewrote, cut out as a one-node model (batch 1, its shape in the model) and timed
 A/B against its rewrite in one process, cache flushed, medians (onnxopt.timing), at 1 and 2 threads; then the
@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import fashion_mnist, ocr  # noqa: E402
 from onnxopt import make_session  # noqa: E402
+from onnxopt.analysis import tensor_shapes  # noqa: E402
 from onnxopt.bench import latency  # noqa: E402
 from onnxopt.budget import MetricBudget  # noqa: E402
 from onnxopt.data import load_npz  # noqa: E402
@@ -84,14 +85,30 @@ def ocr_case() -> dict:
     }
 
 
-def kept(records, method: str) -> dict[str, float]:
-    """after / before of weights, bytes and FLOPs over the Convs the method looked at."""
-    convs = [r for r in records if r.op_type == "Conv" and r.params_before]
-    before = {k: sum(getattr(r, f"{k}_before") for r in convs) for k in ("params", "bytes", "flops")}
-    after = {
-        k: sum(getattr(r, f"{k}_after" if r.status == "applied" else f"{k}_before") for r in convs)
-        for k in ("params", "bytes", "flops")
-    }
+def kept(model: onnx.ModelProto, records) -> dict[str, float]:
+    """after / before of weights, bytes and FLOPs over every group-1 Conv of `model` with a constant weight
+    (batch 1 FLOPs; a rewritten node's FLOPs scaled by its record's after / before)."""
+    shapes = tensor_shapes(model)
+    applied = {r.node: r for r in records if r.status == "applied" and r.op_type == "Conv"}
+    inits = {t.name: t for t in model.graph.initializer}
+    before = {"params": 0, "bytes": 0, "flops": 0}
+    after = dict(before)
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type != "Conv" or group != 1 or node.input[1] not in inits:
+            continue
+        params = sum(int(np.prod(inits[t].dims)) for t in node.input[1:] if t in inits)
+        flops = 2 * int(np.prod(shapes[node.output[0]])) * int(np.prod(inits[node.input[1]].dims[1:]))
+        cost = {"params": params, "bytes": 4 * params, "flops": flops}
+        r = applied.get(node.name)
+        for k in before:
+            before[k] += cost[k]
+            if r is None:
+                after[k] += cost[k]
+            elif k == "flops":
+                after[k] += cost[k] * r.flops_after / max(r.flops_before, 1)
+            else:
+                after[k] += getattr(r, f"{k}_after")
     return {k: after[k] / max(before[k], 1) for k in before}
 
 
@@ -153,7 +170,7 @@ def run(case: dict, method: str, drop: float, threads: tuple[int, ...]) -> list[
     except BudgetError as e:
         return [f"| {method} | {drop} | nothing fits ({e}) | | | | | |"]
     seconds = time.perf_counter() - t0
-    k = kept(result.records, method)
+    k = kept(model, result.records)
     applied = [r for r in result.records if r.status == "applied" and r.op_type == "Conv"]
     score = show(make_session(result.model.SerializeToString()))
     ms, lines = [], []
