@@ -21,7 +21,10 @@ The fit is data-aware: on calibration patches X [n, K] the output error is
    if its re-fit lowers E, so the error never grows.
 3. Basis update (method of optimal directions): for fixed S, min_D E(S, D) = min_D ||R (A^T - D^T S^T)||_F
    is solved by D = (S^T S)^+ S^T A whatever H is (R is invertible and multiplies from the left). Steps 2-3
-   alternate (dictionary learning in the metric H) while E decreases.
+   alternate (dictionary learning in the metric H) while E decreases, each re-coding starting from the
+   previous support where that fits the new basis better than a fresh start. The problem is not convex: on
+   banks built as sparse x basis the alternation lowers the error of the masked SVD by about half, without
+   always finding the planted structure (tests/passes/test_sparse_basis.py).
 
 The basis rows are rescaled to unit norm in the metric H after every update (S takes the scale), which keeps G
 well conditioned and leaves S D unchanged.
