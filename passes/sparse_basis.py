@@ -7,25 +7,33 @@ the math: a weighted SVD for the basis, OMP-like hard thresholding with exact le
 coefficients, basis updates by the method of optimal directions, all in the metric of the calibration
 patches' second moments, so the layer's output on calibration data is what is kept):
 
-    Z = Conv(X, D [B, C, kh, kw])       the basis conv: the layer's strides, pads and dilations, no bias
-    Y = SparseConv1x1(Z, S [N, B]) + b  the combination: CSR of S (onnxopt's SparseConv, 1x1 path), or a
+    Z = Conv(X, D)                      the basis conv: the layer's strides, pads and dilations, no bias
+    Y = SparseConv1x1(Z, S) + b         the combination: CSR of S (onnxopt's SparseConv, 1x1 path), or a
                                         dense 1x1 Conv where S is too dense for the sparse kernel to pay
 
-This is Liu et al.'s shared ("inter-channel") basis over all input channels; their per-channel form (a grouped
-basis conv, groups = C) runs as a grouped conv, which onnxruntime executes at a fraction of its dense speed
-on this CPU, so it is not offered.
+in one of Liu et al.'s two forms (`sparse_basis.form=both|shared|channel`, default both, the budget picks):
+- shared (inter-channel) basis: D [B, C, kh, kw], B < N filters over all input channels, S [N, B]; fitted
+  by dictionary learning (sparse_basis_fit.fit). Its basis holds B C kh kw weights and S only N B, so S's
+  sparsity saves little: this form is mostly a low-rank factorization.
+- channel (intra-channel) basis: per input channel c, q < kh kw kernels of its own (a grouped Conv, groups =
+  C, C q outputs, D [C q, 1, kh, kw]), S [N, C q]: the basis is tiny and S is where the weights are, so its
+  sparsity pays in size (sparse_basis_fit.channel_basis, fit_basis). Liu et al.'s 1x1 channel-mixing
+  transform before the basis (a PCA of the input channels) is not emitted. onnxruntime runs the grouped
+  conv far below its dense speed on this CPU (a depthwise-like kernel), so this form buys size, rarely time.
 
-Options: every pair (B, density of S) on a grid (B on lowrank's grid below N, densities DENSITIES), each
-fitted and its error estimated on held-out calibration patches, ||P (A - S D)^T|| / ||P A^T + b||; only
-options that save both bytes and FLOPs of what is emitted are kept (the basis conv dense, the CSR at 8 bytes
-and 2 FLOPs per nonzero, or the dense 1x1), and only those on the Pareto front of (bytes, error), most
-compressive first. Without calibration data the metric is the identity (weight error).
+Options: every (form, basis size, density of S) on a grid (shared: B on lowrank's grid below N; channel: q
+below kh kw; densities DENSITIES), each fitted and its error estimated on held-out calibration patches, ||P
+(A - S D)^T|| / ||P A^T + b||; only options that save both bytes and FLOPs of what is emitted are kept (the
+basis conv dense, the CSR at 8 bytes and 2 FLOPs per nonzero, or the dense 1x1), and only those on the
+Pareto front of (bytes, error), most compressive first. Without calibration data the metric is the identity
+(weight error).
 
 Settings: `sparse_basis.sparse=auto|0|1` (auto: densities up to 1 - SPARSE_AT run as SparseConv, where the
 1x1 sparse kernel measured faster than dense (BENCHMARKS.md), and the dense 1x1 is offered with every
 coefficient kept, S dense (a rank-B factorization); 1: every density sparse; 0: every density as a dense 1x1
 holding S's zeros, standard ONNX that is smaller only once the file is compressed, as prune's sparse=0),
-`sparse_basis.basis=B` (one basis size), `sparse_basis.density=F` (one density), `sparse_basis.damping=D`.
+`sparse_basis.basis=B` (one basis size: B filters, or q kernels per channel), `sparse_basis.density=F` (one
+density), `sparse_basis.damping=D`.
 """
 
 from __future__ import annotations
@@ -88,21 +96,25 @@ class SparseBasis(Pass):
         if mode not in ("auto", "0", "1"):
             raise Decline(f"sparse_basis.sparse={mode!r} is not auto, 0 or 1")
         candidates = []
-        for B in _bases(ctx, N, K):
+        for form, size, outputs, basis_weights in _basis_shapes(ctx, g):
             for density in _densities(ctx, mode):
                 sparse = mode == "1" or (mode == "auto" and 1 - density >= SPARSE_AT)
                 # in auto mode a dense 1x1 keeps every coefficient: its zeros would cost the same
-                nnz = N * B if mode == "auto" and not sparse else max(1, round(density * N * B))
-                comb_bytes, comb_flops = (csr_bytes(nnz, N), 2 * nnz) if sparse else (4 * N * B, 2 * N * B)
-                cost = (4 * B * K + comb_bytes + 4 * extra, pixels * (2 * B * K + comb_flops))
-                if cost[0] >= before[0] or cost[1] >= before[1]:
-                    continue
-                candidates.append((cost, B, nnz, sparse))
+                nnz = N * outputs if mode == "auto" and not sparse else max(1, round(density * N * outputs))
+                comb = (csr_bytes(nnz, N), 2 * nnz) if sparse else (4 * N * outputs, 2 * N * outputs)
+                cost = (4 * (basis_weights + extra) + comb[0], pixels * (2 * basis_weights + comb[1]))
+                if cost[0] < before[0] and cost[1] < before[1]:
+                    candidates.append((cost, form, size, nnz, sparse))
         if not candidates:
-            raise Decline(f"no basis size below {N} filters saves both bytes and FLOPs over {N} x {K}")
-        options, best = [], float("inf")
-        for cost, B, nnz, sparse in sorted(candidates, key=lambda c: (c[0][0], c[0][1])):
-            f = sbf.fit(layer, B, nnz)
+            raise Decline(f"no basis saves both bytes and FLOPs over {N} filters of {g.C} x {g.kh} x {g.kw}")
+        options, best, channel_bases = [], float("inf"), {}
+        for cost, form, size, nnz, sparse in sorted(candidates, key=lambda c: c[0]):
+            if form == "shared":
+                f = sbf.fit(layer, size, nnz)
+            else:
+                if size not in channel_bases:
+                    channel_bases[size] = sbf.channel_basis(A, layer.H, g.C, size)
+                f = sbf.fit_basis(A, layer.H, channel_bases[size], nnz)
             err = relative_error(A.T, (f.coef @ f.basis).T, held, bias)
             if err >= best:  # not on the Pareto front: a smaller option is at least as accurate
                 continue
@@ -111,14 +123,15 @@ class SparseBasis(Pass):
             options.append(
                 Option(
                     est_error=err,
-                    params_after=B * K + nnz_kept + extra,
+                    params_after=int(np.count_nonzero(f.basis)) + nnz_kept + extra,
                     bytes_after=cost[0],
                     flops_after=cost[1],
-                    emit=_emitter(ctx.park(f.basis, f.coef), bias, g, sparse),
+                    emit=_emitter(ctx.park(f.basis, f.coef), bias, g, form, sparse),
                     detail={
-                        "basis": B,
+                        "form": form,
+                        "basis": size,  # filters (shared) or kernels per input channel (channel)
                         "nnz": nnz_kept,
-                        "density": round(nnz_kept / (N * B), 4),
+                        "density": round(nnz_kept / f.coef.size, 4),
                         "shape": [N, K],
                         "emitted": "sparse" if sparse else "dense",
                         "train_error": round(f.train_error, 5),
@@ -130,13 +143,26 @@ class SparseBasis(Pass):
         return options
 
 
-def _bases(ctx: PassContext, N: int, K: int) -> list[int]:
+def _basis_shapes(ctx: PassContext, g) -> list[tuple[str, int, int, int]]:
+    """(form, size, basis outputs, basis weights) to try: shared bases of B filters over all channels (B
+    below N, on lowrank's grid) and per-channel bases of q kernels (q below kh kw), as `form` selects."""
+    form = ctx.setting("form", str, "both")
+    if form not in ("both", "shared", "channel"):
+        raise Decline(f"sparse_basis.form={form!r} is not both, shared or channel")
+    N, K, C, taps = g.M, g.patch, g.C, g.kh * g.kw
+    out = []
+    if form != "channel":
+        out += [("shared", B, B, B * K) for B in _bases(ctx, N, K)]
+    if form != "shared":
+        out += [("channel", q, C * q, C * q * taps) for q in _bases(ctx, taps, taps, low=1)]
+    return out
+
+
+def _bases(ctx: PassContext, N: int, K: int, low: int = 2) -> list[int]:
     fixed = ctx.setting("basis", int)
     if fixed is not None:
-        if not 1 <= fixed < min(N, K + 1):
-            raise Decline(f"sparse_basis.basis={fixed} is not in [1, {min(N, K + 1) - 1}]")
-        return [fixed]
-    return [b for b in rank_grid(min(N - 1, K)) if b >= 2]
+        return [fixed] if 1 <= fixed < min(N, K + 1) else []
+    return [b for b in rank_grid(min(N - 1, K)) if b >= low]
 
 
 def _densities(ctx: PassContext, mode: str) -> tuple[float, ...]:
@@ -170,10 +196,9 @@ def combination_nodes(
     return [gs.Node("SparseConv", new_name(prefix, "combine"), attrs, [z, *csr, *b], [y], domain=DOMAIN)]
 
 
-def _emitter(load: Callable, bias: np.ndarray | None, g, sparse: bool) -> Callable:
+def _emitter(load: Callable, bias: np.ndarray | None, g, form: str, sparse: bool) -> Callable:
     def emit(graph: gs.Graph, node: gs.Node, prefix: str) -> list[gs.Node]:
         D, S = load()
-        B = len(D)
         x, y = node.inputs[0], node.outputs[0]
         z = gs.Variable(new_name(prefix, "basis_out"), dtype=np.float32)
         attrs = {
@@ -182,8 +207,16 @@ def _emitter(load: Callable, bias: np.ndarray | None, g, sparse: bool) -> Callab
             "pads": explicit_pads(node),
             "dilations": list(g.dilations),
         }
-        weight = gs.Constant(new_name(prefix, "D"), np.ascontiguousarray(D.reshape(B, g.C, g.kh, g.kw)))
-        basis = gs.Node("Conv", new_name(prefix, "basis"), attrs, [x, weight], [z])
+        if form == "channel":  # row c q + j of the block-diagonal D holds kernel j of channel c
+            taps = g.kh * g.kw
+            q = len(D) // g.C
+            blocks = D.reshape(g.C, q, g.C, taps)[np.arange(g.C), :, np.arange(g.C)]  # [C, q, taps]
+            weight = blocks.reshape(g.C * q, 1, g.kh, g.kw)
+            attrs["group"] = g.C
+        else:
+            weight = D.reshape(len(D), g.C, g.kh, g.kw)
+        w = gs.Constant(new_name(prefix, "D"), np.ascontiguousarray(weight, np.float32))
+        basis = gs.Node("Conv", new_name(prefix, "basis"), attrs, [x, w], [z])
         return replace_node(graph, node, [basis, *combination_nodes(z, y, S, bias, sparse, prefix)])
 
     return emit

@@ -194,3 +194,29 @@ def fit(layer: Layer, B: int, nnz: int, steps: int = MOD_STEPS) -> Fit:
     return Fit(
         D.astype(np.float32), S.astype(np.float32), float(np.sqrt(max(layer.total + e, 0.0) / layer.total))
     )
+
+
+def channel_basis(A: np.ndarray, H: np.ndarray, C: int, q: int) -> np.ndarray:
+    """Liu et al.'s intra-channel basis: per input channel c, the q leading kernels of A's columns of that
+    channel (its kh kw taps) in the metric of that channel's block of H, as a block-diagonal D [C q, K]
+    whose row c q + j is kernel j of channel c (the order of a grouped Conv's outputs, groups = C)."""
+    K = A.shape[1]
+    taps = K // C
+    D = np.zeros((C * q, K))
+    for c in range(C):
+        cols = slice(c * taps, (c + 1) * taps)
+        sub = prepare(A[:, cols], H[cols, cols])
+        D_c, _ = weighted_basis(sub, q)
+        D[c * q : c * q + len(D_c), cols] = D_c
+    return D
+
+
+def fit_basis(A: np.ndarray, H: np.ndarray, D: np.ndarray, nnz: int) -> Fit:
+    """A ≈ S D for a fixed basis D (rows rescaled to unit norm in H) with nnz coefficients (step 2 alone)."""
+    A64 = A.astype(np.float64)
+    total = max(float(np.sum((A64 @ H) * A64)), 1e-30)
+    D, _ = normalise(D, np.zeros((len(A), len(D))), H)
+    G, F = normal_equations(A64, D, H)
+    S = sparse_code(G, F, nnz)
+    e = energy(S, G, F)
+    return Fit(D.astype(np.float32), S.astype(np.float32), float(np.sqrt(max(total + e, 0.0) / total)))

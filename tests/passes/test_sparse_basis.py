@@ -112,18 +112,57 @@ def test_more_nonzeros_and_more_basis_less_error():
         assert np.count_nonzero(sbf.fit(layer, B, nnz).coef) <= nnz
 
 
+def _channel_bank(rng: np.random.Generator, N: int, C: int, q: int, density: float) -> np.ndarray:
+    """A [N, C 9]: filters that combine q 3x3 kernels per input channel with sparse coefficients."""
+    kernels = rng.standard_normal((C, q, 9))
+    D = np.zeros((C * q, C * 9))
+    for c in range(C):
+        D[c * q : (c + 1) * q, c * 9 : (c + 1) * 9] = kernels[c]
+    return _sparse(rng, (N, C * q), density) @ D
+
+
+def test_channel_basis_is_block_diagonal_and_recovers_one_kernel_per_channel():
+    rng = np.random.default_rng(8)
+    A = _channel_bank(rng, 20, 6, 1, 0.4)
+    H = sbf.metric(_correlated(rng, 400, 54), 54)
+    D = sbf.channel_basis(A, H, 6, 1)
+    assert D.shape == (6, 54)
+    assert all(not D[c, : c * 9].any() and not D[c, (c + 1) * 9 :].any() for c in range(6))
+    f = sbf.fit_basis(A, H, D, int(np.count_nonzero(A.reshape(20, 6, 9).any(axis=2))))
+    assert f.train_error < 1e-6
+
+
+def test_channel_form_more_kernels_less_error():
+    rng = np.random.default_rng(9)
+    A = rng.standard_normal((16, 5 * 9))
+    H = np.eye(45)
+    errors = [
+        sbf.fit_basis(A, H, sbf.channel_basis(A, H, 5, q), 16 * 5 * q // 2).train_error for q in (1, 2, 4, 8)
+    ]
+    assert errors == sorted(errors, reverse=True), errors
+
+
 # ------------------------------------------------------------------------------------------------ the pass
 
 
 def _conv_model(
-    N: int = 24, C: int = 8, B: int = 6, density: float = 0.4, strides=(1, 1), dilations=(1, 1), bias=True
+    N: int = 24,
+    C: int = 8,
+    B: int = 6,
+    density: float = 0.4,
+    strides=(1, 1),
+    dilations=(1, 1),
+    bias=True,
+    per_channel: int = 0,
 ) -> onnx.ModelProto:
-    """x [n, C, 11, 10] -> Conv 3x3 (pads 1 2 1 0) whose filters are sparse combinations of B basis filters,
-    plus a little noise: what sparse_basis should compress well."""
+    """x [n, C, 11, 10] -> Conv 3x3 (pads 1 2 1 0) whose filters are sparse combinations of B basis filters
+    (or of `per_channel` kernels per input channel), plus a little noise: what sparse_basis compresses."""
     rng = np.random.default_rng(7)
-    A = _sparse(rng, (N, B), density) @ rng.standard_normal((B, C * 9)) + 0.002 * rng.standard_normal(
-        (N, C * 9)
-    )
+    if per_channel:
+        A = _channel_bank(rng, N, C, per_channel, density)
+    else:
+        A = _sparse(rng, (N, B), density) @ rng.standard_normal((B, C * 9))
+    A += 0.002 * rng.standard_normal((N, C * 9))
     inits = [numpy_helper.from_array((A / np.sqrt(C * 9)).reshape(N, C, 3, 3).astype(np.float32), "W")]
     inputs = ["x", "W"]
     if bias:
@@ -188,6 +227,21 @@ def test_conv_becomes_basis_conv_and_sparse_combination(strides, dilations, bias
     assert np.count_nonzero(S) == rec.detail["nnz"] < 24 * B
     assert rec.params_after < rec.params_before and rec.flops_after < rec.flops_before
     assert rec.bytes_after == 4 * B * 72 + 8 * rec.detail["nnz"] + 8 * 25 + (4 * 24 if bias else 0)
+
+
+def test_channel_form_is_a_grouped_basis_conv_and_sparse_combination():
+    model = _conv_model(N=32, C=6, per_channel=2, density=0.15)
+    result, feeds = _run(model, settings={"form": "channel"})
+    (rec,) = result.records
+    assert rec.status == "applied", rec.as_dict()
+    _checked(model, result, feeds, 0.05)
+    basis, combine = result.model.graph.node
+    assert (basis.op_type, combine.op_type) == ("Conv", "SparseConv") and rec.detail["form"] == "channel"
+    q = rec.detail["basis"]
+    assert next(a.i for a in basis.attribute if a.name == "group") == 6
+    w = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert w[basis.input[1]].shape == (6 * q, 1, 3, 3) and q < 9
+    assert rec.params_after < rec.params_before / 2
 
 
 def test_dense_combination_is_a_1x1_conv():
