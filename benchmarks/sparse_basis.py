@@ -118,7 +118,7 @@ def layer_speed(original: onnx.ModelProto, optimized: onnx.ModelProto, records, 
     out = []
     for r in (r for r in records if r.status == "applied" and r.op_type == "Conv"):
         before = _cut(original, [r.node], shapes)
-        after = _cut(optimized, r.new_nodes, _shapes(optimized))
+        after = _cut(optimized, r.new_nodes, shapes)  # its input is the original node's
         base, new = median_times([before, after], threads)
         d = r.detail
         shape = (
