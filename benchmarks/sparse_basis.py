@@ -121,9 +121,11 @@ def layer_speed(original: onnx.ModelProto, optimized: onnx.ModelProto, records, 
         after = _cut(optimized, r.new_nodes, shapes)  # its input is the original node's
         base, new = median_times([before, after], threads)
         d = r.detail
-        shape = (
-            f"B={d['basis']} nnz={d['nnz']} {d['emitted']}" if "basis" in d else f"{d.get('sparsity', 0):.0%}"
-        )
+        if "form" in d:  # sparse_basis: B filters (shared) or q kernels per input channel (channel)
+            size = f"{'B' if d['form'] == 'shared' else 'q'}={d['basis']}"
+            shape = f"{d['form']} {size} nnz={d['nnz']} {d['emitted']}"
+        else:
+            shape = f"{d.get('sparsity', 0):.0%}"
         out.append(f"{r.node} ({shape}): {base:.3f} -> {new:.3f} ms ({base / new:.2f}x)")
     return out
 
