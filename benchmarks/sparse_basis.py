@@ -17,7 +17,7 @@ A/B against its rewrite in one process, cache flushed, medians (onnxopt.timing),
 whole model at batch 1 (onnxopt.bench.latency, medians of 3 interleaved runs).
 
 Run from the repo root after scripts/setup.sh (times: under flock /tmp/onnxopt-bench.lock):
-    .venv/bin/python benchmarks/sparse_basis.py [--models fmnist ocr] [--drops 0.5 2.0]
+    .venv/bin/python benchmarks/sparse_basis.py [--models fmnist ocr] [--drops 0.5 2.0] [--set form=shared]
 """
 
 from __future__ import annotations
@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=["fmnist", "ocr"], default=["fmnist"])
     parser.add_argument("--drops", nargs="+", type=float, default=[0.5, 2.0])
     parser.add_argument("--methods", nargs="+", default=["sparse_basis", "prune"])
+    parser.add_argument("--set", nargs="*", default=[], help="sparse_basis settings, e.g. form=shared")
     args = parser.parse_args(argv)
+    SETTINGS["sparse_basis"] = dict(kv.split("=", 1) for kv in args.set)
     out = []
     for name in args.models:
         case = {"fmnist": fmnist_case, "ocr": ocr_case}[name]()
