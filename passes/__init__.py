@@ -20,6 +20,7 @@ from onnxopt.passes.int8 import Int8
 from onnxopt.passes.lowbit import LowBit
 from onnxopt.passes.lowrank import LowRank
 from onnxopt.passes.prune import Prune
+from onnxopt.passes.sparse_basis import SparseBasis
 from onnxopt.passes.tensor_train import TensorTrain
 from onnxopt.passes.winograd import Winograd
 from onnxopt.rewrite import Pass
@@ -37,6 +38,7 @@ METHODS: dict[str, type[Pass] | type[ModelPass]] = {
         ACDC,
         TensorTrain,
         Prune,
+        SparseBasis,
         LowBit,
         Binary,
         Int8,
