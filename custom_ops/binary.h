@@ -75,13 +75,43 @@ using PackRowFn = void (*)(const float* image, const float* t, int64_t C, int64_
 using ScaleRowFn = void (*)(const int32_t* c, const float* kappa, const float* d0, int64_t n, float two_p, float q,
                             float pb, float bias, float* y);
 
+// BinaryConv's scaling of one output row, fused into the count loop where the build can (AVX-512):
+// y[m][ox] = kappa[ox] (two_p[m] count + q[m] d0[ox] - pb[m]) + bias[m] for every filter m, with pb and bias
+// those of a receptive field whose tap columns all lie inside the image (binary_conv.cc corrects the pixels
+// whose columns are cut afterwards, by a constant per border class).
+struct RowScale {
+  const float* kappa = nullptr;  // [ow]: mean |x - T| over the field
+  const float* d0 = nullptr;     // [ow]: 2 popcount(a) - (taps inside) C
+  const float* two_p = nullptr;  // [M]
+  const float* q = nullptr;      // [M]
+  const float* pb = nullptr;     // [M]: p popcount(b) over the row's taps inside
+  const float* bias = nullptr;   // [M]: B + T W over the row's taps inside
+  int64_t m = 0;                 // filters
+  float* y = nullptr;            // output row oy of filter 0
+  int64_t y_step = 0;            // floats between consecutive filters' rows (OH OW)
+};
+// Y's row oy for every filter (RowScale), the counts as conv_row's; `counts` is scratch of [groups 8][ow].
+using ConvScaledFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, const RowScale& s,
+                              int32_t* counts);
+
 struct Kernels {
   PartialFn partial;
   AndCountFn and_count;
   ConvRowFn conv_row;
   PackRowFn pack_row;
   ScaleRowFn scale_row;
+  ConvScaledFn conv_scaled;
 };
+
+// conv_scaled from a build's own conv_row and scale_row: the counts of the row, then one scaling pass per
+// filter (the AVX2 and portable builds).
+template <ConvRowFn kConv, ScaleRowFn kScale>
+void ConvThenScale(const ConvPlan& p, const uint64_t* x, int64_t oy, const RowScale& s, int32_t* counts) {
+  kConv(p, x, oy, counts);
+  for (int64_t m = 0; m < s.m; ++m) {
+    kScale(counts + m * p.ow, s.kappa, s.d0, p.ow, s.two_p[m], s.q[m], s.pb[m], s.bias[m], s.y + m * s.y_step);
+  }
+}
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
@@ -157,7 +187,7 @@ struct BinaryConvKernel {
   std::vector<float> t_;           // [C] centering (zeros when absent)
   std::vector<float> tap_tw_;      // [M][taps]: sum_c T[c] W[m, c, tap] (empty without T)
   std::vector<float> bias_;        // [M] B (zeros when absent)
-  std::vector<float> bias_full_;   // [M] B + the centering constant of a field with every tap inside
+  std::vector<float> two_p_;       // [M] 2 P: the count's factor in the scaling
   const binary::Kernels* kern_ = nullptr;
 };
 }  // namespace onnxopt

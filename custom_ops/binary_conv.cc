@@ -29,8 +29,11 @@ struct ConvGeometry {
   int64_t n = 0, h = 0, w = 0, oh = 0, ow = 0, hp = 0, wp = 0;
 };
 
+struct BorderPlan;
+
 struct ConvCall {
   const BinaryConvKernel* k = nullptr;
+  const BorderPlan* borders = nullptr;
   ConvGeometry g;
   binary::ConvPlan plan;
   const float* x = nullptr;
@@ -64,85 +67,127 @@ std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, in
   return {first, std::max(first, last)};
 }
 
-// A task's scratch, allocated once for its rows.
-struct RowScratch {
-  std::vector<int32_t> counts;  // [groups 8][ow]
-  std::vector<float> kappa, d0;  // [ow]
-  std::vector<int64_t> border;   // pixels whose tap columns are cut by padding: ox, x0, x1
+// The distinct valid-tap ranges along one axis (classes) and the class of every output coordinate.
+struct AxisClasses {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  std::vector<int32_t> of;  // [outputs]
 };
 
-// Output row oy of image n: the counts of every filter, then the scaling.
-void ComputeRow(const ConvCall* call, int64_t n, int64_t oy, RowScratch& r) {
-  {
-    const BinaryConvKernel& k = *call->k;
-    const ConvGeometry& g = call->g;
-    const int64_t taps = k.kh_ * k.kw_, plane = g.hp * g.wp;
-    std::vector<int32_t>& counts = r.counts;
-    std::vector<float>& kappa = r.kappa;
-    std::vector<float>& d0 = r.d0;
-    std::vector<int64_t>& border = r.border;
-    k.kern_->conv_row(call->plan, call->bits + n * plane * k.cw_, oy, counts.data());
-    const float* abs_sum = call->abs_sum + n * plane;
-    const int32_t* ones = call->ones + n * plane;
-    const auto [y0, y1] = ValidTaps(oy, k.sh_, k.pads_[0], k.dh_, k.kh_, g.h);
-    const float inv = 1.0f / static_cast<float>(taps * k.c_);
-    float* y = call->y + n * k.m_ * g.oh * g.ow + oy * g.ow;
-    // Per pixel of the row: kappa, the D0 term and the valid tap columns; then filter by filter along the row,
-    // so that counts are read and Y written contiguously.
-    border.clear();
-    for (int64_t ox = 0; ox < g.ow; ++ox) {
-      const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
-      float a = 0.0f;
-      int64_t pc = 0;
-      for (int64_t dy = 0; dy < k.kh_; ++dy) {
-        const int64_t row = (oy * k.sh_ + dy * k.dh_) * g.wp + ox * k.sw_;
-        for (int64_t dx = 0; dx < k.kw_; ++dx) {
-          a += abs_sum[row + dx * k.dw_];
-          pc += ones[row + dx * k.dw_];
-        }
-      }
-      kappa[ox] = a * inv;
-      d0[ox] = static_cast<float>(2 * pc - (y1 - y0) * (x1 - x0) * k.c_);
-      if (x1 - x0 != k.kw_) border.insert(border.end(), {ox, x0, x1});
-    }
-    const bool cut_rows = y1 - y0 != k.kh_;  // a top or bottom row: some tap rows fall in the padding
+AxisClasses ClassifyAxis(int64_t outputs, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
+  AxisClasses a;
+  a.of.resize(static_cast<size_t>(outputs));
+  for (int64_t o = 0; o < outputs; ++o) {
+    const auto r = ValidTaps(o, stride, pad, dil, taps, size);
+    const auto it = std::find(a.ranges.begin(), a.ranges.end(), r);
+    a.of[o] = static_cast<int32_t>(it - a.ranges.begin());
+    if (it == a.ranges.end()) a.ranges.push_back(r);
+  }
+  return a;
+}
+
+// popcount(b) and T W over the taps inside the image, by border class: the scaling runs every pixel with the
+// constants of its tap rows and all tap columns (pb, bias per row class), and the pixels whose tap columns
+// are cut then add kappa dk + db, the terms of the taps outside (zero for uncut pixels). Per call (the
+// classes depend on the image size), at most classes x M x taps work.
+struct BorderPlan {
+  AxisClasses rows, cols;
+  std::vector<int64_t> cut;     // output columns whose tap columns are not all inside
+  std::vector<float> pb, bias;  // [row classes][M]
+  std::vector<float> dk, db;    // [row classes][column classes][M]
+};
+
+BorderPlan PlanBorders(const BinaryConvKernel& k, const ConvGeometry& g) {
+  BorderPlan b;
+  b.rows = ClassifyAxis(g.oh, k.sh_, k.pads_[0], k.dh_, k.kh_, g.h);
+  b.cols = ClassifyAxis(g.ow, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
+  for (int64_t ox = 0; ox < g.ow; ++ox) {
+    if (b.cols.ranges[b.cols.of[ox]] != std::pair<int64_t, int64_t>{0, k.kw_}) b.cut.push_back(ox);
+  }
+  const int64_t ny = static_cast<int64_t>(b.rows.ranges.size()), nx = static_cast<int64_t>(b.cols.ranges.size());
+  const int64_t taps = k.kh_ * k.kw_;
+  b.pb.resize(static_cast<size_t>(ny * k.m_)), b.bias.resize(b.pb.size());
+  b.dk.resize(static_cast<size_t>(ny * nx * k.m_)), b.db.resize(b.dk.size());
+  std::vector<int64_t> pre(static_cast<size_t>(k.kw_ + 1));  // prefix sums over the tap columns
+  std::vector<double> tpre(pre.size());
+  for (int64_t yc = 0; yc < ny; ++yc) {
+    const auto [y0, y1] = b.rows.ranges[yc];
     for (int64_t m = 0; m < k.m_; ++m) {
-      const float p = k.w_.p[m], q = k.w_.q[m];
-      const int32_t* cm = counts.data() + m * g.ow;
-      float* ym = y + m * g.oh * g.ow;
-      if (!cut_rows && border.empty()) {
-        k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(k.w_.ones[m]),
-                           k.bias_full_[m], ym);
-        continue;
-      }
-      // popcount(b) (and T W) over the taps inside the image: prefix sums over the tap columns of the row's
-      // valid tap rows. The row is scaled with the full tap-column range, then the pixels whose tap columns
-      // are cut (the left and right borders) take two differences each.
-      int64_t pre[kMaxKernel + 1];  // only [0, kw] used: not zeroed whole (per filter and row)
-      double tpre[kMaxKernel + 1];
-      pre[0] = 0, tpre[0] = 0.0;
-      const int32_t* tap_ones = k.tap_ones_.data() + m * taps;
-      const float* tap_tw = k.tap_tw_.empty() ? nullptr : k.tap_tw_.data() + m * taps;
+      const int32_t* ones = k.tap_ones_.data() + m * taps;
+      const float* tw = k.tap_tw_.empty() ? nullptr : k.tap_tw_.data() + m * taps;
       for (int64_t dx = 0; dx < k.kw_; ++dx) {
         int64_t c = 0;
         double t = 0.0;
-        for (int64_t dy = y0; dy < y1; ++dy) {
-          c += tap_ones[dy * k.kw_ + dx];
-          if (tap_tw != nullptr) t += tap_tw[dy * k.kw_ + dx];
-        }
-        pre[dx + 1] = pre[dx] + c;
-        tpre[dx + 1] = tpre[dx] + t;
+        for (int64_t dy = y0; dy < y1; ++dy) c += ones[dy * k.kw_ + dx], t += tw ? tw[dy * k.kw_ + dx] : 0.0;
+        pre[dx + 1] = pre[dx] + c, tpre[dx + 1] = tpre[dx] + t;
       }
-      const float bias = k.bias_[m] + static_cast<float>(tpre[k.kw_]);
-      k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(pre[k.kw_]), bias,
-                         ym);
-      for (size_t i = 0; i < border.size(); i += 3) {
-        const int64_t ox = border[i], x0 = border[i + 1], x1 = border[i + 2];
-        const int64_t inside = pre[x1] - pre[x0];
-        ym[ox] = kappa[ox] * (p * static_cast<float>(2 * cm[ox] - inside) + q * d0[ox]) + k.bias_[m] +
-                 static_cast<float>(tpre[x1] - tpre[x0]);
+      const float p = k.w_.p[m];
+      b.pb[yc * k.m_ + m] = p * static_cast<float>(pre[k.kw_]);
+      b.bias[yc * k.m_ + m] = static_cast<float>(k.bias_[m] + tpre[k.kw_]);
+      for (int64_t xc = 0; xc < nx; ++xc) {
+        const auto [x0, x1] = b.cols.ranges[xc];
+        const size_t at = static_cast<size_t>((yc * nx + xc) * k.m_ + m);
+        b.dk[at] = p * static_cast<float>(pre[k.kw_] - (pre[x1] - pre[x0]));
+        b.db[at] = static_cast<float>((tpre[x1] - tpre[x0]) - tpre[k.kw_]);
       }
     }
+  }
+  return b;
+}
+
+// A task's scratch, allocated once for its rows.
+struct RowScratch {
+  std::vector<int32_t> counts;    // [groups 8][ow]
+  std::vector<float> kappa, d0;   // [ow]
+  std::vector<float> col_abs;     // [wp]: sum |x - T| over the row's tap rows, per padded column
+  std::vector<int32_t> col_ones;  // [wp]: popcount(a) likewise
+};
+
+// kappa and d0 of output row oy: the field's sums as column sums over its tap rows (pads hold 0), then sums
+// of kw columns.
+void RowFields(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy, RowScratch& r) {
+  const BinaryConvKernel& k = *call->k;
+  const ConvGeometry& g = call->g;
+  const float* abs_sum = call->abs_sum + n * g.hp * g.wp;
+  const int32_t* ones = call->ones + n * g.hp * g.wp;
+  float* ca = r.col_abs.data();
+  int32_t* co = r.col_ones.data();
+  std::fill(r.col_abs.begin(), r.col_abs.end(), 0.0f);
+  std::fill(r.col_ones.begin(), r.col_ones.end(), 0);
+  for (int64_t dy = 0; dy < k.kh_; ++dy) {
+    const int64_t row = (oy * k.sh_ + dy * k.dh_) * g.wp;
+    for (int64_t x = 0; x < g.wp; ++x) ca[x] += abs_sum[row + x], co[x] += ones[row + x];
+  }
+  const float inv = 1.0f / static_cast<float>(k.kh_ * k.kw_ * k.c_);
+  const auto [y0, y1] = b.rows.ranges[b.rows.of[oy]];
+  for (int64_t ox = 0; ox < g.ow; ++ox) {
+    float a = 0.0f;
+    int32_t pc = 0;
+    for (int64_t dx = 0; dx < k.kw_; ++dx) a += ca[ox * k.sw_ + dx * k.dw_], pc += co[ox * k.sw_ + dx * k.dw_];
+    const auto [x0, x1] = b.cols.ranges[b.cols.of[ox]];
+    r.kappa[ox] = a * inv;
+    r.d0[ox] = static_cast<float>(2 * int64_t{pc} - (y1 - y0) * (x1 - x0) * k.c_);
+  }
+}
+
+// Output row oy of image n: counts and scaling of every filter in one pass (kernels' conv_scaled), then the
+// correction of the pixels whose tap columns are cut by the padding.
+void ComputeRow(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy, RowScratch& r) {
+  const BinaryConvKernel& k = *call->k;
+  const ConvGeometry& g = call->g;
+  RowFields(call, b, n, oy, r);
+  const int64_t yc = b.rows.of[oy], nx = static_cast<int64_t>(b.cols.ranges.size());
+  binary::RowScale s;
+  s.kappa = r.kappa.data(), s.d0 = r.d0.data();
+  s.two_p = k.two_p_.data(), s.q = k.w_.q.data();
+  s.pb = b.pb.data() + yc * k.m_, s.bias = b.bias.data() + yc * k.m_;
+  s.m = k.m_, s.y = call->y + (n * k.m_ * g.oh + oy) * g.ow, s.y_step = g.oh * g.ow;
+  k.kern_->conv_scaled(call->plan, call->bits + n * g.hp * g.wp * k.cw_, oy, s, r.counts.data());
+  for (const int64_t ox : b.cut) {
+    const size_t at = static_cast<size_t>((yc * nx + b.cols.of[ox]) * k.m_);
+    const float* dk = b.dk.data() + at;
+    const float* db = b.db.data() + at;
+    float* y = s.y + ox;
+    for (int64_t m = 0; m < k.m_; ++m) y[m * s.y_step] += r.kappa[ox] * dk[m] + db[m];
   }
 }
 
@@ -157,7 +202,10 @@ void ComputeTask(void* data, size_t task) {
     RowScratch r;
     r.counts.resize(static_cast<size_t>(call->plan.groups * binary::kGroup * g.ow));
     r.kappa.resize(static_cast<size_t>(g.ow)), r.d0.resize(static_cast<size_t>(g.ow));
-    for (int64_t oy = chunk * rows; oy < std::min(g.oh, (chunk + 1) * rows); ++oy) ComputeRow(call, n, oy, r);
+    r.col_abs.resize(static_cast<size_t>(g.wp)), r.col_ones.resize(static_cast<size_t>(g.wp));
+    for (int64_t oy = chunk * rows; oy < std::min(g.oh, (chunk + 1) * rows); ++oy) {
+      ComputeRow(call, *call->borders, n, oy, r);
+    }
   } catch (...) {
     call->failed.store(true);
   }
@@ -240,7 +288,6 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
     }
     bias_ = b.data;
   }
-  bias_full_ = bias_;
   t_ = binary::ReadCentering(kinfo, present_inputs_, c_, "C", where);
   if (!t_.empty()) {
     // Per filter and tap: sum_c T[c] (p b + q) = p sum_{b=1} T + q sum T.
@@ -248,7 +295,6 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
     for (const float v : t_) t_sum += v;
     tap_tw_.assign(static_cast<size_t>(m_ * taps), 0.0f);
     for (int64_t m = 0; m < m_; ++m) {
-      double total = 0.0;
       for (int64_t t = 0; t < taps; ++t) {
         double on = 0.0;
         for (int64_t i = 0; i < cw_; ++i) {
@@ -258,14 +304,14 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
         }
         const double tw = w_.p[m] * on + w_.q[m] * t_sum;
         tap_tw_[m * taps + t] = static_cast<float>(tw);
-        total += tw;
       }
-      bias_full_[m] += static_cast<float>(total);
     }
   } else {
     t_.assign(static_cast<size_t>(c_), 0.0f);
   }
   w_.bits = {};  // regrouped above; only the counts and scales are kept
+  two_p_.resize(static_cast<size_t>(m_));
+  for (int64_t m = 0; m < m_; ++m) two_p_[m] = 2.0f * w_.p[m];
   kern_ = &binary::ChooseKernels();
 }
 
@@ -332,6 +378,8 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   p.wgroups = groups_.data();
   p.offsets = offsets.data();
   RunTasks(context, PackTask, g.n * g.h, &call);
+  const BorderPlan borders = PlanBorders(*this, g);
+  call.borders = &borders;
   call.chunks = std::min<int64_t>(g.oh, kRowChunks);
   RunTasks(context, ComputeTask, g.n * call.chunks, &call);
   if (call.failed.load()) Fail(where, "a compute task failed (out of memory?)", ORT_FAIL);
