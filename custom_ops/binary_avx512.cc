@@ -95,16 +95,21 @@ inline void ConvPixels(const ConvPlan& p, const uint64_t* px, int64_t ox, int32_
 // Stride 1: eight consecutive output pixels read eight consecutive words of each word plane, one 512-bit load
 // per (tap, word), ANDed with each of kG x 8 filters' broadcast word, into acc[filter] (eight pixels' counts).
 // `mask` covers the pixels left in the row.
+// Always inlined and unrolled: acc[] must become registers, not a stack array stored at every step.
 template <int kG>
-inline void CountBlock(const ConvPlan& p, const uint64_t* px, int64_t g, __mmask8 mask, __m512i* acc) {
+__attribute__((always_inline)) inline void CountBlock(const ConvPlan& p, const uint64_t* px, int64_t g,
+                                                      __mmask8 mask, __m512i* acc) {
   constexpr int kF = kG * kGroup;
   const int64_t span = p.taps * p.cw;
   const uint64_t* wg = p.wgroups + g * span * kGroup;
+#pragma GCC unroll 16
   for (int f = 0; f < kF; ++f) acc[f] = _mm512_setzero_si512();
   for (int64_t j = 0; j < span; ++j) {
     const __m512i xv = _mm512_maskz_loadu_epi64(mask, px + p.offsets[j]);
+#pragma GCC unroll 2
     for (int k = 0; k < kG; ++k) {
       const uint64_t* w = wg + (k * span + j) * kGroup;
+#pragma GCC unroll 8
       for (int f = 0; f < kGroup; ++f) {
         const __m512i wv = _mm512_set1_epi64(static_cast<long long>(w[f]));
         acc[k * kGroup + f] = _mm512_add_epi64(acc[k * kGroup + f], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
@@ -118,6 +123,7 @@ template <int kG>
 inline void PixelBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t ox, __mmask8 mask, int32_t* counts) {
   __m512i acc[kG * kGroup];
   CountBlock<kG>(p, px, g, mask, acc);
+#pragma GCC unroll 16
   for (int f = 0; f < kG * kGroup; ++f) {
     _mm512_mask_cvtepi64_storeu_epi32(counts + (g * kGroup + f) * p.ow + ox, mask, acc[f]);
   }
@@ -131,9 +137,11 @@ inline void ScaledBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_
   __m512i acc[kG * kGroup];
   CountBlock<kG>(p, px, g, mask, acc);
   const __m256 kappa = _mm256_maskz_loadu_ps(mask, s.kappa + ox), d0 = _mm256_maskz_loadu_ps(mask, s.d0 + ox);
-  const int64_t filters = std::min<int64_t>(kG * kGroup, s.m - g * kGroup);
-  for (int64_t f = 0; f < filters; ++f) {
+  // Unrolled, so that acc[] stays in registers: a run-time index would put it on the stack.
+#pragma GCC unroll 16
+  for (int f = 0; f < kG * kGroup; ++f) {
     const int64_t m = g * kGroup + f;
+    if (m >= s.m) break;
     const __m256 c = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(acc[f]));
     const __m256 qd = _mm256_fmsub_ps(_mm256_set1_ps(s.q[m]), d0, _mm256_set1_ps(s.pb[m]));
     const __m256 inner = _mm256_fmadd_ps(_mm256_set1_ps(s.two_p[m]), c, qd);
