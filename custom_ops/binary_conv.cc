@@ -1,11 +1,13 @@
 // BinaryConv kernel: ONNX Conv (NCHW, group 1) on binarized weights and activations (binary.h for the math and
 // layouts, onnxopt/reference/binary.py for the semantics).
 //
-// Per call: (1) every input row is binarized into channel-packed words on the zero-padded grid [cw][Hp][Wp],
-// with per-pixel popcount and sum |x| beside it (tasks over image rows); (2) per output row, the AND-popcounts
-// of every filter at every pixel of the row (kernels' conv_row), then the scaling: the receptive field's
-// popcount(a) and sum |x| from the per-pixel arrays (pads hold 0), and popcount(b) over the taps inside the
-// image (the full count for interior pixels, the per-tap counts summed for border pixels).
+// Per call, tasks over chunks of output rows. A task binarizes the input rows its chunk reads into a window
+// of channel-packed words on the zero-padded grid [cw][rows][Wp], with per-pixel popcount and sum |x - T|
+// beside it, each row just before the first output row that needs it; then per output row: the receptive
+// field's popcount(a) and sum |x - T| from the per-pixel arrays (pads hold 0), and the AND-popcounts of every
+// filter at every pixel with the scaling applied as they are stored (kernels' conv_scaled), using the
+// constants (popcount(b), T W) of a field with all its tap columns inside; pixels whose tap columns are cut
+// by the padding then add the precomputed terms of their border class (PlanBorders).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -22,8 +24,8 @@ namespace onnxopt {
 namespace {
 
 constexpr int64_t kMaxAttribute = int64_t{1} << 24;
-constexpr int64_t kRowChunks = 16;
-constexpr int64_t kMaxKernel = 64;  // kh, kw bound (attribute check)  // compute tasks per image: enough to balance a few threads
+constexpr int64_t kRowChunks = 16;  // compute tasks per image: enough to balance a few threads
+constexpr int64_t kMaxKernel = 64;  // kh, kw bound (attribute check)
 
 struct ConvGeometry {
   int64_t n = 0, h = 0, w = 0, oh = 0, ow = 0, hp = 0, wp = 0;
@@ -35,27 +37,13 @@ struct ConvCall {
   const BinaryConvKernel* k = nullptr;
   const BorderPlan* borders = nullptr;
   ConvGeometry g;
-  binary::ConvPlan plan;
+  binary::ConvPlan plan;  // offsets on a task's window of packed rows
   const float* x = nullptr;
-  uint64_t* bits = nullptr;  // [N][Hp][Wp][cw]
-  float* abs_sum = nullptr;  // [N][Hp][Wp]
-  int32_t* ones = nullptr;   // [N][Hp][Wp]
   float* y = nullptr;
-  int64_t chunks = 1;        // output-row chunks per image (compute tasks)
+  int64_t chunks = 1, chunk_rows = 1;  // output-row chunks per image (compute tasks), rows per chunk
+  int64_t window = 1;                  // padded input rows one chunk reads
   std::atomic<bool> failed{false};
 };
-
-void PackTask(void* data, size_t task) {
-  auto* call = static_cast<ConvCall*>(data);
-  const BinaryConvKernel& k = *call->k;
-  const ConvGeometry& g = call->g;
-  const int64_t n = static_cast<int64_t>(task) / g.h, iy = static_cast<int64_t>(task) % g.h;
-  const int64_t plane = g.hp * g.wp, at = (iy + k.pads_[0]) * g.wp + k.pads_[1], pix = n * plane + at;
-  uint64_t* out = call->bits + n * plane * k.cw_ + at;  // image n's word planes [cw][Hp][Wp]
-  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, plane, out,
-                    call->abs_sum + pix,
-                    call->ones + pix);
-}
 
 // [first, last) of the taps along one axis that fall inside the input, for output coordinate o.
 std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
@@ -134,28 +122,51 @@ BorderPlan PlanBorders(const BinaryConvKernel& k, const ConvGeometry& g) {
   return b;
 }
 
-// A task's scratch, allocated once for its rows.
-struct RowScratch {
+// A task's scratch, allocated once for its rows: its window of packed input rows (the zero-padded grid's
+// rows [r0, r0 + window), pads and pad channels 0) and the per-row arrays.
+struct TaskScratch {
+  std::vector<uint64_t> bits;     // [cw][window][wp]
+  std::vector<float> abs_sum;     // [window][wp]: sum_c |x - T[c]| per pixel
+  std::vector<int32_t> ones;      // [window][wp]: popcount(a) per pixel
   std::vector<int32_t> counts;    // [groups 8][ow]
   std::vector<float> kappa, d0;   // [ow]
-  std::vector<float> col_abs;     // [wp]: sum |x - T| over the row's tap rows, per padded column
-  std::vector<int32_t> col_ones;  // [wp]: popcount(a) likewise
+  std::vector<float> col_abs;     // [wp]: abs_sum over the row's tap rows, per padded column
+  std::vector<int32_t> col_ones;  // [wp]: ones likewise
+
+  TaskScratch(const ConvCall& call) {
+    const ConvGeometry& g = call.g;
+    const size_t plane = static_cast<size_t>(call.window * g.wp);
+    bits.assign(plane * static_cast<size_t>(call.k->cw_), 0);
+    abs_sum.assign(plane, 0.0f), ones.assign(plane, 0);
+    counts.resize(static_cast<size_t>(call.plan.groups * binary::kGroup * g.ow));
+    kappa.resize(static_cast<size_t>(g.ow)), d0.resize(static_cast<size_t>(g.ow));
+    col_abs.resize(static_cast<size_t>(g.wp)), col_ones.resize(static_cast<size_t>(g.wp));
+  }
 };
 
-// kappa and d0 of output row oy: the field's sums as column sums over its tap rows (pads hold 0), then sums
-// of kw columns.
-void RowFields(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy, RowScratch& r) {
+// Padded row pr of image n into window row pr - r0 (rows in the padding stay 0).
+void PackRow(const ConvCall* call, int64_t n, int64_t r0, int64_t pr, TaskScratch& ts) {
   const BinaryConvKernel& k = *call->k;
   const ConvGeometry& g = call->g;
-  const float* abs_sum = call->abs_sum + n * g.hp * g.wp;
-  const int32_t* ones = call->ones + n * g.hp * g.wp;
-  float* ca = r.col_abs.data();
-  int32_t* co = r.col_ones.data();
-  std::fill(r.col_abs.begin(), r.col_abs.end(), 0.0f);
-  std::fill(r.col_ones.begin(), r.col_ones.end(), 0);
+  const int64_t iy = pr - k.pads_[0];
+  if (iy < 0 || iy >= g.h) return;
+  const int64_t at = (pr - r0) * g.wp + k.pads_[1];
+  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, call->window * g.wp,
+                    ts.bits.data() + at, ts.abs_sum.data() + at, ts.ones.data() + at);
+}
+
+// kappa and d0 of output row oy (row oy - oy0 of the window): the field's sums as column sums over its tap
+// rows (pads hold 0), then sums of kw columns.
+void RowFields(const ConvCall* call, const BorderPlan& b, int64_t oy, int64_t local, TaskScratch& ts) {
+  const BinaryConvKernel& k = *call->k;
+  const ConvGeometry& g = call->g;
+  float* ca = ts.col_abs.data();
+  int32_t* co = ts.col_ones.data();
+  std::fill(ts.col_abs.begin(), ts.col_abs.end(), 0.0f);
+  std::fill(ts.col_ones.begin(), ts.col_ones.end(), 0);
   for (int64_t dy = 0; dy < k.kh_; ++dy) {
-    const int64_t row = (oy * k.sh_ + dy * k.dh_) * g.wp;
-    for (int64_t x = 0; x < g.wp; ++x) ca[x] += abs_sum[row + x], co[x] += ones[row + x];
+    const int64_t row = (local * k.sh_ + dy * k.dh_) * g.wp;
+    for (int64_t x = 0; x < g.wp; ++x) ca[x] += ts.abs_sum[row + x], co[x] += ts.ones[row + x];
   }
   const float inv = 1.0f / static_cast<float>(k.kh_ * k.kw_ * k.c_);
   const auto [y0, y1] = b.rows.ranges[b.rows.of[oy]];
@@ -164,47 +175,52 @@ void RowFields(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy,
     int32_t pc = 0;
     for (int64_t dx = 0; dx < k.kw_; ++dx) a += ca[ox * k.sw_ + dx * k.dw_], pc += co[ox * k.sw_ + dx * k.dw_];
     const auto [x0, x1] = b.cols.ranges[b.cols.of[ox]];
-    r.kappa[ox] = a * inv;
-    r.d0[ox] = static_cast<float>(2 * int64_t{pc} - (y1 - y0) * (x1 - x0) * k.c_);
+    ts.kappa[ox] = a * inv;
+    ts.d0[ox] = static_cast<float>(2 * int64_t{pc} - (y1 - y0) * (x1 - x0) * k.c_);
   }
 }
 
 // Output row oy of image n: counts and scaling of every filter in one pass (kernels' conv_scaled), then the
 // correction of the pixels whose tap columns are cut by the padding.
-void ComputeRow(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy, RowScratch& r) {
+void ComputeRow(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy, int64_t local, TaskScratch& ts) {
   const BinaryConvKernel& k = *call->k;
   const ConvGeometry& g = call->g;
-  RowFields(call, b, n, oy, r);
+  RowFields(call, b, oy, local, ts);
   const int64_t yc = b.rows.of[oy], nx = static_cast<int64_t>(b.cols.ranges.size());
   binary::RowScale s;
-  s.kappa = r.kappa.data(), s.d0 = r.d0.data();
+  s.kappa = ts.kappa.data(), s.d0 = ts.d0.data();
   s.two_p = k.two_p_.data(), s.q = k.w_.q.data();
   s.pb = b.pb.data() + yc * k.m_, s.bias = b.bias.data() + yc * k.m_;
   s.m = k.m_, s.y = call->y + (n * k.m_ * g.oh + oy) * g.ow, s.y_step = g.oh * g.ow;
-  k.kern_->conv_scaled(call->plan, call->bits + n * g.hp * g.wp * k.cw_, oy, s, r.counts.data());
+  k.kern_->conv_scaled(call->plan, ts.bits.data(), local, s, ts.counts.data());
   for (const int64_t ox : b.cut) {
     const size_t at = static_cast<size_t>((yc * nx + b.cols.of[ox]) * k.m_);
     const float* dk = b.dk.data() + at;
     const float* db = b.db.data() + at;
     float* y = s.y + ox;
-    for (int64_t m = 0; m < k.m_; ++m) y[m * s.y_step] += r.kappa[ox] * dk[m] + db[m];
+    for (int64_t m = 0; m < k.m_; ++m) y[m * s.y_step] += ts.kappa[ox] * dk[m] + db[m];
   }
 }
 
-// Task t: rows [t0, t1) of chunk t % chunks of image t / chunks.
+// Task t: the rows of chunk t % chunks of image t / chunks, each packing the input rows it newly needs just
+// before it is computed, so that reading the input overlaps the count loop and the packed rows stay in L1.
+// Chunks overlap by the field's height less one stride: those rows are packed by both (from cache).
 void ComputeTask(void* data, size_t task) {
   auto* call = static_cast<ConvCall*>(data);
   if (call->failed.load(std::memory_order_relaxed)) return;
   try {
+    const BinaryConvKernel& k = *call->k;
     const ConvGeometry& g = call->g;
     const int64_t n = static_cast<int64_t>(task) / call->chunks, chunk = static_cast<int64_t>(task) % call->chunks;
-    const int64_t rows = (g.oh + call->chunks - 1) / call->chunks;
-    RowScratch r;
-    r.counts.resize(static_cast<size_t>(call->plan.groups * binary::kGroup * g.ow));
-    r.kappa.resize(static_cast<size_t>(g.ow)), r.d0.resize(static_cast<size_t>(g.ow));
-    r.col_abs.resize(static_cast<size_t>(g.wp)), r.col_ones.resize(static_cast<size_t>(g.wp));
-    for (int64_t oy = chunk * rows; oy < std::min(g.oh, (chunk + 1) * rows); ++oy) {
-      ComputeRow(call, *call->borders, n, oy, r);
+    const int64_t oy0 = chunk * call->chunk_rows, oy1 = std::min(g.oh, oy0 + call->chunk_rows);
+    const int64_t r0 = oy0 * k.sh_;
+    TaskScratch ts(*call);
+    int64_t packed = r0;  // window rows [r0, packed) are packed
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      for (const int64_t need = oy * k.sh_ + (k.kh_ - 1) * k.dh_ + 1; packed < need; ++packed) {
+        PackRow(call, n, r0, packed, ts);
+      }
+      ComputeRow(call, *call->borders, n, oy, oy - oy0, ts);
     }
   } catch (...) {
     call->failed.store(true);
@@ -354,11 +370,12 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   float* y = Y.Allocate({g.n, m_, g.oh, g.ow});
   if (g.n == 0 || g.h == 0 || g.w == 0) return;
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
-  if (g.hp * g.wp * cw_ > std::numeric_limits<int32_t>::max()) Fail(where, "input too large (over 2^31 words)");
-  const int64_t plane = g.hp * g.wp;
-  std::vector<uint64_t> bits(static_cast<size_t>(g.n * plane * cw_), 0);
-  std::vector<float> abs_sum(static_cast<size_t>(g.n * plane), 0.0f);
-  std::vector<int32_t> ones(static_cast<size_t>(g.n * plane), 0);
+  call.chunks = std::min<int64_t>(g.oh, kRowChunks);
+  call.chunk_rows = (g.oh + call.chunks - 1) / call.chunks;
+  call.chunks = (g.oh + call.chunk_rows - 1) / call.chunk_rows;
+  call.window = (call.chunk_rows - 1) * sh_ + (kh_ - 1) * dh_ + 1;
+  const int64_t plane = call.window * g.wp;
+  if (plane * cw_ > std::numeric_limits<int32_t>::max()) Fail(where, "input too large (over 2^31 words per task)");
   const int64_t taps = kh_ * kw_;
   std::vector<int32_t> offsets(static_cast<size_t>(taps * cw_));
   for (int64_t t = 0; t < taps; ++t) {
@@ -368,19 +385,14 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   }
   call.k = this;
   call.x = X.Data();
-  call.bits = bits.data();
-  call.abs_sum = abs_sum.data();
-  call.ones = ones.data();
   call.y = y;
   binary::ConvPlan& p = call.plan;
   p.cw = cw_, p.taps = taps, p.groups = (m_ + binary::kGroup - 1) / binary::kGroup, p.ow = g.ow;
   p.pixel_step = sw_, p.row_step = sh_ * g.wp;
   p.wgroups = groups_.data();
   p.offsets = offsets.data();
-  RunTasks(context, PackTask, g.n * g.h, &call);
   const BorderPlan borders = PlanBorders(*this, g);
   call.borders = &borders;
-  call.chunks = std::min<int64_t>(g.oh, kRowChunks);
   RunTasks(context, ComputeTask, g.n * call.chunks, &call);
   if (call.failed.load()) Fail(where, "a compute task failed (out of memory?)", ORT_FAIL);
 }
