@@ -12,14 +12,16 @@
 // Weights are copied at kernel creation into uint64 words (bit k % 64 of word k / 64: the input's byte order).
 // BinaryConv's words are regrouped by eight filters, [M / 8][taps][Cw][8], so that one 512-bit load (two
 // 256-bit loads) holds the same (tap, word) of eight filters, ANDed with one broadcast input word per pixel.
-// Its input is binarized once per call into channel-packed words per pixel, stored as word planes [Cw][Hp][Wp]
-// (Cw = C / 64 rounded up; word w of every pixel in plane w, so consecutive pixels' words are consecutive and
-// the AVX-512 loop loads eight pixels at once), over the zero-padded grid: padded pixels and channels are 0 bits, so they add nothing to popcount(a & b);
-// the popcount(b) term then counts only the taps inside the image (per-tap counts kept per filter).
+// Its input is binarized into channel-packed words per pixel, stored as word planes [Cw][rows][Wp] (Cw = C / 64
+// rounded up; word w of every pixel in plane w, so consecutive pixels' words are consecutive and the AVX-512
+// loop loads eight pixels at once), over the zero-padded grid, a window of rows per task (binary_conv.cc):
+// padded pixels and channels are 0 bits, so they add nothing to popcount(a & b); the popcount(b) term then
+// counts only the taps inside the image (per-tap counts kept per filter, summed per border class).
 //
 // Popcounts: AVX2 with the nibble lookup (vpshufb) on 256-bit words, byte counts summed with vpsadbw at most
-// every 31 words (8 x 31 < 256); where the CPU has AVX-512 VPOPCNTDQ, BinaryConv's count loop uses vpopcntq and
-// the partial sums use 16-bit masked adds (binary_avx512.cc); the portable build uses __builtin_popcountll.
+// every 31 words (8 x 31 < 256); where the CPU has AVX-512 VPOPCNTDQ (and VL), BinaryConv's count loop uses
+// vpopcntq with the scaling fused into its stores, its packing compares 16 floats into a mask, and the partial
+// sums use 16-bit masked adds (binary_avx512.cc); the portable build uses __builtin_popcountll.
 //
 // Centering (optional input T, full mode): bits are [x >= T], kappa the mean of |x - T|, and the constant
 // T W~ is added (BinaryMatMul: folded into the bias; BinaryConv: per filter and tap, summed over the taps
@@ -115,9 +117,10 @@ void ConvThenScale(const ConvPlan& p, const uint64_t* x, int64_t oy, const RowSc
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
-// The AVX2 kernels with BinaryConv's count loop and the partial sums on AVX-512 (binary_avx512.cc).
+// The AVX2 kernels with BinaryConv's count loop, scaling and packing and the partial sums on AVX-512
+// (binary_avx512.cc).
 const Kernels& Avx512Kernels();
-bool HasAvx512Popcount();  // CPU and OS run AVX-512F + VPOPCNTDQ, and ONNXOPT_DISABLE_AVX512 is not set
+bool HasAvx512Popcount();  // CPU and OS run AVX-512F, VL, VPOPCNTDQ, and ONNXOPT_DISABLE_AVX512 is not set
 // AVX-512 where HasAvx512Popcount(), else AVX2 where HasAvx2Fma(), else portable. ONNXOPT_DISABLE_AVX512=1
 // forces the AVX2 path (tests run all three), ONNXOPT_DISABLE_AVX2=1 the portable one.
 const Kernels& ChooseKernels();

@@ -10,9 +10,9 @@
 // by the padding then add the precomputed terms of their border class (PlanBorders).
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "binary.h"
@@ -133,7 +133,7 @@ struct TaskScratch {
   std::vector<float> col_abs;     // [wp]: abs_sum over the row's tap rows, per padded column
   std::vector<int32_t> col_ones;  // [wp]: ones likewise
 
-  TaskScratch(const ConvCall& call) {
+  explicit TaskScratch(const ConvCall& call) {
     const ConvGeometry& g = call.g;
     const size_t plane = static_cast<size_t>(call.window * g.wp);
     bits.assign(plane * static_cast<size_t>(call.k->cw_), 0);
