@@ -144,7 +144,8 @@ inline void ScaledBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_
   for (int f = 0; f < kG * kGroup; ++f) {
     const int64_t m = g * kGroup + f;
     if (m >= s.m) break;
-    const __m256 c = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(acc[f]));
+    // The zero-masking form: gcc 12 warns on the plain one (an undefined register in its own header).
+    const __m256 c = _mm256_cvtepi32_ps(_mm512_maskz_cvtepi64_epi32(mask, acc[f]));
     const __m256 qd = _mm256_fmsub_ps(_mm256_set1_ps(s.q[m]), d0, _mm256_set1_ps(s.pb[m]));
     const __m256 inner = _mm256_fmadd_ps(_mm256_set1_ps(s.two_p[m]), c, qd);
     _mm256_mask_storeu_ps(s.y + m * s.y_step + ox, mask, _mm256_fmadd_ps(kappa, inner, _mm256_set1_ps(s.bias[m])));
