@@ -180,11 +180,14 @@ void ConvScaled(const ConvPlan& p, const uint64_t* x, int64_t oy, const RowScale
     return;
   }
   const uint64_t* row = x + oy * p.row_step;
-  for (int64_t ox = 0; ox < p.ow; ox += 8) {
-    const __mmask8 mask = TailMask(p.ow - ox);
-    int64_t g = 0;
-    for (; g + 2 <= p.groups; g += 2) ScaledBlock<2>(p, row + ox, g, ox, mask, s);
-    if (g < p.groups) ScaledBlock<1>(p, row + ox, g, ox, mask, s);
+  // Filters outer, pixels inner: each filter's output row is written as one run, not 8 pixels at a time
+  // across all M rows (fewer concurrent store streams to memory), and a group's weights stay in L1.
+  int64_t g = 0;
+  for (; g + 2 <= p.groups; g += 2) {
+    for (int64_t ox = 0; ox < p.ow; ox += 8) ScaledBlock<2>(p, row + ox, g, ox, TailMask(p.ow - ox), s);
+  }
+  if (g < p.groups) {
+    for (int64_t ox = 0; ox < p.ow; ox += 8) ScaledBlock<1>(p, row + ox, g, ox, TailMask(p.ow - ox), s);
   }
 }
 
