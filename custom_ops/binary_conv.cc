@@ -202,26 +202,9 @@ void ComputeRow(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy
   }
 }
 
-// Channels [c0, c1) of the image rows of the window from padded row r0 into L2, channel by channel: each
-// channel's rows are contiguous in NCHW, so this reads runs of (window x W) floats, where packing reads the
-// input row by row, in short pieces of every channel (measured, 64@56 at one thread, cache flushed: 0.42 ms
-// -> 0.34 ms with this for the task's own window and, spread over its rows, for the next chunk's).
-void PrefetchWindow(const ConvCall* call, int64_t n, int64_t r0, int64_t c0, int64_t c1) {
-  const BinaryConvKernel& k = *call->k;
-  const ConvGeometry& g = call->g;
-  const int64_t i0 = std::max<int64_t>(0, r0 - k.pads_[0]);
-  const int64_t i1 = std::min<int64_t>(g.h, r0 + call->window - k.pads_[0]);
-  const int64_t bytes = (i1 - i0) * g.w * static_cast<int64_t>(sizeof(float));
-  for (int64_t c = c0; c < c1; ++c) {
-    const char* run = reinterpret_cast<const char*>(call->x + ((n * k.c_ + c) * g.h + i0) * g.w);
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(run + i, 0, 2);
-  }
-}
-
 // Task t: the rows of chunk t % chunks of image t / chunks, each packing the input rows it newly needs just
-// before it is computed (the packed rows stay in L1), with the input prefetched channel by channel: the
-// task's window at its start, the next chunk's while it computes. Chunks overlap by the field's height less
-// one stride: those rows are packed by both (from cache).
+// before it is computed, so that reading the input overlaps the count loop and the packed rows stay in L1.
+// Chunks overlap by the field's height less one stride: those rows are packed by both (from cache).
 void ComputeTask(void* data, size_t task) {
   auto* call = static_cast<ConvCall*>(data);
   if (call->failed.load(std::memory_order_relaxed)) return;
@@ -233,12 +216,7 @@ void ComputeTask(void* data, size_t task) {
     const int64_t r0 = oy0 * k.sh_;
     TaskScratch ts(*call);
     int64_t packed = r0;  // window rows [r0, packed) are packed
-    PrefetchWindow(call, n, r0, 0, k.c_);
     for (int64_t oy = oy0; oy < oy1; ++oy) {
-      if (oy1 < g.oh) {  // a share of the next chunk's channels per row
-        const int64_t j = oy - oy0, rows = oy1 - oy0;
-        PrefetchWindow(call, n, oy1 * k.sh_, j * k.c_ / rows, (j + 1) * k.c_ / rows);
-      }
       for (const int64_t need = oy * k.sh_ + (k.kh_ - 1) * k.dh_ + 1; packed < need; ++packed) {
         PackRow(call, n, r0, packed, ts);
       }
