@@ -12,14 +12,16 @@
 // Weights are copied at kernel creation into uint64 words (bit k % 64 of word k / 64: the input's byte order).
 // BinaryConv's words are regrouped by eight filters, [M / 8][taps][Cw][8], so that one 512-bit load (two
 // 256-bit loads) holds the same (tap, word) of eight filters, ANDed with one broadcast input word per pixel.
-// Its input is binarized once per call into channel-packed words per pixel, stored as word planes [Cw][Hp][Wp]
-// (Cw = C / 64 rounded up; word w of every pixel in plane w, so consecutive pixels' words are consecutive and
-// the AVX-512 loop loads eight pixels at once), over the zero-padded grid: padded pixels and channels are 0 bits, so they add nothing to popcount(a & b);
-// the popcount(b) term then counts only the taps inside the image (per-tap counts kept per filter).
+// Its input is binarized into channel-packed words per pixel, stored as word planes [Cw][rows][Wp] (Cw = C / 64
+// rounded up; word w of every pixel in plane w, so consecutive pixels' words are consecutive and the AVX-512
+// loop loads eight pixels at once), over the zero-padded grid, a window of rows per task (binary_conv.cc):
+// padded pixels and channels are 0 bits, so they add nothing to popcount(a & b); the popcount(b) term then
+// counts only the taps inside the image (per-tap counts kept per filter, summed per border class).
 //
 // Popcounts: AVX2 with the nibble lookup (vpshufb) on 256-bit words, byte counts summed with vpsadbw at most
-// every 31 words (8 x 31 < 256); where the CPU has AVX-512 VPOPCNTDQ, BinaryConv's count loop uses vpopcntq and
-// the partial sums use 16-bit masked adds (binary_avx512.cc); the portable build uses __builtin_popcountll.
+// every 31 words (8 x 31 < 256); where the CPU has AVX-512 VPOPCNTDQ (and VL), BinaryConv's count loop uses
+// vpopcntq with the scaling fused into its stores, its packing compares 16 floats into a mask, and the partial
+// sums use 16-bit masked adds (binary_avx512.cc); the portable build uses __builtin_popcountll.
 //
 // Centering (optional input T, full mode): bits are [x >= T], kappa the mean of |x - T|, and the constant
 // T W~ is added (BinaryMatMul: folded into the bias; BinaryConv: per filter and tap, summed over the taps
@@ -75,19 +77,50 @@ using PackRowFn = void (*)(const float* image, const float* t, int64_t C, int64_
 using ScaleRowFn = void (*)(const int32_t* c, const float* kappa, const float* d0, int64_t n, float two_p, float q,
                             float pb, float bias, float* y);
 
+// BinaryConv's scaling of one output row, fused into the count loop where the build can (AVX-512):
+// y[m][ox] = kappa[ox] (two_p[m] count + q[m] d0[ox] - pb[m]) + bias[m] for every filter m, with pb and bias
+// those of a receptive field whose tap columns all lie inside the image (binary_conv.cc corrects the pixels
+// whose columns are cut afterwards, by a constant per border class).
+struct RowScale {
+  const float* kappa = nullptr;  // [ow]: mean |x - T| over the field
+  const float* d0 = nullptr;     // [ow]: 2 popcount(a) - (taps inside) C
+  const float* two_p = nullptr;  // [M]
+  const float* q = nullptr;      // [M]
+  const float* pb = nullptr;     // [M]: p popcount(b) over the row's taps inside
+  const float* bias = nullptr;   // [M]: B + T W over the row's taps inside
+  int64_t m = 0;                 // filters
+  float* y = nullptr;            // output row oy of filter 0
+  int64_t y_step = 0;            // floats between consecutive filters' rows (OH OW)
+};
+// Y's row oy for every filter (RowScale), the counts as conv_row's; `counts` is scratch of [groups 8][ow].
+using ConvScaledFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, const RowScale& s,
+                              int32_t* counts);
+
 struct Kernels {
   PartialFn partial;
   AndCountFn and_count;
   ConvRowFn conv_row;
   PackRowFn pack_row;
   ScaleRowFn scale_row;
+  ConvScaledFn conv_scaled;
 };
+
+// conv_scaled from a build's own conv_row and scale_row: the counts of the row, then one scaling pass per
+// filter (the AVX2 and portable builds).
+template <ConvRowFn kConv, ScaleRowFn kScale>
+void ConvThenScale(const ConvPlan& p, const uint64_t* x, int64_t oy, const RowScale& s, int32_t* counts) {
+  kConv(p, x, oy, counts);
+  for (int64_t m = 0; m < s.m; ++m) {
+    kScale(counts + m * p.ow, s.kappa, s.d0, p.ow, s.two_p[m], s.q[m], s.pb[m], s.bias[m], s.y + m * s.y_step);
+  }
+}
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
-// The AVX2 kernels with BinaryConv's count loop and the partial sums on AVX-512 (binary_avx512.cc).
+// The AVX2 kernels with BinaryConv's count loop, scaling and packing and the partial sums on AVX-512
+// (binary_avx512.cc).
 const Kernels& Avx512Kernels();
-bool HasAvx512Popcount();  // CPU and OS run AVX-512F + VPOPCNTDQ, and ONNXOPT_DISABLE_AVX512 is not set
+bool HasAvx512Popcount();  // CPU and OS run AVX-512F, VL, VPOPCNTDQ, and ONNXOPT_DISABLE_AVX512 is not set
 // AVX-512 where HasAvx512Popcount(), else AVX2 where HasAvx2Fma(), else portable. ONNXOPT_DISABLE_AVX512=1
 // forces the AVX2 path (tests run all three), ONNXOPT_DISABLE_AVX2=1 the portable one.
 const Kernels& ChooseKernels();
@@ -157,7 +190,7 @@ struct BinaryConvKernel {
   std::vector<float> t_;           // [C] centering (zeros when absent)
   std::vector<float> tap_tw_;      // [M][taps]: sum_c T[c] W[m, c, tap] (empty without T)
   std::vector<float> bias_;        // [M] B (zeros when absent)
-  std::vector<float> bias_full_;   // [M] B + the centering constant of a field with every tap inside
+  std::vector<float> two_p_;       // [M] 2 P: the count's factor in the scaling
   const binary::Kernels* kern_ = nullptr;
 };
 }  // namespace onnxopt

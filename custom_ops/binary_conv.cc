@@ -1,16 +1,18 @@
 // BinaryConv kernel: ONNX Conv (NCHW, group 1) on binarized weights and activations (binary.h for the math and
 // layouts, onnxopt/reference/binary.py for the semantics).
 //
-// Per call: (1) every input row is binarized into channel-packed words on the zero-padded grid [cw][Hp][Wp],
-// with per-pixel popcount and sum |x| beside it (tasks over image rows); (2) per output row, the AND-popcounts
-// of every filter at every pixel of the row (kernels' conv_row), then the scaling: the receptive field's
-// popcount(a) and sum |x| from the per-pixel arrays (pads hold 0), and popcount(b) over the taps inside the
-// image (the full count for interior pixels, the per-tap counts summed for border pixels).
+// Per call, tasks over chunks of output rows. A task binarizes the input rows its chunk reads into a window
+// of channel-packed words on the zero-padded grid [cw][rows][Wp], with per-pixel popcount and sum |x - T|
+// beside it, each row just before the first output row that needs it; then per output row: the receptive
+// field's popcount(a) and sum |x - T| from the per-pixel arrays (pads hold 0), and the AND-popcounts of every
+// filter at every pixel with the scaling applied as they are stored (kernels' conv_scaled), using the
+// constants (popcount(b), T W) of a field with all its tap columns inside; pixels whose tap columns are cut
+// by the padding then add the precomputed terms of their border class (PlanBorders).
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "binary.h"
@@ -22,37 +24,26 @@ namespace onnxopt {
 namespace {
 
 constexpr int64_t kMaxAttribute = int64_t{1} << 24;
-constexpr int64_t kRowChunks = 16;
-constexpr int64_t kMaxKernel = 64;  // kh, kw bound (attribute check)  // compute tasks per image: enough to balance a few threads
+constexpr int64_t kRowChunks = 16;  // compute tasks per image: enough to balance a few threads
+constexpr int64_t kMaxKernel = 64;  // kh, kw bound (attribute check)
 
 struct ConvGeometry {
   int64_t n = 0, h = 0, w = 0, oh = 0, ow = 0, hp = 0, wp = 0;
 };
 
+struct BorderPlan;
+
 struct ConvCall {
   const BinaryConvKernel* k = nullptr;
+  const BorderPlan* borders = nullptr;
   ConvGeometry g;
-  binary::ConvPlan plan;
+  binary::ConvPlan plan;  // offsets on a task's window of packed rows
   const float* x = nullptr;
-  uint64_t* bits = nullptr;  // [N][Hp][Wp][cw]
-  float* abs_sum = nullptr;  // [N][Hp][Wp]
-  int32_t* ones = nullptr;   // [N][Hp][Wp]
   float* y = nullptr;
-  int64_t chunks = 1;        // output-row chunks per image (compute tasks)
+  int64_t chunks = 1, chunk_rows = 1;  // output-row chunks per image (compute tasks), rows per chunk
+  int64_t window = 1;                  // padded input rows one chunk reads
   std::atomic<bool> failed{false};
 };
-
-void PackTask(void* data, size_t task) {
-  auto* call = static_cast<ConvCall*>(data);
-  const BinaryConvKernel& k = *call->k;
-  const ConvGeometry& g = call->g;
-  const int64_t n = static_cast<int64_t>(task) / g.h, iy = static_cast<int64_t>(task) % g.h;
-  const int64_t plane = g.hp * g.wp, at = (iy + k.pads_[0]) * g.wp + k.pads_[1], pix = n * plane + at;
-  uint64_t* out = call->bits + n * plane * k.cw_ + at;  // image n's word planes [cw][Hp][Wp]
-  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, plane, out,
-                    call->abs_sum + pix,
-                    call->ones + pix);
-}
 
 // [first, last) of the taps along one axis that fall inside the input, for output coordinate o.
 std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
@@ -64,100 +55,173 @@ std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, in
   return {first, std::max(first, last)};
 }
 
-// A task's scratch, allocated once for its rows.
-struct RowScratch {
-  std::vector<int32_t> counts;  // [groups 8][ow]
-  std::vector<float> kappa, d0;  // [ow]
-  std::vector<int64_t> border;   // pixels whose tap columns are cut by padding: ox, x0, x1
+// The distinct valid-tap ranges along one axis (classes) and the class of every output coordinate.
+struct AxisClasses {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  std::vector<int32_t> of;  // [outputs]
 };
 
-// Output row oy of image n: the counts of every filter, then the scaling.
-void ComputeRow(const ConvCall* call, int64_t n, int64_t oy, RowScratch& r) {
-  {
-    const BinaryConvKernel& k = *call->k;
-    const ConvGeometry& g = call->g;
-    const int64_t taps = k.kh_ * k.kw_, plane = g.hp * g.wp;
-    std::vector<int32_t>& counts = r.counts;
-    std::vector<float>& kappa = r.kappa;
-    std::vector<float>& d0 = r.d0;
-    std::vector<int64_t>& border = r.border;
-    k.kern_->conv_row(call->plan, call->bits + n * plane * k.cw_, oy, counts.data());
-    const float* abs_sum = call->abs_sum + n * plane;
-    const int32_t* ones = call->ones + n * plane;
-    const auto [y0, y1] = ValidTaps(oy, k.sh_, k.pads_[0], k.dh_, k.kh_, g.h);
-    const float inv = 1.0f / static_cast<float>(taps * k.c_);
-    float* y = call->y + n * k.m_ * g.oh * g.ow + oy * g.ow;
-    // Per pixel of the row: kappa, the D0 term and the valid tap columns; then filter by filter along the row,
-    // so that counts are read and Y written contiguously.
-    border.clear();
-    for (int64_t ox = 0; ox < g.ow; ++ox) {
-      const auto [x0, x1] = ValidTaps(ox, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
-      float a = 0.0f;
-      int64_t pc = 0;
-      for (int64_t dy = 0; dy < k.kh_; ++dy) {
-        const int64_t row = (oy * k.sh_ + dy * k.dh_) * g.wp + ox * k.sw_;
-        for (int64_t dx = 0; dx < k.kw_; ++dx) {
-          a += abs_sum[row + dx * k.dw_];
-          pc += ones[row + dx * k.dw_];
-        }
-      }
-      kappa[ox] = a * inv;
-      d0[ox] = static_cast<float>(2 * pc - (y1 - y0) * (x1 - x0) * k.c_);
-      if (x1 - x0 != k.kw_) border.insert(border.end(), {ox, x0, x1});
-    }
-    const bool cut_rows = y1 - y0 != k.kh_;  // a top or bottom row: some tap rows fall in the padding
+AxisClasses ClassifyAxis(int64_t outputs, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
+  AxisClasses a;
+  a.of.resize(static_cast<size_t>(outputs));
+  for (int64_t o = 0; o < outputs; ++o) {
+    const auto r = ValidTaps(o, stride, pad, dil, taps, size);
+    const auto it = std::find(a.ranges.begin(), a.ranges.end(), r);
+    a.of[o] = static_cast<int32_t>(it - a.ranges.begin());
+    if (it == a.ranges.end()) a.ranges.push_back(r);
+  }
+  return a;
+}
+
+// popcount(b) and T W over the taps inside the image, by border class: the scaling runs every pixel with the
+// constants of its tap rows and all tap columns (pb, bias per row class), and the pixels whose tap columns
+// are cut then add kappa dk + db, the terms of the taps outside (zero for uncut pixels). Per call (the
+// classes depend on the image size), at most classes x M x taps work.
+struct BorderPlan {
+  AxisClasses rows, cols;
+  std::vector<int64_t> cut;     // output columns whose tap columns are not all inside
+  std::vector<float> pb, bias;  // [row classes][M]
+  std::vector<float> dk, db;    // [row classes][column classes][M]
+};
+
+BorderPlan PlanBorders(const BinaryConvKernel& k, const ConvGeometry& g) {
+  BorderPlan b;
+  b.rows = ClassifyAxis(g.oh, k.sh_, k.pads_[0], k.dh_, k.kh_, g.h);
+  b.cols = ClassifyAxis(g.ow, k.sw_, k.pads_[1], k.dw_, k.kw_, g.w);
+  for (int64_t ox = 0; ox < g.ow; ++ox) {
+    if (b.cols.ranges[b.cols.of[ox]] != std::pair<int64_t, int64_t>{0, k.kw_}) b.cut.push_back(ox);
+  }
+  const int64_t ny = static_cast<int64_t>(b.rows.ranges.size()), nx = static_cast<int64_t>(b.cols.ranges.size());
+  const int64_t taps = k.kh_ * k.kw_;
+  b.pb.resize(static_cast<size_t>(ny * k.m_)), b.bias.resize(b.pb.size());
+  b.dk.resize(static_cast<size_t>(ny * nx * k.m_)), b.db.resize(b.dk.size());
+  std::vector<int64_t> pre(static_cast<size_t>(k.kw_ + 1));  // prefix sums over the tap columns
+  std::vector<double> tpre(pre.size());
+  for (int64_t yc = 0; yc < ny; ++yc) {
+    const auto [y0, y1] = b.rows.ranges[yc];
     for (int64_t m = 0; m < k.m_; ++m) {
-      const float p = k.w_.p[m], q = k.w_.q[m];
-      const int32_t* cm = counts.data() + m * g.ow;
-      float* ym = y + m * g.oh * g.ow;
-      if (!cut_rows && border.empty()) {
-        k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(k.w_.ones[m]),
-                           k.bias_full_[m], ym);
-        continue;
-      }
-      // popcount(b) (and T W) over the taps inside the image: prefix sums over the tap columns of the row's
-      // valid tap rows. The row is scaled with the full tap-column range, then the pixels whose tap columns
-      // are cut (the left and right borders) take two differences each.
-      int64_t pre[kMaxKernel + 1];  // only [0, kw] used: not zeroed whole (per filter and row)
-      double tpre[kMaxKernel + 1];
-      pre[0] = 0, tpre[0] = 0.0;
-      const int32_t* tap_ones = k.tap_ones_.data() + m * taps;
-      const float* tap_tw = k.tap_tw_.empty() ? nullptr : k.tap_tw_.data() + m * taps;
+      const int32_t* ones = k.tap_ones_.data() + m * taps;
+      const float* tw = k.tap_tw_.empty() ? nullptr : k.tap_tw_.data() + m * taps;
       for (int64_t dx = 0; dx < k.kw_; ++dx) {
         int64_t c = 0;
         double t = 0.0;
-        for (int64_t dy = y0; dy < y1; ++dy) {
-          c += tap_ones[dy * k.kw_ + dx];
-          if (tap_tw != nullptr) t += tap_tw[dy * k.kw_ + dx];
-        }
-        pre[dx + 1] = pre[dx] + c;
-        tpre[dx + 1] = tpre[dx] + t;
+        for (int64_t dy = y0; dy < y1; ++dy) c += ones[dy * k.kw_ + dx], t += tw ? tw[dy * k.kw_ + dx] : 0.0;
+        pre[dx + 1] = pre[dx] + c, tpre[dx + 1] = tpre[dx] + t;
       }
-      const float bias = k.bias_[m] + static_cast<float>(tpre[k.kw_]);
-      k.kern_->scale_row(cm, kappa.data(), d0.data(), g.ow, 2.0f * p, q, p * static_cast<float>(pre[k.kw_]), bias,
-                         ym);
-      for (size_t i = 0; i < border.size(); i += 3) {
-        const int64_t ox = border[i], x0 = border[i + 1], x1 = border[i + 2];
-        const int64_t inside = pre[x1] - pre[x0];
-        ym[ox] = kappa[ox] * (p * static_cast<float>(2 * cm[ox] - inside) + q * d0[ox]) + k.bias_[m] +
-                 static_cast<float>(tpre[x1] - tpre[x0]);
+      const float p = k.w_.p[m];
+      b.pb[yc * k.m_ + m] = p * static_cast<float>(pre[k.kw_]);
+      b.bias[yc * k.m_ + m] = static_cast<float>(k.bias_[m] + tpre[k.kw_]);
+      for (int64_t xc = 0; xc < nx; ++xc) {
+        const auto [x0, x1] = b.cols.ranges[xc];
+        const size_t at = static_cast<size_t>((yc * nx + xc) * k.m_ + m);
+        b.dk[at] = p * static_cast<float>(pre[k.kw_] - (pre[x1] - pre[x0]));
+        b.db[at] = static_cast<float>((tpre[x1] - tpre[x0]) - tpre[k.kw_]);
       }
     }
   }
+  return b;
 }
 
-// Task t: rows [t0, t1) of chunk t % chunks of image t / chunks.
+// A task's scratch, allocated once for its rows: its window of packed input rows (the zero-padded grid's
+// rows [r0, r0 + window), pads and pad channels 0) and the per-row arrays.
+struct TaskScratch {
+  std::vector<uint64_t> bits;     // [cw][window][wp]
+  std::vector<float> abs_sum;     // [window][wp]: sum_c |x - T[c]| per pixel
+  std::vector<int32_t> ones;      // [window][wp]: popcount(a) per pixel
+  std::vector<int32_t> counts;    // [groups 8][ow]
+  std::vector<float> kappa, d0;   // [ow]
+  std::vector<float> col_abs;     // [wp]: abs_sum over the row's tap rows, per padded column
+  std::vector<int32_t> col_ones;  // [wp]: ones likewise
+
+  explicit TaskScratch(const ConvCall& call) {
+    const ConvGeometry& g = call.g;
+    const size_t plane = static_cast<size_t>(call.window * g.wp);
+    bits.assign(plane * static_cast<size_t>(call.k->cw_), 0);
+    abs_sum.assign(plane, 0.0f), ones.assign(plane, 0);
+    counts.resize(static_cast<size_t>(call.plan.groups * binary::kGroup * g.ow));
+    kappa.resize(static_cast<size_t>(g.ow)), d0.resize(static_cast<size_t>(g.ow));
+    col_abs.resize(static_cast<size_t>(g.wp)), col_ones.resize(static_cast<size_t>(g.wp));
+  }
+};
+
+// Padded row pr of image n into window row pr - r0 (rows in the padding stay 0).
+void PackRow(const ConvCall* call, int64_t n, int64_t r0, int64_t pr, TaskScratch& ts) {
+  const BinaryConvKernel& k = *call->k;
+  const ConvGeometry& g = call->g;
+  const int64_t iy = pr - k.pads_[0];
+  if (iy < 0 || iy >= g.h) return;
+  const int64_t at = (pr - r0) * g.wp + k.pads_[1];
+  k.kern_->pack_row(call->x + n * k.c_ * g.h * g.w, k.t_.data(), k.c_, g.h, g.w, iy, k.cw_, call->window * g.wp,
+                    ts.bits.data() + at, ts.abs_sum.data() + at, ts.ones.data() + at);
+}
+
+// kappa and d0 of output row oy (row oy - oy0 of the window): the field's sums as column sums over its tap
+// rows (pads hold 0), then sums of kw columns.
+void RowFields(const ConvCall* call, const BorderPlan& b, int64_t oy, int64_t local, TaskScratch& ts) {
+  const BinaryConvKernel& k = *call->k;
+  const ConvGeometry& g = call->g;
+  float* ca = ts.col_abs.data();
+  int32_t* co = ts.col_ones.data();
+  std::fill(ts.col_abs.begin(), ts.col_abs.end(), 0.0f);
+  std::fill(ts.col_ones.begin(), ts.col_ones.end(), 0);
+  for (int64_t dy = 0; dy < k.kh_; ++dy) {
+    const int64_t row = (local * k.sh_ + dy * k.dh_) * g.wp;
+    for (int64_t x = 0; x < g.wp; ++x) ca[x] += ts.abs_sum[row + x], co[x] += ts.ones[row + x];
+  }
+  const float inv = 1.0f / static_cast<float>(k.kh_ * k.kw_ * k.c_);
+  const auto [y0, y1] = b.rows.ranges[b.rows.of[oy]];
+  for (int64_t ox = 0; ox < g.ow; ++ox) {
+    float a = 0.0f;
+    int32_t pc = 0;
+    for (int64_t dx = 0; dx < k.kw_; ++dx) a += ca[ox * k.sw_ + dx * k.dw_], pc += co[ox * k.sw_ + dx * k.dw_];
+    const auto [x0, x1] = b.cols.ranges[b.cols.of[ox]];
+    ts.kappa[ox] = a * inv;
+    ts.d0[ox] = static_cast<float>(2 * int64_t{pc} - (y1 - y0) * (x1 - x0) * k.c_);
+  }
+}
+
+// Output row oy of image n: counts and scaling of every filter in one pass (kernels' conv_scaled), then the
+// correction of the pixels whose tap columns are cut by the padding.
+void ComputeRow(const ConvCall* call, const BorderPlan& b, int64_t n, int64_t oy, int64_t local, TaskScratch& ts) {
+  const BinaryConvKernel& k = *call->k;
+  const ConvGeometry& g = call->g;
+  RowFields(call, b, oy, local, ts);
+  const int64_t yc = b.rows.of[oy], nx = static_cast<int64_t>(b.cols.ranges.size());
+  binary::RowScale s;
+  s.kappa = ts.kappa.data(), s.d0 = ts.d0.data();
+  s.two_p = k.two_p_.data(), s.q = k.w_.q.data();
+  s.pb = b.pb.data() + yc * k.m_, s.bias = b.bias.data() + yc * k.m_;
+  s.m = k.m_, s.y = call->y + (n * k.m_ * g.oh + oy) * g.ow, s.y_step = g.oh * g.ow;
+  k.kern_->conv_scaled(call->plan, ts.bits.data(), local, s, ts.counts.data());
+  for (const int64_t ox : b.cut) {
+    const size_t at = static_cast<size_t>((yc * nx + b.cols.of[ox]) * k.m_);
+    const float* dk = b.dk.data() + at;
+    const float* db = b.db.data() + at;
+    float* y = s.y + ox;
+    for (int64_t m = 0; m < k.m_; ++m) y[m * s.y_step] += ts.kappa[ox] * dk[m] + db[m];
+  }
+}
+
+// Task t: the rows of chunk t % chunks of image t / chunks, each packing the input rows it newly needs just
+// before it is computed, so that reading the input overlaps the count loop and the packed rows stay in L1.
+// Chunks overlap by the field's height less one stride: those rows are packed by both (from cache).
 void ComputeTask(void* data, size_t task) {
   auto* call = static_cast<ConvCall*>(data);
   if (call->failed.load(std::memory_order_relaxed)) return;
   try {
+    const BinaryConvKernel& k = *call->k;
     const ConvGeometry& g = call->g;
     const int64_t n = static_cast<int64_t>(task) / call->chunks, chunk = static_cast<int64_t>(task) % call->chunks;
-    const int64_t rows = (g.oh + call->chunks - 1) / call->chunks;
-    RowScratch r;
-    r.counts.resize(static_cast<size_t>(call->plan.groups * binary::kGroup * g.ow));
-    r.kappa.resize(static_cast<size_t>(g.ow)), r.d0.resize(static_cast<size_t>(g.ow));
-    for (int64_t oy = chunk * rows; oy < std::min(g.oh, (chunk + 1) * rows); ++oy) ComputeRow(call, n, oy, r);
+    const int64_t oy0 = chunk * call->chunk_rows, oy1 = std::min(g.oh, oy0 + call->chunk_rows);
+    const int64_t r0 = oy0 * k.sh_;
+    TaskScratch ts(*call);
+    int64_t packed = r0;  // window rows [r0, packed) are packed
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      for (const int64_t need = oy * k.sh_ + (k.kh_ - 1) * k.dh_ + 1; packed < need; ++packed) {
+        PackRow(call, n, r0, packed, ts);
+      }
+      ComputeRow(call, *call->borders, n, oy, oy - oy0, ts);
+    }
   } catch (...) {
     call->failed.store(true);
   }
@@ -240,7 +304,6 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
     }
     bias_ = b.data;
   }
-  bias_full_ = bias_;
   t_ = binary::ReadCentering(kinfo, present_inputs_, c_, "C", where);
   if (!t_.empty()) {
     // Per filter and tap: sum_c T[c] (p b + q) = p sum_{b=1} T + q sum T.
@@ -248,7 +311,6 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
     for (const float v : t_) t_sum += v;
     tap_tw_.assign(static_cast<size_t>(m_ * taps), 0.0f);
     for (int64_t m = 0; m < m_; ++m) {
-      double total = 0.0;
       for (int64_t t = 0; t < taps; ++t) {
         double on = 0.0;
         for (int64_t i = 0; i < cw_; ++i) {
@@ -258,14 +320,14 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
         }
         const double tw = w_.p[m] * on + w_.q[m] * t_sum;
         tap_tw_[m * taps + t] = static_cast<float>(tw);
-        total += tw;
       }
-      bias_full_[m] += static_cast<float>(total);
     }
   } else {
     t_.assign(static_cast<size_t>(c_), 0.0f);
   }
   w_.bits = {};  // regrouped above; only the counts and scales are kept
+  two_p_.resize(static_cast<size_t>(m_));
+  for (int64_t m = 0; m < m_; ++m) two_p_[m] = 2.0f * w_.p[m];
   kern_ = &binary::ChooseKernels();
 }
 
@@ -308,11 +370,12 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   float* y = Y.Allocate({g.n, m_, g.oh, g.ow});
   if (g.n == 0 || g.h == 0 || g.w == 0) return;
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
-  if (g.hp * g.wp * cw_ > std::numeric_limits<int32_t>::max()) Fail(where, "input too large (over 2^31 words)");
-  const int64_t plane = g.hp * g.wp;
-  std::vector<uint64_t> bits(static_cast<size_t>(g.n * plane * cw_), 0);
-  std::vector<float> abs_sum(static_cast<size_t>(g.n * plane), 0.0f);
-  std::vector<int32_t> ones(static_cast<size_t>(g.n * plane), 0);
+  call.chunks = std::min<int64_t>(g.oh, kRowChunks);
+  call.chunk_rows = (g.oh + call.chunks - 1) / call.chunks;
+  call.chunks = (g.oh + call.chunk_rows - 1) / call.chunk_rows;
+  call.window = (call.chunk_rows - 1) * sh_ + (kh_ - 1) * dh_ + 1;
+  const int64_t plane = call.window * g.wp;
+  if (plane * cw_ > std::numeric_limits<int32_t>::max()) Fail(where, "input too large (over 2^31 words per task)");
   const int64_t taps = kh_ * kw_;
   std::vector<int32_t> offsets(static_cast<size_t>(taps * cw_));
   for (int64_t t = 0; t < taps; ++t) {
@@ -322,17 +385,14 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   }
   call.k = this;
   call.x = X.Data();
-  call.bits = bits.data();
-  call.abs_sum = abs_sum.data();
-  call.ones = ones.data();
   call.y = y;
   binary::ConvPlan& p = call.plan;
   p.cw = cw_, p.taps = taps, p.groups = (m_ + binary::kGroup - 1) / binary::kGroup, p.ow = g.ow;
   p.pixel_step = sw_, p.row_step = sh_ * g.wp;
   p.wgroups = groups_.data();
   p.offsets = offsets.data();
-  RunTasks(context, PackTask, g.n * g.h, &call);
-  call.chunks = std::min<int64_t>(g.oh, kRowChunks);
+  const BorderPlan borders = PlanBorders(*this, g);
+  call.borders = &borders;
   RunTasks(context, ComputeTask, g.n * call.chunks, &call);
   if (call.failed.load()) Fail(where, "a compute task failed (out of memory?)", ORT_FAIL);
 }

@@ -77,7 +77,7 @@ void ScaleRow(const int32_t* c, const float* kappa, const float* d0, int64_t n, 
 }  // namespace
 
 const Kernels& PortableKernels() {
-  static const Kernels k{Partial, AndCount, ConvRow, PackRow, ScaleRow};
+  static const Kernels k{Partial, AndCount, ConvRow, PackRow, ScaleRow, ConvThenScale<ConvRow, ScaleRow>};
   return k;
 }
 

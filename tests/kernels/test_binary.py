@@ -163,6 +163,13 @@ CONV_CASES = [
     (1, 600, 5, 6, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "sign", True),  # 90 words: byte-count flushes
     (1, 32, 7, 7, 12, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), "sign", True),  # 1x1
     (1, 16, 7, 5, 5, (1, 3), (1, 2), (0, 1, 0, 1), (1, 1), "01", True),  # rectangular kernel
+    # Wider than 16 (AVX-512 packing: blocks of 16 pixels and a tail), output rows of several 8-pixel blocks
+    # and a tail, M = 20 (two filter groups and a padded one), C = 100 (half-filled second word), 37 rows
+    # (chunks of 3 rows whose packed windows overlap).
+    (1, 100, 37, 41, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "sign", True),
+    # Stride 2 and dilation over several chunks; pads past the field: the first output row and the last
+    # output column read padding only.
+    (2, 33, 35, 19, 9, (3, 3), (2, 2), (5, 0, 2, 4), (2, 1), "01", True),
 ]
 
 
@@ -227,7 +234,9 @@ def test_matmul_centering(K, N, weights, build, monkeypatch):
 
 
 @pytest.mark.parametrize("build", list(BUILDS))
-@pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[4]], ids=["stride2", "5x5"])
+@pytest.mark.parametrize(
+    "case", [CONV_CASES[2], CONV_CASES[4], CONV_CASES[8]], ids=["stride2", "5x5", "wide"]
+)
 def test_conv_centering(case, build, monkeypatch):
     """BinaryConv with T: binarized around T[c]; the constant T W summed over the taps inside the image."""
     n, C, H, W, M, k, s, p, d, weights, _ = case
