@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "binary_kbit.h"
 #include "onnxruntime_lite_custom_op.h"
 
 namespace onnxopt {
@@ -133,6 +134,7 @@ struct BinaryMatMulKernel {
   std::vector<float> bias_;  // [N]: B (zeros when absent) plus T W (the centering's constant)
   std::vector<float> t_;     // [K] centering, empty when absent
   const binary::Kernels* kern_ = nullptr;
+  std::shared_ptr<const binary::kbit::MatMul> kbit_;  // act_bits >= 2: the k-bit mode (binary_kbit.cc)
 };
 
 struct BinaryConvKernel {
@@ -159,5 +161,6 @@ struct BinaryConvKernel {
   std::vector<float> bias_;        // [M] B (zeros when absent)
   std::vector<float> bias_full_;   // [M] B + the centering constant of a field with every tap inside
   const binary::Kernels* kern_ = nullptr;
+  std::shared_ptr<const binary::kbit::Conv> kbit_;  // act_bits >= 2: the k-bit mode (binary_kbit_conv.cc)
 };
 }  // namespace onnxopt

@@ -265,6 +265,8 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
   } else {
     t_.assign(static_cast<size_t>(c_), 0.0f);
   }
+  const auto act = binary::kbit::ReadActAttributes(api, info, taps * cw_ * binary::kWord, where);
+  if (act.bits > 1) kbit_ = binary::kbit::MakeConv(*this, act);  // before the bits are dropped
   w_.bits = {};  // regrouped above; only the counts and scales are kept
   kern_ = &binary::ChooseKernels();
 }
@@ -309,6 +311,7 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   if (g.n == 0 || g.h == 0 || g.w == 0) return;
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
   if (g.hp * g.wp * cw_ > std::numeric_limits<int32_t>::max()) Fail(where, "input too large (over 2^31 words)");
+  if (kbit_) return binary::kbit::Run(*kbit_, context, X.Data(), g.n, g.h, g.w, g.oh, g.ow, y);
   const int64_t plane = g.hp * g.wp;
   std::vector<uint64_t> bits(static_cast<size_t>(g.n * plane * cw_), 0);
   std::vector<float> abs_sum(static_cast<size_t>(g.n * plane), 0.0f);
