@@ -75,18 +75,22 @@ inline void PixelBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t
   __m512i acc[kF];
   for (int f = 0; f < kF; ++f) acc[f] = _mm512_setzero_si512();
   for (int b = p.bits - 1; b >= 0; --b) {
+    // The plane's counts in their own registers (counters live across the plane loop would be spilled on
+    // every step), then Horner: acc = 2 acc + plane.
     const uint64_t* xb = px + b * p.bit_stride;
-    for (int f = 0; f < kF; ++f) acc[f] = _mm512_add_epi64(acc[f], acc[f]);
+    __m512i pc[kF];
+    for (int f = 0; f < kF; ++f) pc[f] = _mm512_setzero_si512();
     for (int64_t j = 0; j < span; ++j) {
       const __m512i xv = _mm512_maskz_loadu_epi64(mask, xb + p.offsets[j]);
       for (int k = 0; k < kG; ++k) {
         const uint64_t* w = wg + (k * span + j) * kGroup;
         for (int f = 0; f < kGroup; ++f) {
           const __m512i wv = _mm512_set1_epi64(static_cast<long long>(w[f]));
-          acc[k * kGroup + f] = _mm512_add_epi64(acc[k * kGroup + f], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
+          pc[k * kGroup + f] = _mm512_add_epi64(pc[k * kGroup + f], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
         }
       }
     }
+    for (int f = 0; f < kF; ++f) acc[f] = _mm512_add_epi64(_mm512_add_epi64(acc[f], acc[f]), pc[f]);
   }
   for (int f = 0; f < kF; ++f) _mm512_mask_cvtepi64_storeu_epi32(counts + (g * kGroup + f) * p.ow + ox, mask, acc[f]);
 }
@@ -101,17 +105,20 @@ inline void FilterBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_
     for (int k = 0; k < kG; ++k) acc[i][k] = _mm512_setzero_si512();
   for (int b = p.bits - 1; b >= 0; --b) {
     const uint64_t* xb = px + b * p.bit_stride;
+    __m512i pc[kPix][kG];  // the plane's counts (see PixelBlock)
     for (int i = 0; i < kPix; ++i)
-      for (int k = 0; k < kG; ++k) acc[i][k] = _mm512_add_epi64(acc[i][k], acc[i][k]);
+      for (int k = 0; k < kG; ++k) pc[i][k] = _mm512_setzero_si512();
     for (int64_t j = 0; j < span; ++j) {
       __m512i w[kG];
       for (int k = 0; k < kG; ++k) w[k] = _mm512_loadu_si512(wg + (k * span + j) * kGroup);
       const int32_t off = p.offsets[j];
       for (int i = 0; i < kPix; ++i) {
         const __m512i xv = _mm512_set1_epi64(static_cast<long long>(xb[off + i * p.pixel_step]));
-        for (int k = 0; k < kG; ++k) acc[i][k] = _mm512_add_epi64(acc[i][k], _mm512_popcnt_epi64(_mm512_and_si512(xv, w[k])));
+        for (int k = 0; k < kG; ++k) pc[i][k] = _mm512_add_epi64(pc[i][k], _mm512_popcnt_epi64(_mm512_and_si512(xv, w[k])));
       }
     }
+    for (int i = 0; i < kPix; ++i)
+      for (int k = 0; k < kG; ++k) acc[i][k] = _mm512_add_epi64(_mm512_add_epi64(acc[i][k], acc[i][k]), pc[i][k]);
   }
   for (int i = 0; i < kPix; ++i) {
     for (int k = 0; k < kG; ++k) {
