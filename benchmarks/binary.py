@@ -125,7 +125,8 @@ def main() -> None:
     kbits = args.act_bits
     head = " | ".join(f"W1A{k} ms (x)" for k in kbits)
     rows = [
-        f"| layer | threads | fp32 ms | W1A1 (full) ms (x) | {head} | partial ms (x) | weight bytes fp32 / binary |",
+        f"| layer | threads | fp32 ms | W1A1 (full) ms (x) | {head} | partial ms (x) "
+        "| weight bytes fp32 / binary |",
         "|---|---|---|---|" + "---|" * len(kbits) + "---|---|",
     ]
     for shape in args.fc:

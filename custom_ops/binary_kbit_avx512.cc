@@ -67,31 +67,38 @@ void PlaneCount(const uint64_t* bits, int64_t words, const uint64_t* a, int plan
 }
 
 // Stride 1: kG x 8 filters, the eight pixels from ox in the lanes (`mask`: the pixels left in the row).
+// Every loop over counters is unrolled: a counter array indexed at run time would live on the stack.
 template <int kG>
 inline void PixelBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t ox, __mmask8 mask, int32_t* counts) {
   constexpr int kF = kG * kGroup;
   const int64_t span = p.taps * p.cw;
   const uint64_t* wg = p.wgroups + g * span * kGroup;
   __m512i acc[kF];
+  #pragma GCC unroll 16
   for (int f = 0; f < kF; ++f) acc[f] = _mm512_setzero_si512();
   for (int b = p.bits - 1; b >= 0; --b) {
     // The plane's counts in their own registers (counters live across the plane loop would be spilled on
     // every step), then Horner: acc = 2 acc + plane.
     const uint64_t* xb = px + b * p.bit_stride;
     __m512i pc[kF];
+    #pragma GCC unroll 16
     for (int f = 0; f < kF; ++f) pc[f] = _mm512_setzero_si512();
     for (int64_t j = 0; j < span; ++j) {
       const __m512i xv = _mm512_maskz_loadu_epi64(mask, xb + p.offsets[j]);
+      #pragma GCC unroll 2
       for (int k = 0; k < kG; ++k) {
         const uint64_t* w = wg + (k * span + j) * kGroup;
+        #pragma GCC unroll 8
         for (int f = 0; f < kGroup; ++f) {
           const __m512i wv = _mm512_set1_epi64(static_cast<long long>(w[f]));
           pc[k * kGroup + f] = _mm512_add_epi64(pc[k * kGroup + f], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
         }
       }
     }
+    #pragma GCC unroll 16
     for (int f = 0; f < kF; ++f) acc[f] = _mm512_add_epi64(_mm512_add_epi64(acc[f], acc[f]), pc[f]);
   }
+  #pragma GCC unroll 16
   for (int f = 0; f < kF; ++f) _mm512_mask_cvtepi64_storeu_epi32(counts + (g * kGroup + f) * p.ow + ox, mask, acc[f]);
 }
 
@@ -101,29 +108,41 @@ inline void FilterBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_
   const int64_t span = p.taps * p.cw;
   const uint64_t* wg = p.wgroups + g * span * kGroup;
   __m512i acc[kPix][kG];
+  #pragma GCC unroll 4
   for (int i = 0; i < kPix; ++i)
+    #pragma GCC unroll 2
     for (int k = 0; k < kG; ++k) acc[i][k] = _mm512_setzero_si512();
   for (int b = p.bits - 1; b >= 0; --b) {
     const uint64_t* xb = px + b * p.bit_stride;
     __m512i pc[kPix][kG];  // the plane's counts (see PixelBlock)
+    #pragma GCC unroll 4
     for (int i = 0; i < kPix; ++i)
+      #pragma GCC unroll 2
       for (int k = 0; k < kG; ++k) pc[i][k] = _mm512_setzero_si512();
     for (int64_t j = 0; j < span; ++j) {
       __m512i w[kG];
+      #pragma GCC unroll 2
       for (int k = 0; k < kG; ++k) w[k] = _mm512_loadu_si512(wg + (k * span + j) * kGroup);
       const int32_t off = p.offsets[j];
+      #pragma GCC unroll 4
       for (int i = 0; i < kPix; ++i) {
         const __m512i xv = _mm512_set1_epi64(static_cast<long long>(xb[off + i * p.pixel_step]));
+        #pragma GCC unroll 2
         for (int k = 0; k < kG; ++k) pc[i][k] = _mm512_add_epi64(pc[i][k], _mm512_popcnt_epi64(_mm512_and_si512(xv, w[k])));
       }
     }
+    #pragma GCC unroll 4
     for (int i = 0; i < kPix; ++i)
+      #pragma GCC unroll 2
       for (int k = 0; k < kG; ++k) acc[i][k] = _mm512_add_epi64(_mm512_add_epi64(acc[i][k], acc[i][k]), pc[i][k]);
   }
+  #pragma GCC unroll 4
   for (int i = 0; i < kPix; ++i) {
+    #pragma GCC unroll 2
     for (int k = 0; k < kG; ++k) {
       alignas(64) int64_t c[kGroup];
       _mm512_store_si512(c, acc[i][k]);
+      #pragma GCC unroll 8
       for (int f = 0; f < kGroup; ++f) counts[((g + k) * kGroup + f) * p.ow + ox + i] = static_cast<int32_t>(c[f]);
     }
   }

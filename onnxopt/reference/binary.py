@@ -265,8 +265,8 @@ def binary_conv(
 
 MATMUL_SPEC = OpSpec(
     name="BinaryMatMul",
-    summary="Y = X W + B with W one bit per weight and a per-output scale; activations float (partial) or "
-    "binarized with a per-row scale (full, XNOR-popcount)",
+    summary="Y = X W + B with W one bit per weight and a per-output scale; activations float (partial), "
+    "binarized with a per-row scale (full, XNOR-popcount) or k-bit codes (full, act_bits k, bit-serial)",
     inputs=[
         ("X", "float32 [..., K]"),
         (
@@ -275,7 +275,11 @@ MATMUL_SPEC = OpSpec(
         ),
         ("S", "float32 [N, 1] (weights=sign: alpha) or [N, 2] (weights=01: a, c), constant"),
         ("B", "float32 [N], constant, optional; bias"),
-        ("T", "float32 [K], constant, optional (mode full, with B); centering: x binarized as sign(x - T)"),
+        (
+            "T",
+            "float32 [K], constant, optional (mode full, with B); centering: x binarized as sign(x - T); "
+            "act_bits >= 2: the bottom of the codes' range",
+        ),
     ],
     outputs=[("Y", "float32 [..., N]")],
     attributes=[
@@ -297,7 +301,8 @@ partial: Y[n] = P[n] sum_{b=1} x[k] + Q[n] sum_k x[k] + B[n]
 full:    a = [x >= 0], kappa = mean |x|,
          Y[n] = kappa (P[n] (2 popcount(a & b_n) - popcount(b_n)) + Q[n] (2 popcount(a) - K)) + B[n]
          with T: a = [x >= T], kappa = mean |x - T|, and Y[n] += sum_k T[k] W[k, n]
-full, act_bits = k >= 2 (DoReFa-style, bit-serial): u = clamp(rint((x - T) / s), 0, 2^k - 1), a_i bit i of u,
+full, act_bits = k >= 2 (DoReFa-style, bit-serial): u = clamp(rint((x - T) r), 0, 2^k - 1) in float32 with
+         r = float32(1 / s), ties to even; a_i bit i of u,
          Y[n] = s (P[n] sum_i 2^i popcount(a_i & b_n) + Q[n] sum_i 2^i popcount(a_i))
                 + sum_k T[k] W[k, n] + B[n]
 """,
@@ -306,14 +311,18 @@ full, act_bits = k >= 2 (DoReFa-style, bit-serial): u = clamp(rint((x - T) / s),
 
 CONV_SPEC = OpSpec(
     name="BinaryConv",
-    summary="Conv (NCHW, group 1) with binarized weights and activations (XNOR-Net), AND-popcount over "
-    "channel-packed bits, pad acting as 0",
+    summary="Conv (NCHW, group 1) with binarized weights and activations (XNOR-Net) or k-bit activations "
+    "(act_bits), AND-popcount over channel-packed bits, pad acting as 0",
     inputs=[
         ("X", "float32 [N, C, H, W]"),
         ("Wbits", "uint8 [M, kh kw Cp / 8], constant; bit (dy kw + dx) Cp + c of row m is b[m, c, dy, dx]"),
         ("S", "float32 [M, 1] (weights=sign) or [M, 2] (weights=01), constant"),
         ("B", "float32 [M], constant, optional; bias"),
-        ("T", "float32 [C], constant, optional (with B); centering: x binarized as sign(x - T[c])"),
+        (
+            "T",
+            "float32 [C], constant, optional (with B); centering: x binarized as sign(x - T[c]); "
+            "act_bits >= 2: the bottom of the codes' range",
+        ),
     ],
     outputs=[("Y", "float32 [N, M, OH, OW]")],
     attributes=[
@@ -336,7 +345,8 @@ per output pixel, over the taps inside the image (pad acts as 0), s = sign(x) in
   D1[m] = sum_{b[m]=1} s,  D0 = sum s,  kappa = sum |x| / (kh kw C)
   Y[m] = kappa (P[m] D1[m] + Q[m] D0) + B[m]
 with T: s = sign(x - T[c]), kappa from |x - T[c]|, Y[m] += sum over valid taps, c of T[c] W[m, c, tap]
-act_bits = k >= 2: u = clamp(rint((x - T[c]) / s), 0, 2^k - 1) (pad: 0), bit planes a_i, over the field
+act_bits = k >= 2: u = clamp(rint((x - T[c]) r), 0, 2^k - 1) (float32, r = float32(1 / s); pad: 0), bit planes
+  a_i, over the field
   Y[m] = s (P[m] sum_i 2^i popcount(a_i & b_m) + Q[m] sum_i 2^i popcount(a_i)) + (T W over valid taps) + B[m]
 """,
     reference=binary_conv,
