@@ -1,5 +1,5 @@
-"""binary pass with k-bit activations (binary.act_bits): the calibrated range on its own, then the pass on an MLP
-(signed first input: an offset T; post-ReLU input: none) and a CNN, checked with onnx.checker and against the
+"""binary pass with k-bit activations (binary.act_bits): the calibrated range on its own, then the pass on an
+MLP (signed first input: an offset T; post-ReLU input: none) and a CNN, checked with onnx.checker and against the
 numpy reference of the emitted ops; more activation bits cost less error; the budget picks among them; bad
 settings are declined."""
 
@@ -106,7 +106,8 @@ def test_budget_steps_to_more_bits():
     model = mlp([128, 10], seed=5)
     errors = {}
     for bits in (1, 2, 4):
-        result, _ = _run(model, settings={"binary": {"mode": "full", "weights": "sign", "act_bits": str(bits)}})
+        settings = {"binary": {"mode": "full", "weights": "sign", "act_bits": str(bits)}}
+        result, _ = _run(model, settings=settings)
         errors[bits] = _record(result, "fc0").est_error
     assert errors[1] > errors[2] > errors[4], errors
     budget = (errors[2] + errors[4]) / 2
