@@ -1,6 +1,6 @@
 """binary pass with k-bit activations (binary.act_bits): the calibrated range on its own, then the pass on an
-MLP (signed first input: an offset T; post-ReLU input: none) and a CNN, checked with onnx.checker and against the
-numpy reference of the emitted ops; more activation bits cost less error; the budget picks among them; bad
+MLP (signed first input: an offset T; post-ReLU input: none) and a CNN, checked with onnx.checker and against
+the numpy reference of the emitted ops; more activation bits cost less error; the budget picks among them; bad
 settings are declined."""
 
 from __future__ import annotations
