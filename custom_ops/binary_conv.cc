@@ -309,9 +309,9 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   g.oh = span_y / sh_ + 1, g.ow = span_x / sw_ + 1;
   float* y = Y.Allocate({g.n, m_, g.oh, g.ow});
   if (g.n == 0 || g.h == 0 || g.w == 0) return;
+  if (kbit_) return binary::kbit::Run(*kbit_, context, X.Data(), g.n, g.h, g.w, g.oh, g.ow, y);  // checks y
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
   if (g.hp * g.wp * cw_ > std::numeric_limits<int32_t>::max()) Fail(where, "input too large (over 2^31 words)");
-  if (kbit_) return binary::kbit::Run(*kbit_, context, X.Data(), g.n, g.h, g.w, g.oh, g.ow, y);
   const int64_t plane = g.hp * g.wp;
   std::vector<uint64_t> bits(static_cast<size_t>(g.n * plane * cw_), 0);
   std::vector<float> abs_sum(static_cast<size_t>(g.n * plane), 0.0f);

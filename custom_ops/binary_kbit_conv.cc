@@ -163,6 +163,7 @@ void Run(const Conv& op, OrtKernelContext* context, const float* x, int64_t n, i
   call.hp = h + op.pads_[0] + op.pads_[2];
   call.wp = w + op.pads_[1] + op.pads_[3];
   const int64_t plane = call.hp * call.wp, taps = op.kh_ * op.kw_;
+  if (y == nullptr) Fail(op.where_, "could not allocate the output", ORT_FAIL);
   if (op.bits_ * op.cw_ * plane > std::numeric_limits<int32_t>::max()) {
     Fail(op.where_, "input too large for act_bits planes (over 2^31 words per image)");
   }
