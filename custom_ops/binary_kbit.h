@@ -60,11 +60,16 @@ using PackConvRowFn = void (*)(const float* image, const float* t, int64_t C, in
 // the plan (groups of 8); x the packed image (bit plane 0), the row's first pixel at x + oy row_step.
 using ConvRowFn = void (*)(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts);
 
+// y[i] = sp c[i] + (sq u[i] + bias) for i < n: one filter's outputs along a row from its counts and the
+// pixels' code sums.
+using ScaleRowFn = void (*)(const int32_t* c, const float* u, int64_t n, float sp, float sq, float bias, float* y);
+
 struct Kernels {
   PackMatRowFn pack_mat_row;
   PlaneCountFn plane_count;
   PackConvRowFn pack_conv_row;
   ConvRowFn conv_row;
+  ScaleRowFn scale_row;
 };
 
 const Kernels& PortableKernels();

@@ -200,10 +200,20 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
   }
 }
 
+void ScaleRow(const int32_t* c, const float* u, int64_t n, float sp, float sq, float bias, float* y) {
+  const __m256 vp = _mm256_set1_ps(sp), vq = _mm256_set1_ps(sq), vb = _mm256_set1_ps(bias);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 cv = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vp, cv, _mm256_fmadd_ps(vq, _mm256_loadu_ps(u + i), vb)));
+  }
+  for (; i < n; ++i) y[i] = sp * static_cast<float>(c[i]) + (sq * u[i] + bias);
+}
+
 }  // namespace
 
 const Kernels& Avx2Kernels() {
-  static const Kernels k{PackMatRow, PlaneCount, PackConvRow, ConvRow};
+  static const Kernels k{PackMatRow, PlaneCount, PackConvRow, ConvRow, ScaleRow};
   return k;
 }
 

@@ -2,11 +2,15 @@
 // which need no flushing; planes combined by Horner's rule (counters doubled before each lower plane), so each
 // plane costs what one XNOR-mode pass costs: AND (with the broadcast folded in), popcount, add. BinaryConv with
 // stride 1 keeps eight output pixels in the lanes (one 512-bit load of a plane's words per (tap, word), each
-// filter's word broadcast); other strides keep eight filters in the lanes. The packing is AVX2's.
+// filter's word broadcast); other strides keep eight filters in the lanes. BinaryConv's packing tests 16
+// pixels' codes per plane into masks; BinaryMatMul's packing is AVX2's.
 // Chosen at run time (binary::HasAvx512Popcount); compiled for these instructions by the pragma below only.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,popcnt,avx512f,avx512vpopcntdq")
 #include <immintrin.h>
+// gcc 12's AVX-512 headers fill unused operands with a self-initialized "undefined" vector and then warn about
+// it in every inlined intrinsic (max/min/cvt/unpack); nothing here reads an uninitialized value.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "binary.h"
 #include "binary_kbit.h"
@@ -171,10 +175,50 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
   for (; ox < p.ow; ++ox) FilterPixels<1>(p, row + ox * p.pixel_step, ox, counts);
 }
 
+// 16 pixels at a time (the last ones masked): per channel, the codes as int32 lanes, and per plane one test
+// into a mask that ORs the channel's bit into the plane's 32-bit lanes (channels c0..c0+31 of a half word); the
+// two halves are then interleaved into the pixels' 64-bit words. Every word of the row is written.
+void PackConvRow(const float* image, const float* t, int64_t C, int64_t H, int64_t W, int64_t iy, float r, int bits,
+                 int64_t cw, int64_t plane, uint64_t* out, int32_t* code_sum) {
+  const __m512 vr = _mm512_set1_ps(r), levels = _mm512_set1_ps(static_cast<float>((1 << bits) - 1));
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int64_t ix = 0; ix < W; ix += 16) {
+    const __mmask16 m = static_cast<__mmask16>(W - ix >= 16 ? 0xffff : (1u << (W - ix)) - 1);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t w = 0; w < cw; ++w) {
+      __m512i half[2][kMaxBits];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c0 = w * kWord + 32 * h, c1 = c0 + 32 < C ? c0 + 32 : C;
+        for (int i = 0; i < bits; ++i) half[h][i] = _mm512_setzero_si512();
+        for (int64_t c = c0; c < c1; ++c) {
+          const __m512 x = _mm512_maskz_loadu_ps(m, image + (c * H + iy) * W + ix);
+          const __m512 v = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(t[c])), vr);
+          const __m512i u = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, zero), levels));
+          sum = _mm512_add_epi32(sum, u);
+          const __m512i bit = _mm512_set1_epi32(static_cast<int>(1u << (c - c0)));
+          for (int i = 0; i < bits; ++i) {
+            const __mmask16 on = _mm512_test_epi32_mask(u, _mm512_set1_epi32(1 << i));
+            half[h][i] = _mm512_mask_or_epi32(half[h][i], on, half[h][i], bit);
+          }
+        }
+      }
+      for (int i = 0; i < bits; ++i) {
+        const __m512i lo = _mm512_unpacklo_epi32(half[0][i], half[1][i]);  // pixels 0 1 4 5 8 9 12 13
+        const __m512i hi = _mm512_unpackhi_epi32(half[0][i], half[1][i]);  // pixels 2 3 6 7 10 11 14 15
+        uint64_t* o = out + (i * cw + w) * plane + ix;
+        _mm512_mask_storeu_epi64(o, static_cast<__mmask8>(m), _mm512_permutex2var_epi64(lo, first, hi));
+        _mm512_mask_storeu_epi64(o + 8, static_cast<__mmask8>(m >> 8), _mm512_permutex2var_epi64(lo, second, hi));
+      }
+    }
+    _mm512_mask_storeu_epi32(code_sum + ix, m, sum);
+  }
+}
+
 }  // namespace
 
 const Kernels& Avx512Kernels() {
-  static const Kernels k{Avx2Kernels().pack_mat_row, PlaneCount, Avx2Kernels().pack_conv_row, ConvRow};
+  static const Kernels k{Avx2Kernels().pack_mat_row, PlaneCount, PackConvRow, ConvRow, Avx2Kernels().scale_row};
   return k;
 }
 

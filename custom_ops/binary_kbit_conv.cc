@@ -87,7 +87,7 @@ std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, in
 struct RowScratch {
   std::vector<int32_t> counts;  // [groups 8][ow]
   std::vector<float> u;         // [ow]: code sum over the field
-  std::vector<int64_t> cols;    // [ow][2]: valid tap columns (with T only)
+  std::vector<int64_t> border;  // (ox, x0, x1) of the pixels whose tap columns are cut (with T only)
   std::vector<double> pre;      // [kw + 1]: prefix sums of T W over tap columns (with T only)
 };
 
@@ -106,21 +106,24 @@ void ComputeRow(const ConvCall& call, int64_t n, int64_t oy, RowScratch& r) {
   }
   const bool centred = !op.tap_tw_.empty();
   int64_t y0 = 0, y1 = 0;
-  if (centred) {
+  r.border.clear();
+  if (centred) {  // the pixels whose tap columns are cut by the padding: (ox, x0, x1)
     std::tie(y0, y1) = ValidTaps(oy, op.sh_, op.pads_[0], op.dh_, op.kh_, call.h);
     for (int64_t ox = 0; ox < ow; ++ox) {
       const auto [x0, x1] = ValidTaps(ox, op.sw_, op.pads_[1], op.dw_, op.kw_, call.w);
-      r.cols[2 * ox] = x0, r.cols[2 * ox + 1] = x1;
+      if (x1 - x0 != op.kw_) r.border.insert(r.border.end(), {ox, x0, x1});
     }
   }
   float* y = call.y + n * op.m_ * call.oh * ow + oy * ow;
   for (int64_t m = 0; m < op.m_; ++m) {
     const int32_t* c = r.counts.data() + m * ow;
     float* ym = y + m * call.oh * ow;
-    const float sp = op.sp_[m], sq = op.sq_[m], bias = op.bias_[m];
-    for (int64_t ox = 0; ox < ow; ++ox) ym[ox] = sp * static_cast<float>(c[ox]) + sq * r.u[ox] + bias;
-    if (!centred) continue;
-    // T W over the taps inside the image: prefix sums over the tap columns of the valid tap rows.
+    if (!centred) {
+      op.kern_->scale_row(c, r.u.data(), ow, op.sp_[m], op.sq_[m], op.bias_[m], ym);
+      continue;
+    }
+    // T W over the taps inside the image: prefix sums over the tap columns of the valid tap rows; every pixel
+    // takes the whole range with the bias, the border pixels then their difference.
     const float* tw = op.tap_tw_.data() + m * taps;
     r.pre[0] = 0.0;
     for (int64_t dx = 0; dx < op.kw_; ++dx) {
@@ -128,7 +131,11 @@ void ComputeRow(const ConvCall& call, int64_t n, int64_t oy, RowScratch& r) {
       for (int64_t dy = y0; dy < y1; ++dy) s += tw[dy * op.kw_ + dx];
       r.pre[dx + 1] = r.pre[dx] + s;
     }
-    for (int64_t ox = 0; ox < ow; ++ox) ym[ox] += static_cast<float>(r.pre[r.cols[2 * ox + 1]] - r.pre[r.cols[2 * ox]]);
+    const double whole = r.pre[op.kw_];
+    op.kern_->scale_row(c, r.u.data(), ow, op.sp_[m], op.sq_[m], op.bias_[m] + static_cast<float>(whole), ym);
+    for (size_t i = 0; i < r.border.size(); i += 3) {
+      ym[r.border[i]] += static_cast<float>(r.pre[r.border[i + 2]] - r.pre[r.border[i + 1]] - whole);
+    }
   }
 }
 
@@ -141,7 +148,6 @@ void ComputeTask(void* data, size_t task) {
     RowScratch r;
     r.counts.resize(static_cast<size_t>(call->plan.groups * kGroup * call->ow));
     r.u.resize(static_cast<size_t>(call->ow));
-    r.cols.resize(static_cast<size_t>(2 * call->ow));
     r.pre.resize(static_cast<size_t>(call->op->kw_ + 1));
     for (int64_t oy = chunk * rows; oy < std::min(call->oh, (chunk + 1) * rows); ++oy) ComputeRow(*call, n, oy, r);
   } catch (...) {

@@ -82,10 +82,14 @@ void ConvRow(const ConvPlan& p, const uint64_t* x, int64_t oy, int32_t* counts) 
   }
 }
 
+void ScaleRow(const int32_t* c, const float* u, int64_t n, float sp, float sq, float bias, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = sp * static_cast<float>(c[i]) + (sq * u[i] + bias);
+}
+
 }  // namespace
 
 const Kernels& PortableKernels() {
-  static const Kernels k{PackMatRow, PlaneCount, PackConvRow, ConvRow};
+  static const Kernels k{PackMatRow, PlaneCount, PackConvRow, ConvRow, ScaleRow};
   return k;
 }
 
