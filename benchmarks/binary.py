@@ -1,5 +1,6 @@
 """BinaryMatMul and BinaryConv against onnxruntime's fp32 MatMul and Conv on single layers: full binarization
-(XNOR-Net: binary weights and activations) and partial (binary weights, float activations) at batch 1.
+(XNOR-Net: binary weights and activations, W1A1), k-bit activations (W1A2, W1A3, W1A4: DoReFa-style codes,
+bit-serial AND-popcount, `--act-bits`) and partial (binary weights, float activations) at batch 1.
 
 Ratios are fp32 time / binary time, measured in one process with onnxopt.timing.median_times (interleaved,
 64 MiB cache flush before every run, spinning off), at 1 and 2 threads. Weights are random (speed does not
@@ -47,7 +48,7 @@ def _bytes(inits: list) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in inits)
 
 
-def fc(K: int, N: int, mode: str | None) -> tuple[onnx.ModelProto, int]:
+def fc(K: int, N: int, mode: str | None, act_bits: int = 1) -> tuple[onnx.ModelProto, int]:
     """fp32 MatMul (mode None) or BinaryMatMul of a K x N layer at batch 1, and its weight bytes."""
     rng = np.random.default_rng(0)
     if mode is None:
@@ -60,11 +61,23 @@ def fc(K: int, N: int, mode: str | None) -> tuple[onnx.ModelProto, int]:
     node = helper.make_node(
         "BinaryMatMul", ["X", "Wbits", "S"], ["Y"], domain="onnxopt", K=K, N=N, mode=mode, weights="sign"
     )
+    if act_bits > 1:  # codes of a standard normal input over [-2, 2]: every bit plane busy
+        T = numpy_helper.from_array(np.full(K, -2.0, np.float32), "T")
+        B = numpy_helper.from_array(np.zeros(N, np.float32), "B")
+        inits += [B, T]
+        node.input.extend(["B", "T"])
+        node.attribute.extend(
+            [
+                helper.make_attribute("act_bits", act_bits),
+                helper.make_attribute("act_scale", 4 / (2**act_bits - 1)),
+            ]
+        )
     return _model(node, inits, [1, K]), _bytes(inits)
 
 
-def conv(C: int, H: int, M: int, binary: bool) -> tuple[onnx.ModelProto, int]:
-    """fp32 Conv or BinaryConv, 3x3, stride 1, pad 1, C -> M channels on H x H, batch 1, with a bias."""
+def conv(C: int, H: int, M: int, binary: bool, act_bits: int = 1) -> tuple[onnx.ModelProto, int]:
+    """fp32 Conv or BinaryConv, 3x3, stride 1, pad 1, C -> M channels on H x H, batch 1, with a bias; k-bit
+    activations (act_bits > 1) with an offset T, the codes of a standard normal input spanning [-2, 2]."""
     rng = np.random.default_rng(0)
     bias = numpy_helper.from_array(rng.standard_normal(M).astype(np.float32), "B")
     attrs = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
@@ -85,40 +98,55 @@ def conv(C: int, H: int, M: int, binary: bool) -> tuple[onnx.ModelProto, int]:
     node = helper.make_node(
         "BinaryConv", ["X", "Wbits", "S", "B"], ["Y"], domain="onnxopt", C=C, weights="sign", **attrs
     )
+    if act_bits > 1:
+        inits.append(numpy_helper.from_array(np.full(C, -2.0, np.float32), "T"))
+        node.input.append("T")
+        node.attribute.extend(
+            [
+                helper.make_attribute("act_bits", act_bits),
+                helper.make_attribute("act_scale", 4 / (2**act_bits - 1)),
+            ]
+        )
     return _model(node, inits, [1, C, H, H]), _bytes(inits)
+
+
+def _cell(t0: float, t: float) -> str:
+    return f"{t:.3f} ({t0 / t:.1f}x)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fc", nargs="*", default=["4096x4096", "1024x1024"], help="KxN of FC layers")
     ap.add_argument("--convs", nargs="*", default=["64@56", "128@28", "256@14"], help="C@H (M = C), 3x3")
+    ap.add_argument("--act-bits", nargs="*", type=int, default=[2, 3, 4], help="k-bit activation columns")
+    ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
+    kbits = args.act_bits
+    head = " | ".join(f"W1A{k} ms (x)" for k in kbits)
     rows = [
-        "| layer | threads | fp32 ms | binary full ms (x) | binary partial ms (x) "
+        f"| layer | threads | fp32 ms | W1A1 (full) ms (x) | {head} | partial ms (x) "
         "| weight bytes fp32 / binary |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|" + "---|" * len(kbits) + "---|---|",
     ]
     for shape in args.fc:
         K, N = (int(v) for v in shape.split("x"))
         (base, b0), (full, b1), (part, _) = fc(K, N, None), fc(K, N, "full"), fc(K, N, "partial")
-        for threads in (1, 2):
-            t0, t1, t2 = median_times([base, full, part], threads, rounds=args.rounds)
-            rows.append(
-                f"| FC 1x{K}x{N} | {threads} | {t0:.3f} | {t1:.3f} ({t0 / t1:.1f}x) "
-                f"| {t2:.3f} ({t0 / t2:.1f}x) "
-                f"| {b0 / b1:.1f}x |"
-            )
+        kmodels = [fc(K, N, "full", k)[0] for k in kbits]
+        for threads in args.threads:
+            t0, t1, t2, *tk = median_times([base, full, part, *kmodels], threads, rounds=args.rounds)
+            cells = [f"FC 1x{K}x{N}", str(threads), f"{t0:.3f}", _cell(t0, t1), *(_cell(t0, t) for t in tk)]
+            rows.append("| " + " | ".join([*cells, _cell(t0, t2), f"{b0 / b1:.1f}x"]) + " |")
             print(rows[-1], file=sys.stderr, flush=True)
     for spec in args.convs:
         C, H = (int(v) for v in spec.split("@"))
         (base, b0), (binary, b1) = conv(C, H, C, False), conv(C, H, C, True)
-        for threads in (1, 2):
-            t0, t1 = median_times([base, binary], threads, rounds=args.rounds)
-            rows.append(
-                f"| Conv 3x3 {C}->{C} @{H}x{H} | {threads} | {t0:.3f} | {t1:.3f} ({t0 / t1:.1f}x) | - "
-                f"| {b0 / b1:.1f}x |"
-            )
+        kmodels = [conv(C, H, C, True, k)[0] for k in kbits]
+        for threads in args.threads:
+            t0, t1, *tk = median_times([base, binary, *kmodels], threads, rounds=args.rounds)
+            cells = [f"Conv 3x3 {C}->{C} @{H}x{H}", str(threads), f"{t0:.3f}", _cell(t0, t1)]
+            cells += [_cell(t0, t) for t in tk]
+            rows.append("| " + " | ".join([*cells, "-", f"{b0 / b1:.1f}x"]) + " |")
             print(rows[-1], file=sys.stderr, flush=True)
     print("\n".join(rows))
 

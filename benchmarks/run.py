@@ -294,18 +294,27 @@ def binary_section(quick: bool) -> str:
     rounds = "7" if quick else "21"
     return f"""## binary: 1-bit weights, XNOR-popcount layers (`benchmarks/binary.py`, `binary_accuracy.py`)
 
-BinaryMatMul (full: binary weights and activations; partial: binary weights, float activations) and BinaryConv
-(full, 3x3, pad 1) against onnxruntime's fp32 MatMul and Conv at batch 1: one-node models, A/B interleaved,
-a 64 MiB buffer touched before every run, median of {rounds} runs; ratios are fp32 time / binary time.
-BinaryConv's count loop uses AVX-512 VPOPCNTDQ where the CPU has it (else AVX2's nibble lookup). The issue's
-goals: full 3x3 conv 64@56x56 and 128@28x28 >= 4x, Gemm 1x4096x4096 >= 10x at one thread; weights 32x smaller.
+BinaryMatMul (full: binary weights and activations, W1A1; k-bit activations W1A2-A4, bit-serial; partial:
+binary weights, float activations) and BinaryConv (full and k-bit, 3x3, pad 1) against onnxruntime's fp32
+MatMul and Conv at batch 1: one-node models, A/B interleaved, a 64 MiB buffer touched before every run, median
+of {rounds} runs; ratios are fp32 time / binary time. The count loops use AVX-512 VPOPCNTDQ where the CPU has
+it (else AVX2's nibble lookup). The issue's goals: full 3x3 conv 64@56x56 and 128@28x28 >= 4x, Gemm
+1x4096x4096 >= 10x at one thread; weights 32x smaller.
 
 {_script_table("binary.py", "--rounds", rounds)}
 
 Post-training binarization of Fashion-MNIST (no retraining; top-1 on the 10,000 test images; the estimated
-error is the layer's relative output error on calibration inputs), and what the default budget does with it.
+error is the layer's relative output error on calibration inputs).
 
-{_script_table("binary_accuracy.py")}
+{_script_table("binary_accuracy.py", "--only", "xnor")}
+
+k-bit activations with binary weights (DoReFa-style codes in a calibrated clipped range):
+
+{_script_table("binary_accuracy.py", "--only", "kbit")}
+
+What the pass keeps with its default options, at the default budget and at top-1 drops of 0.5 and 2 points:
+
+{_script_table("binary_accuracy.py", "--only", "budget")}
 """
 
 

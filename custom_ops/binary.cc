@@ -205,6 +205,11 @@ BinaryMatMulKernel::BinaryMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
     }
   }
   kern_ = &binary::ChooseKernels();
+  const auto act = binary::kbit::ReadActAttributes(api, info, w_.words * binary::kWord, where);
+  if (act.bits > 1) {
+    if (!full_) Fail(where, "act_bits >= 2 needs mode 'full' (it quantizes the activations), got 'partial'");
+    kbit_ = binary::kbit::MakeMatMul(*this, act);
+  }
 }
 
 Ort::Status BinaryMatMulKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
@@ -241,6 +246,7 @@ void BinaryMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
   if (m == 0) return;
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
   const float* x = X.Data();
+  if (kbit_) return binary::kbit::Run(*kbit_, context, x, m, y);
   const int64_t words = w_.words, kp = words * binary::kWord;
   MatMulCall call;
   call.k = this;

@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "binary_kbit.h"
 #include "onnxruntime_lite_custom_op.h"
 
 namespace onnxopt {
@@ -166,6 +167,7 @@ struct BinaryMatMulKernel {
   std::vector<float> bias_;  // [N]: B (zeros when absent) plus T W (the centering's constant)
   std::vector<float> t_;     // [K] centering, empty when absent
   const binary::Kernels* kern_ = nullptr;
+  std::shared_ptr<const binary::kbit::MatMul> kbit_;  // act_bits >= 2: the k-bit mode (binary_kbit.cc)
 };
 
 struct BinaryConvKernel {
@@ -192,5 +194,6 @@ struct BinaryConvKernel {
   std::vector<float> bias_;        // [M] B (zeros when absent)
   std::vector<float> two_p_;       // [M] 2 P: the count's factor in the scaling
   const binary::Kernels* kern_ = nullptr;
+  std::shared_ptr<const binary::kbit::Conv> kbit_;  // act_bits >= 2: the k-bit mode (binary_kbit_conv.cc)
 };
 }  // namespace onnxopt

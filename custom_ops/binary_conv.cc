@@ -325,6 +325,8 @@ BinaryConvKernel::BinaryConvKernel(const OrtApi* api, const OrtKernelInfo* info)
   } else {
     t_.assign(static_cast<size_t>(c_), 0.0f);
   }
+  const auto act = binary::kbit::ReadActAttributes(api, info, taps * cw_ * binary::kWord, where);
+  if (act.bits > 1) kbit_ = binary::kbit::MakeConv(*this, act);  // before the bits are dropped
   w_.bits = {};  // regrouped above; only the counts and scales are kept
   two_p_.resize(static_cast<size_t>(m_));
   for (int64_t m = 0; m < m_; ++m) two_p_[m] = 2.0f * w_.p[m];
@@ -369,6 +371,7 @@ void BinaryConvKernel::Run(OrtKernelContext* context, const Ort::Custom::Tensor<
   g.oh = span_y / sh_ + 1, g.ow = span_x / sw_ + 1;
   float* y = Y.Allocate({g.n, m_, g.oh, g.ow});
   if (g.n == 0 || g.h == 0 || g.w == 0) return;
+  if (kbit_) return binary::kbit::Run(*kbit_, context, X.Data(), g.n, g.h, g.w, g.oh, g.ow, y);  // checks y
   if (y == nullptr) Fail(where, "could not allocate the output", ORT_FAIL);
   call.chunks = std::min<int64_t>(g.oh, kRowChunks);
   call.chunk_rows = (g.oh + call.chunks - 1) / call.chunks;

@@ -15,12 +15,20 @@ Modes:
       input feature (channel of a Conv) on the calibration inputs, and the op adds T W~ (input T). Without it,
       a layer after a ReLU sees only +1 signs and its output no longer depends on its input
       (`binary.center=0` turns it off).
+  k-bit activations (W1Ak, DoReFa-style; `binary.act_bits`, default 1,2,3,4, where 1 is the sign mode above):
+      mode full with act_bits = k >= 2 quantizes each input uniformly to codes u in [0, 2^k - 1] of a clipped
+      range [T, T + s (2^k - 1)], calibrated per layer on the calibration activations: T = 0 for inputs that
+      are never negative (after a ReLU) or with `binary.center=0`, else the range's low clip; the clips are
+      the pair of quantiles (q, 1 - q), or 0 and the q-quantile, whose codes have the least squared error
+      (act_range). The kernels run the k bit planes through the AND-popcount loop: k times the binary
+      work, against 1 for sign activations and 64 (a masked add per weight) for float ones.
 Layers whose bits would not be smaller than their float weights (a Conv on one input channel pads each
 tap's channels to 64 bits) are declined. `--set binary.mode=full|partial|auto` and
 `binary.weights=sign|01|auto` pick them (auto: every one that applies); `binary.layers=all|fc|conv|NAME,...`
-the layers tried (default all). Options are ordered most compressive first (full before partial, sign before
-01) and the budget picks: post-training binarization of a network trained in full precision usually breaks
-any budget, and then the node is declined with every option's estimated error in the reason.
+the layers tried (default all). Options are ordered most compressive first (full before partial, fewer
+activation bits first, sign before 01) and the budget picks: post-training binarization of a network trained
+in full precision usually breaks any budget, and then the node is declined with every option's estimated
+error in the reason.
 
 Estimated error: ||Y~ - Y||_F / ||Y||_F of the layer's output on calibration inputs (up to 4096 rows of a
 Gemm/MatMul, up to 4 images of a Conv), Y~ computed by the op's numpy reference.
@@ -35,7 +43,16 @@ import onnx_graphsurgeon as gs
 from onnxopt import DOMAIN
 from onnxopt.passes.convolution import explicit_pads, has_bias
 from onnxopt.passes.dense import dense_bias, dense_kn, dense_problem, dense_weight, output_rows
-from onnxopt.reference.binary import WORD, binary_conv, binary_matmul, pack_bits, padded, windows
+from onnxopt.reference.binary import (
+    MAX_ACT_BITS,
+    WORD,
+    act_codes,
+    binary_conv,
+    binary_matmul,
+    pack_bits,
+    padded,
+    windows,
+)
 from onnxopt.rewrite import (
     Decline,
     Option,
@@ -51,6 +68,10 @@ MODES = ("full", "partial")
 WEIGHTS = ("sign", "01")
 MAX_ROWS = 4096  # calibration rows of a Gemm/MatMul for the error estimate
 MAX_IMAGES = 4  # calibration images of a Conv
+DEFAULT_ACT_BITS = "1,2,3,4"
+# Tail mass q cut off by the candidate clips of the k-bit range (0: the calibration min / max).
+CLIP_TAILS = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+MAX_RANGE_VALUES = 1 << 20  # activations the range is fitted on
 
 
 def fit(W: np.ndarray, weights: str) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +100,42 @@ def relative_error(Y_hat: np.ndarray, Y: np.ndarray) -> float:
     return float(np.linalg.norm(Y_hat.astype(np.float64) - Y) / max(np.linalg.norm(Y), 1e-30))
 
 
-def _choices(ctx: PassContext, conv: bool) -> list[tuple[str, str]]:
+def act_range(X: np.ndarray, act_bits: int, signed: bool) -> tuple[float, float]:
+    """(T, s) of the k-bit codes of X: the candidate clips (CLIP_TAILS; low clip 0 unless `signed`) whose
+    codes reconstruct X with the least squared error. X may be any shape; at most MAX_RANGE_VALUES of it
+    are used (evenly spaced)."""
+    x = np.asarray(X, np.float32).reshape(-1)
+    x = x[:: max(1, x.size // MAX_RANGE_VALUES)]
+    levels = 2**act_bits - 1
+    best = None
+    for q in CLIP_TAILS:
+        lo = float(np.quantile(x, q)) if signed else 0.0
+        hi = float(np.quantile(x, 1.0 - q))
+        if hi <= lo:
+            continue
+        s = (hi - lo) / levels
+        xq = lo + s * act_codes(x, np.float32(lo), act_bits, s)
+        err = float(np.mean((xq - x) ** 2))
+        if best is None or err < best[0]:
+            best = (err, lo, s)
+    if best is None:  # a constant input (or one never above 0): any step; codes 0 but at one level
+        return (0.0, 1.0)
+    return best[1], best[2]
+
+
+def _act_bits(ctx: PassContext) -> list[int]:
+    raw = ctx.setting("act_bits", str, DEFAULT_ACT_BITS)
+    try:
+        bits = sorted({int(v) for v in raw.replace(";", ",").split(",") if v.strip()})
+    except ValueError:
+        bits = []
+    if not bits or not all(1 <= b <= MAX_ACT_BITS for b in bits):
+        raise Decline(f"binary.act_bits must be a list of ints in [1, {MAX_ACT_BITS}], got {raw!r}")
+    return bits
+
+
+def _choices(ctx: PassContext, conv: bool) -> list[tuple[str, str, int]]:
+    """(mode, weights, act_bits) of the options, most compressive first (act_bits 0: float activations)."""
     mode = ctx.setting("mode", str, "auto").lower()
     weights = ctx.setting("weights", str, "auto").lower()
     if mode not in ("auto", *MODES) or weights not in ("auto", *WEIGHTS):
@@ -93,7 +149,14 @@ def _choices(ctx: PassContext, conv: bool) -> list[tuple[str, str]]:
                 "partial binarization of a Conv saves no arithmetic (every multiply-add stays): not offered"
             )
         modes = ("full",)
-    return [(m, w) for m in modes for w in (WEIGHTS if weights == "auto" else (weights,))]
+    kinds = WEIGHTS if weights == "auto" else (weights,)
+    bits = _act_bits(ctx) if "full" in modes else []
+    full = [("full", w, b) for b in bits for w in kinds] if "full" in modes else []
+    return full + ([("partial", w, 0) for w in kinds] if "partial" in modes else [])
+
+
+def _label(mode: str, weights: str, act_bits: int) -> str:
+    return f"{mode}/{weights}" if act_bits <= 1 else f"a{act_bits}/{weights}"
 
 
 def _centred(ctx: PassContext) -> bool:
@@ -178,20 +241,29 @@ class Binary(Pass):
         rows = output_rows(node, ctx, N)
         center = X.astype(np.float64).mean(axis=0).astype(np.float32) if _centred(ctx) else None
         options, tried = [], []
-        for mode, weights in _choices(ctx, conv=False):
-            T = center if mode == "full" else None
+        for mode, weights, act_bits in _choices(ctx, conv=False):
+            T, act = center if mode == "full" else None, {}
+            if act_bits > 1:
+                T, act = self._act(X, act_bits, K, ctx)
             B = bias if T is None or bias is not None else np.zeros(N, np.float32)
             b, S = fit(W, weights)
             bits = np.zeros((N, padded(K)), np.uint8)
             bits[:, :K] = b
             Wbits = pack_bits(bits)
-            err = relative_error(binary_matmul(X, Wbits, S, B, K=K, N=N, mode=mode, weights=weights, T=T), Y)
-            tried.append(f"{mode}/{weights}: {err:.3g}")
+            attrs = {"K": K, "N": N, "mode": mode, "weights": weights, **act}
+            err = relative_error(binary_matmul(X, Wbits, S, B, **attrs, T=T), Y)
+            tried.append(f"{_label(mode, weights, act_bits)}: {err:.3g}")
             if err > ctx.local_tolerance:
                 continue
-            attrs = {"K": K, "N": N, "mode": mode, "weights": weights}
             options.append(self._option(err, Wbits, S, B, T, attrs, "BinaryMatMul", rows * K * N, mode))
         return self._fitting(options, tried, ctx)
+
+    @staticmethod
+    def _act(X: np.ndarray, act_bits: int, count: int, ctx: PassContext) -> tuple[np.ndarray | None, dict]:
+        """T (None for a low clip of 0) and the k-bit attributes of input X (`count` features or channels)."""
+        lo, s = act_range(X, act_bits, signed=_centred(ctx) and float(X.min()) < 0)
+        T = None if lo == 0.0 else np.full(count, lo, np.float32)
+        return T, {"act_bits": act_bits, "act_scale": float(np.float32(s))}
 
     def _conv_options(self, node: gs.Node, ctx: PassContext) -> list[Option]:
         Wc = constant_value(node.inputs[1]).astype(np.float32)
@@ -218,18 +290,21 @@ class Binary(Pass):
             raise Decline(
                 f"C={C}: bits padded to 64 channels per tap would not be smaller than the float weight"
             )
-        T = X.astype(np.float64).mean(axis=(0, 2, 3)).astype(np.float32) if _centred(ctx) else None
-        B = bias if T is None or bias is not None else np.zeros(M, np.float32)
+        center = X.astype(np.float64).mean(axis=(0, 2, 3)).astype(np.float32) if _centred(ctx) else None
         options, tried = [], []
-        for mode, weights in _choices(ctx, conv=True):
+        for mode, weights, act_bits in _choices(ctx, conv=True):
+            T, act = center, {}
+            if act_bits > 1:
+                T, act = self._act(X, act_bits, C, ctx)
+            B = bias if T is None or bias is not None else np.zeros(M, np.float32)
             # b over (c, dy, dx) per filter, stored tap-major with channels padded to 64 (reference layout).
             b, S = fit(Wc.reshape(M, -1).T, weights)
             bits = np.zeros((M, kh, kw, padded(C)), np.uint8)
             bits[..., :C] = b.reshape(M, C, kh, kw).transpose(0, 2, 3, 1)
             Wbits = pack_bits(bits.reshape(M, -1))
-            node_attrs = {**attrs, "weights": weights}
+            node_attrs = {**attrs, "weights": weights, **act}
             err = relative_error(binary_conv(X, Wbits, S, B, **node_attrs, T=T), Y)
-            tried.append(f"{mode}/{weights}: {err:.3g}")
+            tried.append(f"{_label(mode, weights, act_bits)}: {err:.3g}")
             if err > ctx.local_tolerance:
                 continue
             options.append(
@@ -248,14 +323,22 @@ class Binary(Pass):
 
     def _option(self, err, Wbits, S, bias, T, attrs: dict, op: str, macs: int, mode: str) -> Option:
         extra = (0 if bias is None else bias.size) + (0 if T is None else T.size)
+        act_bits = attrs.get("act_bits", 1) if mode == "full" else 0
         return Option(
             est_error=err,
             params_after=Wbits.size * 8 + S.size + extra,  # one parameter per bit
             bytes_after=Wbits.nbytes + S.nbytes + 4 * extra,
-            # full: one AND + popcount per 64 binary multiply-adds; partial: one masked add per weight
-            flops_after=2 * macs // WORD if mode == "full" else macs,
+            # full: one AND + popcount per 64 binary multiply-adds per activation bit; partial: one masked add
+            # per weight
+            flops_after=2 * act_bits * macs // WORD if mode == "full" else macs,
             emit=self._emitter(op, Wbits, S, bias, T, attrs),
-            detail={"op": op, "mode": mode, "weights": attrs["weights"], "centred": T is not None},
+            detail={
+                "op": op,
+                "mode": mode,
+                "weights": attrs["weights"],
+                "centred": T is not None,
+                "act_bits": act_bits,
+            },
         )
 
     @staticmethod

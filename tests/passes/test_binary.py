@@ -70,6 +70,7 @@ def test_pass_rewrites_mlp_and_runs_the_reference(use_gemm, trans_b, mode, weigh
             "mode": mode,
             "weights": weights,
             "centred": mode == "full",
+            "act_bits": 1 if mode == "full" else 0,
         }
         assert rec.bytes_after < rec.bytes_before / 5  # bits, scales, bias and T of a 64 x 10 layer
     onnx.checker.check_model(result.model)
