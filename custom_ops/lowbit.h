@@ -23,6 +23,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -33,14 +34,38 @@ constexpr int64_t kChunk = 32;  // codes per packed chunk
 constexpr int64_t kTile = 8;    // columns of a dequantized tile
 constexpr int64_t kBlock = 4;   // columns interleaved in the packed codes
 
+// Memory for the packed codes. Blocks of 4 MiB and up are 2 MiB-aligned and marked for transparent huge pages
+// (madvise, Linux), before they are first touched: batch 1 streams the codes once per call, and with 4 KiB
+// pages the streaming reads ran at ~22 GB/s on this machine against ~33 GB/s with 2 MiB pages (TLB misses,
+// and hardware prefetchers that stop at every 4 KiB page; benchmarks/bandwidth.py). The rounding costs at most
+// 2 MiB per node, and only nodes whose codes are at least 4 MiB.
+void* AllocateCodes(size_t bytes);
+void FreeCodes(void* p) noexcept;
+template <typename T>
+struct CodeAllocator {
+  using value_type = T;
+  CodeAllocator() = default;
+  template <typename U>
+  CodeAllocator(const CodeAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(AllocateCodes(n * sizeof(T))); }
+  void deallocate(T* p, size_t) noexcept { FreeCodes(p); }
+  template <typename U>
+  bool operator==(const CodeAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CodeAllocator<U>&) const { return false; }
+};
+
 // The checked, packed weights of one node.
 struct Weights {
   int64_t k = 0, kp = 0, n = 0, bits = 0, group = 0, groups = 0;
   int64_t col_bytes = 0;          // bytes of one column's codes: kp * bits / 8
   int64_t np = 0;                 // n rounded up to kBlock
-  std::vector<uint8_t> codes;     // [np / 4][kp / 32][4][4 bits]: see above
-  std::vector<float> scale;       // [np][groups] (padded columns: 0)
-  std::vector<float> scale_zero;  // [np][groups]: scale * zero, so the zero term is one product per group
+  std::vector<uint8_t, CodeAllocator<uint8_t>> codes;  // [np / 4][kp / 32][4][4 bits]: see above
+  // Per (column, group), in blocks of four columns like the codes, [np / 4][groups][4] (ScaleIndex), so that
+  // a batch-1 block reads its scales as one sequential stream and one 16-byte load per group.
+  std::vector<float> scale;       // padded columns: 0
+  std::vector<float> scale_zero;  // scale * zero, so the zero term is one product per group
+  int64_t ScaleIndex(int64_t n, int64_t g) const { return ((n / kBlock) * groups + g) * kBlock + n % kBlock; }
 
   int64_t ChunkBytes() const { return 4 * bits; }
   int64_t slab_chunks = 0;  // chunks per K slab (a whole number of groups)
@@ -90,6 +115,12 @@ struct Kernels {
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
+// The AVX-512 VNNI build (lowbit_avx512.cc): gemv_i8 (and gemv4) on 512-bit vectors, the rest as Avx2Kernels.
+// Chosen where HasAvx512(kAvx512Vnni) (kernel_util.h) says the CPU and OS run it.
+const Kernels& Avx512Kernels();
+// The best build this CPU runs: AVX-512 VNNI, else AVX2 + FMA, else portable (read at each kernel creation, so
+// that ONNXOPT_DISABLE_AVX512 / ONNXOPT_DISABLE_AVX2 in the environment force the slower ones).
+const Kernels& BestKernels();
 
 // The 32 codes of one packed chunk (layout above) into q[0..32).
 inline void UnpackChunk(const uint8_t* p, int64_t bits, uint8_t* q) {

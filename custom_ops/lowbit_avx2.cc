@@ -23,6 +23,16 @@ inline float HSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// y[n + c] (= if g0 == 0, else +=) the sum of acc[c] minus lane c of `zero`, for the columns < n1.
+inline void Store(const __m256 (&acc)[kBlock], __m128 zero, int64_t n, int64_t n1, int64_t g0, float* y) {
+  alignas(16) float z[kBlock];
+  _mm_store_ps(z, zero);
+  for (int c = 0; c < kBlock && n + c < n1; ++c) {
+    const float part = HSum(acc[c]) - z[c];
+    y[n + c] = g0 == 0 ? part : y[n + c] + part;
+  }
+}
+
 inline __m256 Codes(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
 // 3 bits: bit 2 of codes 8 i .. 8 i + 7 from the chunk's high-bit word, as int32 lanes worth 0 or 4.
@@ -78,14 +88,13 @@ template <int kBits>
 inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64_t n, int64_t n1, int64_t g0,
                       int64_t g1, float* y) {
   constexpr int64_t kBytes = 4 * kBits;
-  const int64_t per_group = w.group / kChunk, groups = w.groups;
+  const int64_t per_group = w.group / kChunk;
   const uint8_t* p = w.Chunk(n, g0 * per_group);
-  const float* scale[kBlock];
+  const float* scale = w.scale.data() + w.ScaleIndex(n, 0);
+  const float* scale_zero = w.scale_zero.data() + w.ScaleIndex(n, 0);
   __m256 acc[kBlock];
-  for (int c = 0; c < kBlock; ++c) {
-    scale[c] = w.scale.data() + (n + c) * groups;
-    acc[c] = _mm256_setzero_ps();
-  }
+  __m128 zero = _mm_setzero_ps();  // the four columns' zero terms
+  for (int c = 0; c < kBlock; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t g = g0; g < g1; ++g) {
     __m256 pa[kBlock], pb[kBlock];
     for (int c = 0; c < kBlock; ++c) pa[c] = pb[c] = _mm256_setzero_ps();
@@ -97,19 +106,11 @@ inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64
       for (int c = 0; c < kBlock; ++c, p += kBytes) Chunk<kBits>(p, xv, pa[c], pb[c]);
     }
     for (int c = 0; c < kBlock; ++c) {
-      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[c] + g), _mm256_add_ps(pa[c], pb[c]), acc[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + g * kBlock + c), _mm256_add_ps(pa[c], pb[c]), acc[c]);
     }
+    zero = _mm_fmadd_ps(_mm_loadu_ps(scale_zero + g * kBlock), _mm_broadcast_ss(sumx + g), zero);
   }
-  for (int c = 0; c < kBlock && n + c < n1; ++c) {
-    const float* sz = w.scale_zero.data() + (n + c) * groups;
-    __m256 z = _mm256_setzero_ps();
-    int64_t g = g0;
-    for (; g + 8 <= g1; g += 8) z = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(sumx + g), z);
-    float zt = HSum(z);
-    for (; g < g1; ++g) zt += sz[g] * sumx[g];
-    const float part = HSum(acc[c]) - zt;
-    y[n + c] = g0 == 0 ? part : y[n + c] + part;
-  }
+  Store(acc, zero, n, n1, g0, y);
 }
 
 // act_bits = 8, bits 4: columns n .. n + 3 as GemvBlock, with integer products. A chunk's 16 bytes are
@@ -120,16 +121,15 @@ inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64
 // and column against about fifteen for the float path.
 inline void GemvI8Block(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n, int64_t n1, int64_t g0,
                         int64_t g1, float* y) {
-  const int64_t per_group = w.group / kChunk, groups = w.groups;
+  const int64_t per_group = w.group / kChunk;
   const uint8_t* p = w.Chunk(n, g0 * per_group);
   const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), mask = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
-  const float* scale[kBlock];
+  const float* scale = w.scale.data() + w.ScaleIndex(n, 0);
+  const float* scale_zero = w.scale_zero.data() + w.ScaleIndex(n, 0);
   __m256 acc[kBlock];
-  for (int c = 0; c < kBlock; ++c) {
-    scale[c] = w.scale.data() + (n + c) * groups;
-    acc[c] = _mm256_setzero_ps();
-  }
+  __m128 zero = _mm_setzero_ps();
+  for (int c = 0; c < kBlock; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t g = g0; g < g1; ++g) {
     __m256i dot[kBlock];
     for (int c = 0; c < kBlock; ++c) dot[c] = _mm256_setzero_si256();
@@ -149,16 +149,11 @@ inline void GemvI8Block(const Weights& w, const int8_t* xq, const float* sumxq, 
       for (int c = 0; c < kBlock; ++c) dot[c] = _mm256_add_epi32(dot[c], _mm256_madd_epi16(s16[c], ones));
     }
     for (int c = 0; c < kBlock; ++c) {
-      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[c] + g), _mm256_cvtepi32_ps(dot[c]), acc[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + g * kBlock + c), _mm256_cvtepi32_ps(dot[c]), acc[c]);
     }
+    zero = _mm_fmadd_ps(_mm_loadu_ps(scale_zero + g * kBlock), _mm_broadcast_ss(sumxq + g), zero);
   }
-  for (int c = 0; c < kBlock && n + c < n1; ++c) {
-    const float* sz = w.scale_zero.data() + (n + c) * groups;
-    float zt = 0.0f;
-    for (int64_t g = g0; g < g1; ++g) zt += sz[g] * sumxq[g];
-    const float part = HSum(acc[c]) - zt;
-    y[n + c] = g0 == 0 ? part : y[n + c] + part;
-  }
+  Store(acc, zero, n, n1, g0, y);
 }
 
 void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
@@ -180,7 +175,7 @@ void DequantBits(const Weights& w, int64_t n0, int64_t cols, float* tile) {
     const int64_t n = n0 + c;
     float* t = tile + c * w.kp;
     for (int64_t ch = 0; ch < chunks; ++ch, t += kChunk) {
-      const int64_t i = n * w.groups + ch / per_group;
+      const int64_t i = w.ScaleIndex(n, ch / per_group);
       const __m256 s = _mm256_set1_ps(w.scale[i]), sz = _mm256_set1_ps(w.scale_zero[i]);
       __m256 q[4];
       Decode<kBits>(w.Chunk(n, ch), q);
