@@ -25,7 +25,7 @@ namespace onnxopt {
 namespace lowbit {
 
 const Kernels& PortableKernels() {
-  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::GemvI8,
+  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::GemvI8, portable::Quantize,
                          portable::Dequant,     portable::Tile,        portable::ConvTile};
   return k;
 }
@@ -269,27 +269,6 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
   kern_ = &lowbit::BestKernels();
 }
 
-// act_bits = 8: row x (kp floats, zero-padded) as int8 codes xq = round(x * 127 / max|x|) (ties to even), their
-// per-group sums, and the row's scale max|x| / 127 (all-zero row: codes 0, scale 1). onnxopt.reference.lowbit
-// computes the same codes with the same float32 operations.
-static float QuantizeRow(const lowbit::Weights& w, const float* x, int8_t* xq, float* sums, const std::string& where) {
-  float a = 0.0f;
-  for (int64_t k = 0; k < w.k; ++k) {
-    if (!std::isfinite(x[k])) Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
-    a = std::max(a, std::fabs(x[k]));
-  }
-  const float inv = a > 0.0f ? 127.0f / a : 0.0f;
-  for (int64_t k = 0; k < w.kp; ++k) {
-    xq[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] * inv), -127.0f, 127.0f));
-  }
-  for (int64_t g = 0; g < w.groups; ++g) {
-    int32_t s = 0;
-    for (int64_t j = 0; j < w.group; ++j) s += xq[g * w.group + j];
-    sums[g] = static_cast<float>(s);
-  }
-  return a > 0.0f ? a / 127.0f : 1.0f;
-}
-
 Ort::Status LowBitMatMulKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
                                         const Ort::Custom::Tensor<uint8_t>& Q, const Ort::Custom::Tensor<float>& S,
                                         const Ort::Custom::Tensor<uint8_t>& Z,
@@ -345,7 +324,9 @@ void LowBitMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
     call.xq = xq.data();
     call.sumx = sums.data();
     for (int64_t r = 0; r < m; ++r) {
-      call.x_scale = QuantizeRow(w, x + r * w.kp, xq.data(), sums.data(), where);
+      if (!kern_->quantize(w, x + r * w.kp, xq.data(), sums.data(), &call.x_scale)) {
+        Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
+      }
       call.y = y + r * w.n;
       RunTasks(context, GemvI8Task, (w.n + lowbit::kGemvCols - 1) / lowbit::kGemvCols, &call);
     }

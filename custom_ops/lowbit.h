@@ -104,10 +104,17 @@ constexpr int64_t kPanel = 8;  // filters per LowBitConv panel
 using GemvI8Fn = void (*)(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0,
                           int64_t g1, float* y);
 
+// act_bits = 8: row x (kp floats, zero-padded) as int8 codes xq = round(x * 127 / max|x|) (ties to even, in
+// float32 as onnxopt.reference.lowbit), their per-group sums, and the row's scale max|x| / 127 in *scale
+// (all-zero row: codes 0, scale 1). Returns false (and leaves the outputs undefined) if x[0..k) holds a NaN or
+// an infinity.
+using QuantizeFn = bool (*)(const Weights& w, const float* x, int8_t* xq, float* sums, float* scale);
+
 struct Kernels {
   GemvFn gemv4;    // bits 4
   GemvFn gemv;     // any bits (2 and 3 use it)
   GemvI8Fn gemv_i8;  // bits 4, int8 activations
+  QuantizeFn quantize;  // act_bits = 8: the row before gemv_i8
   DequantFn dequant;
   TileFn tile;
   ConvTileFn conv_tile;

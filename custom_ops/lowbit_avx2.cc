@@ -161,6 +161,52 @@ void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, 
   for (int64_t n = n0; n < n1; n += kBlock) GemvI8Block(w, xq, sumxq, n, n1, g0, g1, y);
 }
 
+// act_bits = 8: the row's codes as the portable Quantize, 8 floats per step: the same float32 product x * inv,
+// rounded to nearest even (vroundps), clamped, narrowed to int8; the group sums from the int32 codes.
+bool Quantize(const Weights& w, const float* x, int8_t* xq, float* sums, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.4028235e38f);
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= w.k; k += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  // NaN or infinity
+    amax = _mm256_max_ps(amax, a);
+  }
+  if (_mm256_movemask_ps(bad) != 0) return false;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax);
+  float a = 0.0f;
+  for (const float v : lanes) a = std::max(a, v);
+  for (; k < w.k; ++k) {
+    if (!std::isfinite(x[k])) return false;
+    a = std::max(a, std::fabs(x[k]));
+  }
+  const float inv_s = a > 0.0f ? 127.0f / a : 0.0f;
+  const __m256 inv = _mm256_set1_ps(inv_s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  const int64_t per_group = w.group / kChunk;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t c = 0; c < per_group; ++c) {
+      const int64_t k0 = (g * per_group + c) * kChunk;
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k0 + 8 * i), inv);
+        const __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        sum = _mm256_add_epi32(sum, q[i]);
+      }
+      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k0), _mm256_permutevar8x32_epi32(b, order));
+    }
+    alignas(32) int32_t s[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(s), sum);
+    sums[g] = static_cast<float>(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+  }
+  *scale = a > 0.0f ? a / 127.0f : 1.0f;
+  return true;
+}
+
 // n0 is a multiple of 4 (tasks cover multiples of 4 columns).
 template <int kBits>
 void Gemv(const Weights& w, const float* x, const float* sumx, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
@@ -304,7 +350,7 @@ void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, in
 }  // namespace
 
 const Kernels& Avx2Kernels() {
-  static const Kernels k{Gemv<4>, GemvAny, GemvI8, Dequant, Tile, ConvTile};
+  static const Kernels k{Gemv<4>, GemvAny, GemvI8, Quantize, Dequant, Tile, ConvTile};
   return k;
 }
 

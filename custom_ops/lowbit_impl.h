@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 
 #include "lowbit.h"
 
@@ -54,6 +55,25 @@ inline void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64
     }
     y[n] = g0 == 0 ? total : y[n] + total;
   }
+}
+
+inline bool Quantize(const Weights& w, const float* x, int8_t* xq, float* sums, float* scale) {
+  float a = 0.0f;
+  for (int64_t k = 0; k < w.k; ++k) {
+    if (!std::isfinite(x[k])) return false;
+    a = std::max(a, std::fabs(x[k]));
+  }
+  const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+  for (int64_t k = 0; k < w.kp; ++k) {
+    xq[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] * inv), -127.0f, 127.0f));
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < w.group; ++j) s += xq[g * w.group + j];
+    sums[g] = static_cast<float>(s);
+  }
+  *scale = a > 0.0f ? a / 127.0f : 1.0f;
+  return true;
 }
 
 inline void Dequant(const Weights& w, int64_t n0, int64_t cols, float* tile) {

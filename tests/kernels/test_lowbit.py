@@ -257,6 +257,19 @@ def test_int8_activation_codes_are_exact(G, build, monkeypatch):
     np.testing.assert_array_equal(Y, Y_ref, err_msg=f"build={build} G={G}")
 
 
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("bad", [(3, np.nan), (5, -np.inf), (44, np.inf)], ids=["nan", "-inf", "inf-tail"])
+def test_int8_activations_reject_non_finite(bad, build, monkeypatch):
+    """Found in the vectorized max |x| scan and in its scalar tail (K = 45)."""
+    use_build(build, monkeypatch)
+    Q, S, Z, B = weights(45, 5, 4, 32, True, 1)
+    sess = onnxopt.make_session(make_model(Q, S, Z, B, 45, 5, 4, 32, act_bits=8))
+    X = np.ones((1, 45), F32)
+    X[0, bad[0]] = bad[1]
+    with pytest.raises(Exception, match="non-finite value"):
+        sess.run(None, {"X": X})
+
+
 def test_int8_activations_errors():
     Q, S, Z, B = weights(40, 5, 4, 32, True, 1)
     with pytest.raises(Exception, match=r"'act_bits' must be 0 or 8, got 4"):
