@@ -3,7 +3,8 @@
 A batch-1 FC layer reads every weight byte once per call, so no kernel runs faster than (bytes it reads) /
 (read bandwidth). benchmarks/read_bandwidth.c measures that bandwidth the way the kernel benchmarks run: a
 64 MiB buffer written before every run (cache flushed), the same bytes read with 256-bit loads and no
-compute, at 1 and 2 threads; best and median of 25 runs. For each layer this prints the bytes LowBitMatMul
+compute, at 1 and 2 threads, on 4 KiB pages and on 2 MiB transparent huge pages (where LowBitMatMul keeps
+codes of 4 MiB and more); best and median of 25 runs. For each layer this prints the bytes LowBitMatMul
 4-bit G128 reads per call (codes K N / 2, plus a float32 scale and a float32 scale * zero per group and
 column) and the time floor at the measured median bandwidth.
 
@@ -30,14 +31,13 @@ def lowbit_bytes(K: int, N: int, group: int = 128) -> int:
     return np_ * kp // 2 + 2 * 4 * np_ * (kp // group)
 
 
-def measure(threads: int, sizes: list[int]) -> list[tuple[float, float]]:
+def measure(threads: int, huge: bool, sizes: list[int]) -> list[tuple[float, float]]:
     """(best GB/s, median GB/s) of reading each of `sizes` bytes at `threads` threads, in order."""
     with tempfile.TemporaryDirectory() as d:
         exe = Path(d) / "read_bandwidth"
         subprocess.run(["gcc", "-O2", "-mavx2", "-pthread", str(SOURCE), "-o", str(exe)], check=True)
-        out = subprocess.run(
-            [str(exe), str(threads), *map(str, sizes)], check=True, capture_output=True, text=True
-        )
+        cmd = [str(exe), str(threads), str(int(huge)), *map(str, sizes)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return [
         (float(best), float(median))
         for _, _, best, median in (line.split() for line in out.stdout.splitlines())
@@ -55,13 +55,15 @@ def main() -> None:
         f"{K} x {N} 4b G128: {lowbit_bytes(K, N) / 1e6:.1f} MB" for K, N in layers
     ]
     rows = [
-        "| bytes read | threads | best GB/s | median GB/s | floor ms (at the median) |",
-        "|---|---|---|---|---|",
+        "| bytes read | pages | threads | best GB/s | median GB/s | floor ms (at the median) |",
+        "|---|---|---|---|---|---|",
     ]
-    for threads in args.threads:
-        for i, (best, median) in enumerate(measure(threads, sizes)):
-            floor = f"{sizes[i] / median / 1e6:.3f}" if i else ""
-            rows.append(f"| {labels[i]} | {threads} | {best:.1f} | {median:.1f} | {floor} |")
+    for huge in (False, True):
+        for threads in args.threads:
+            for i, (best, median) in enumerate(measure(threads, huge, sizes)):
+                floor = f"{sizes[i] / median / 1e6:.3f}" if i else ""
+                page = "2 MiB" if huge else "4 KiB"
+                rows.append(f"| {labels[i]} | {page} | {threads} | {best:.1f} | {median:.1f} | {floor} |")
     print("\n".join(rows))
 
 

@@ -1,6 +1,8 @@
 /* Streaming-read bandwidth of this machine: the floor under any batch-1 FC kernel, which must read its weights
  * once per call. Built and run by benchmarks/bandwidth.py (see there); prints one line per (bytes, threads):
  *   bytes threads best_GBps median_GBps
+ *   usage: read_bandwidth THREADS HUGE BYTES...   (HUGE 1: the buffer on 2 MiB transparent huge pages, as
+ *   LowBitMatMul's codes, lowbit.h AllocateCodes; 0: 4 KiB pages)
  * Each run reads `bytes` (split in equal contiguous parts over the threads) with 256-bit loads summed into
  * four independent accumulators (no compute bound: 1 load + 1 add per 32 bytes), after a 64 MiB buffer was
  * written to evict the previous run's data, as the kernel benchmarks do (onnxopt.timing.flush_cache). The
@@ -13,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 enum { kMaxThreads = 16, kRuns = 25 };
@@ -60,19 +63,22 @@ static int Compare(const void* a, const void* b) {
 }
 
 int main(int argc, char** argv) {
-  if (argc < 3) {
-    fprintf(stderr, "usage: %s THREADS BYTES...\n", argv[0]);
+  if (argc < 4) {
+    fprintf(stderr, "usage: %s THREADS HUGE BYTES...\n", argv[0]);
     return 2;
   }
   nthreads = atoi(argv[1]);
+  const int huge = atoi(argv[2]);
   if (nthreads < 1 || nthreads > kMaxThreads) return 2;
   const size_t flush_bytes = (size_t)64 << 20;
   uint8_t* flush = aligned_alloc(64, flush_bytes);
   memset(flush, 1, flush_bytes);
-  for (int a = 2; a < argc; ++a) {
+  for (int a = 3; a < argc; ++a) {
     const size_t want = strtoull(argv[a], NULL, 10);
     part_bytes = (want / nthreads + 127) / 128 * 128;
-    data = aligned_alloc(64, part_bytes * nthreads);
+    const size_t page = (size_t)2 << 20, total = (part_bytes * nthreads + page - 1) / page * page;
+    data = aligned_alloc(page, total);
+    if (huge) madvise(data, total, MADV_HUGEPAGE);  /* before the first touch (memset) */
     memset(data, 1, part_bytes * nthreads);
     pthread_barrier_init(&start_bar, NULL, nthreads);
     pthread_barrier_init(&done_bar, NULL, nthreads);
