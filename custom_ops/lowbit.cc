@@ -139,6 +139,7 @@ Weights LoadWeights(const OrtApi* api, const OrtKernelInfo* info, int64_t k, int
   const ConstantBytes z = ConstantUint8Input(kinfo, 3, "Z", per_group, where);
   w.scale.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
   w.scale_zero.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
+  w.zero.assign(static_cast<size_t>(w.np * w.groups), 0);
   for (size_t i = 0; i < z.count; ++i) {
     if (z.data[i] >= (1 << w.bits)) {
       Fail(where, "Z[" + std::to_string(i) + "] = " + std::to_string(z.data[i]) + " is not a " +
@@ -147,6 +148,7 @@ Weights LoadWeights(const OrtApi* api, const OrtKernelInfo* info, int64_t k, int
     const int64_t at = w.ScaleIndex(static_cast<int64_t>(i) / w.groups, static_cast<int64_t>(i) % w.groups);
     w.scale[at] = s.data[i];
     w.scale_zero[at] = s.data[i] * static_cast<float>(z.data[i]);
+    w.zero[at] = z.data[i];
   }
   return w;
 }

@@ -65,6 +65,7 @@ struct Weights {
   // a batch-1 block reads its scales as one sequential stream and one 16-byte load per group.
   std::vector<float> scale;       // padded columns: 0
   std::vector<float> scale_zero;  // scale * zero, so the zero term is one product per group
+  std::vector<uint8_t> zero;      // the zero points themselves: the AVX-512 a8 loop reads 1 byte, not 4
   int64_t ScaleIndex(int64_t n, int64_t g) const { return ((n / kBlock) * groups + g) * kBlock + n % kBlock; }
 
   int64_t ChunkBytes() const { return 4 * bits; }

@@ -12,7 +12,9 @@
 // That is one load, two logic ops and two vpdpbusd per 4 x 32 weights, against 4 x 5 instructions for AVX2's
 // vpmaddubsw loop. Int32 lane (c, i) then holds a quarter of column c's dot product; per group the four
 // columns' scales are spread over their lanes by one permute and applied by one cvt + fma; the zero term,
-// sum_g scale_zero sumxq[g], is one 4-wide fma per group. Two pairs of accumulators (even and odd chunks)
+// sum_g scale zero sumxq[g], is one 4-wide fma per group, with scale * zero formed here from the uint8 zero
+// points (the same float product as Weights::scale_zero, 1 byte read per group and column instead of 4: the
+// loop runs at memory speed, so bytes are time). Two pairs of accumulators (even and odd chunks)
 // keep four independent vpdpbusd chains in flight.
 //
 // Integer range: |hi| grows by at most 4 * 240 * 127 = 121920 per chunk and lane, so it is folded into the
@@ -74,16 +76,19 @@ inline void GemvI8Block(const Weights& w, const int8_t* xq, const float* sumxq, 
   const int64_t per_group = w.group / kChunk;
   const uint8_t* p = w.Chunk(n, g0 * per_group);
   const float* scale = w.scale.data() + w.ScaleIndex(n, 0);
-  const float* scale_zero = w.scale_zero.data() + w.ScaleIndex(n, 0);
+  const uint8_t* zp = w.zero.data() + w.ScaleIndex(n, 0);
   const __m512i mask = _mm512_set1_epi8(0x0f);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   __m512 acc = _mm512_setzero_ps();
   __m128 zero = _mm_setzero_ps();
   for (int64_t g = g0; g < g1; ++g, p += per_group * kBlock * 16) {
     const __m512i dot = GroupDot(p, xq + g * w.group, per_group, mask);
-    const __m512 s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(scale + g * kBlock)));
-    acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot), acc);
-    zero = _mm_fmadd_ps(_mm_loadu_ps(scale_zero + g * kBlock), _mm_broadcast_ss(sumxq + g), zero);
+    const __m128 s4 = _mm_loadu_ps(scale + g * kBlock);
+    acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4)), _mm512_cvtepi32_ps(dot), acc);
+    int32_t z4;
+    __builtin_memcpy(&z4, zp + g * kBlock, 4);
+    const __m128 sz = _mm_mul_ps(s4, _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(z4))));  // = scale_zero
+    zero = _mm_fmadd_ps(sz, _mm_broadcast_ss(sumxq + g), zero);
   }
   alignas(64) float lanes[16];
   alignas(16) float z[kBlock];
