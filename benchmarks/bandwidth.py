@@ -5,8 +5,8 @@ A batch-1 FC layer reads every weight byte once per call, so no kernel runs fast
 64 MiB buffer written before every run (cache flushed), the same bytes read with 256-bit loads and no
 compute, at 1 and 2 threads, on 4 KiB pages and on 2 MiB transparent huge pages (where LowBitMatMul keeps
 codes of 4 MiB and more); best and median of 25 runs. For each layer this prints the bytes LowBitMatMul
-4-bit G128 reads per call (codes K N / 2, plus a float32 scale and a float32 scale * zero per group and
-column) and the time floor at the measured median bandwidth.
+4-bit G128 act_bits=8 reads per call (codes K N / 2, plus a float32 scale and a uint8 zero point per group
+and column) and the time floor at the measured median bandwidth.
 
 Run from the repo root (needs gcc; under the machine's benchmark lock):
     flock /tmp/onnxopt-bench.lock .venv/bin/python benchmarks/bandwidth.py [--shapes 4096x4096 25088x4096]
@@ -24,11 +24,12 @@ STEADY_BYTES = 512 << 20  # far beyond the 32 MiB L3: the DRAM figure
 
 
 def lowbit_bytes(K: int, N: int, group: int = 128) -> int:
-    """Bytes one batch-1 LowBitMatMul call reads at 4 bits: the codes, one float32 scale and one float32
-    scale * zero per group and column (N padded to 4 columns)."""
+    """Bytes one batch-1 act_bits=8 LowBitMatMul call reads at 4 bits on AVX-512: the codes, plus a float32
+    scale and a uint8 zero point per group and column (N padded to 4 columns). The x row (K bytes) stays in
+    L1."""
     kp = -(-K // group) * group
     np_ = -(-N // 4) * 4
-    return np_ * kp // 2 + 2 * 4 * np_ * (kp // group)
+    return np_ * kp // 2 + 5 * np_ * (kp // group)
 
 
 def measure(threads: int, huge: bool, sizes: list[int]) -> list[tuple[float, float]]:
@@ -52,7 +53,7 @@ def main() -> None:
     layers = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     sizes = [STEADY_BYTES] + [lowbit_bytes(K, N) for K, N in layers]
     labels = ["512 MiB (steady state)"] + [
-        f"{K} x {N} 4b G128: {lowbit_bytes(K, N) / 1e6:.1f} MB" for K, N in layers
+        f"{K} x {N} 4b G128 a8: {lowbit_bytes(K, N) / 1e6:.1f} MB" for K, N in layers
     ]
     rows = [
         "| bytes read | pages | threads | best GB/s | median GB/s | floor ms (at the median) |",

@@ -19,7 +19,12 @@
 // interleaved, chunk by chunk: [N/4][Kp/32][4][chunk bytes]. (Four separate column streams of 2 KiB each left
 // the hardware prefetcher behind and ran at half the memory bandwidth.) Wide layers are cut along K into slabs
 // of 4096 inputs (x of a slab stays in L1), stored slab after slab, so that one batch-1 task (64 columns) still
-// reads its codes of a slab as one contiguous run.
+// reads its codes of a slab as one contiguous run. Scales and zero points follow the same blocks of four columns
+// (Weights::ScaleIndex). Codes of 4 MiB and more sit on 2 MiB pages (AllocateCodes).
+//
+// act_bits = 8 (bits 4): x is quantized per row to int8 and the dot products are integer: vpmaddubsw in the
+// AVX2 build, vpdpbusd over a whole block (4 columns x 32 codes per 512-bit load) in the AVX-512 VNNI build
+// (lowbit_avx512.cc), chosen at kernel creation where the CPU runs it (BestKernels).
 #pragma once
 
 #include <algorithm>

@@ -99,6 +99,7 @@ CASES = [
     (1000, 33, 2, 128, (17,), True),
     (4500, 7, 4, 128, (1,), True),  # batch 1 in two K slabs (4096 x values each)
     (5000, 6, 3, 32, (1,), False),
+    (8192, 1024, 4, 128, (1,), True),  # 4 MiB of codes: on 2 MiB pages (AllocateCodes), two K slabs
 ]
 
 
@@ -213,6 +214,7 @@ I8_CASES = [
     (1280, 9, 256, (2,), True),  # 8 chunks per group: AVX2's 16-bit partial sums at their widest
     (200, 10, 96, (1,), False),  # 3 chunks per group: AVX-512's odd chunk after the pairs
     (140000, 5, 131072, (1,), True),  # 4096 chunks per group: AVX-512 folds its high-nibble sums twice
+    (8192, 1024, 128, (1,), False),  # 4 MiB of codes: on 2 MiB pages, two K slabs, 16 tasks
 ]
 
 
