@@ -1,9 +1,9 @@
 """LowBitMatMul against onnxruntime on one FC layer at batch 1 (and a small batch): fp32 MatMul, its 4-bit
 MatMulNBits (com.microsoft, block 32, asymmetric: with zero points; accuracy_level 0 = fp32 compute and 4 =
 int8 compute) and its int8 (quantize_dynamic of the same MatMul: DynamicQuantizeLinear + MatMulInteger).
-"a8" is LowBitMatMul with act_bits=8 (each input row quantized to int8, integer dot products); "a8 avx2"
-is the same model with its kernel created under ONNXOPT_DISABLE_AVX512=1 (the AVX2 build of the loop, where
-the CPU has AVX-512 VNNI), so that one run shows both builds.
+"a8" is LowBitMatMul with act_bits=8 (each input row quantized to int8, integer dot products). Columns
+ending in "avx2" are the same model with its kernel created under ONNXOPT_DISABLE_AVX512=1 (the AVX2 build of
+the batch-1 loops, where the CPU has AVX-512 VNNI), so that one run shows both builds.
 
 Ratios are fp32 MatMul time / other time, measured in one process with onnxopt.timing.session_times
 (interleaved, 64 MiB cache flush before every run, spinning off), at 1 and 2 threads. Weights are random:
@@ -116,7 +116,10 @@ def int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # Settings read at kernel creation, per column (the others get the best build this CPU runs).
-COLUMN_ENV = {"lowbit 4b G128 a8 avx2": {"ONNXOPT_DISABLE_AVX512": "1"}}
+COLUMN_ENV = {
+    "lowbit 4b G128 avx2": {"ONNXOPT_DISABLE_AVX512": "1"},
+    "lowbit 4b G128 a8 avx2": {"ONNXOPT_DISABLE_AVX512": "1"},
+}
 
 
 def sessions_for(models: list[onnx.ModelProto], names: list[str], threads: int) -> list:
@@ -163,6 +166,7 @@ def session_min_times(sessions: list, rounds: int) -> list[float]:
 COLUMNS = [
     ("lowbit 4b G32", lambda b, K, N: lowbit(b, K, N, 4, 32)),
     ("lowbit 4b G128", lambda b, K, N: lowbit(b, K, N, 4, 128)),
+    ("lowbit 4b G128 avx2", lambda b, K, N: lowbit(b, K, N, 4, 128)),
     ("lowbit 4b G128 a8", lambda b, K, N: lowbit(b, K, N, 4, 128, act_bits=8)),
     ("lowbit 4b G128 a8 avx2", lambda b, K, N: lowbit(b, K, N, 4, 128, act_bits=8)),
     ("lowbit 3b G128", lambda b, K, N: lowbit(b, K, N, 3, 128)),

@@ -272,9 +272,9 @@ touched before every run, median of {rounds} runs; ratios are fp32 time / other 
 {_script_table("lowbit.py", "--rounds", rounds)}
 
 "a8" is act_bits=8 (rows quantized to int8, integer dot products: AVX-512 VNNI where the CPU has it);
-"a8 avx2" is the same layer with its kernel created under ONNXOPT_DISABLE_AVX512=1. A batch-1 layer reads all
-its bytes once per call, so the machine's read bandwidth (`benchmarks/bandwidth.py`: cache flushed as above,
-best and median of 25 runs) puts a floor under it; the codes sit on 2 MiB pages:
+columns ending in "avx2" are the same layer with its kernel created under ONNXOPT_DISABLE_AVX512=1. A batch-1
+layer reads all its bytes once per call, so the machine's read bandwidth (`benchmarks/bandwidth.py`: cache
+flushed as above, best and median of 25 runs) puts a floor under it; the codes sit on 2 MiB pages:
 
 {_script_table("bandwidth.py")}
 

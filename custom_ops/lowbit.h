@@ -128,7 +128,7 @@ struct Kernels {
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
-// The AVX-512 VNNI build (lowbit_avx512.cc): gemv_i8 (and gemv4) on 512-bit vectors, the rest as Avx2Kernels.
+// The AVX-512 VNNI build (lowbit_avx512.cc): gemv_i8 and gemv4 on 512-bit vectors, the rest as Avx2Kernels.
 // Chosen where HasAvx512(kAvx512Vnni) (kernel_util.h) says the CPU and OS run it.
 const Kernels& Avx512Kernels();
 // The best build this CPU runs: AVX-512 VNNI, else AVX2 + FMA, else portable (read at each kernel creation, so
