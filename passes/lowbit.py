@@ -6,10 +6,12 @@ codes of its im2col form W = A reshaped to M x (C kh kw), transposed (K = C kh k
 groups run along its C kh kw reduction axis), with calibration rows X its input patches (up to 8192, seeded,
 as prune takes them; GPTQ's H = X^T X from half of them) (custom_ops/lowbit_conv.cc).
 
-`lowbit.layers=all|fc|conv` selects the layer kinds (default all). `lowbit.act_bits=8` (Gemm/MatMul, 4 bits
-only: other bit widths are not offered) emits LowBitMatMul's int8-activation mode (each input row quantized
-to int8 at run time, integer dot products); its estimated error is measured through the op's reference on
-the held-out rows, so it includes the activation rounding.
+`lowbit.layers=all|fc|conv` selects the layer kinds (default all). LowBitMatMul's int8-activation mode
+(`act_bits=8`: each input row quantized to int8 at run time, integer dot products; 4-bit codes only) has its
+estimated error measured through the op's reference on the held-out rows, so it includes the activation
+rounding. `lowbit.act_bits=auto` (default, Gemm/MatMul with calibration rows): every 4-bit option is offered
+twice, int8 inputs first (faster) and float inputs second, and the budget takes the int8 form wherever its
+error fits; `0` offers float inputs only, `8` int8 inputs only (other bit widths are then not offered).
 
 Options: bits in (2, 3, 4) x group size G in (128, 64, 32) (`--set lowbit.bits=4`, `lowbit.group_size=64` fix
 one), most compressive first by stored bytes: bits / 8 per weight plus 5 bytes per group (float32 scale, uint8
@@ -61,6 +63,7 @@ GROUPS = (128, 64, 32)
 MIN_K = 32  # fewer inputs than one group: the scales would outweigh the codes
 MAX_FIT_ROWS = 4096  # calibration rows for H (and as many held out)
 ROUNDINGS = ("auto", "rtn", "gptq")
+ACT_BITS = ("auto", "0", "8")
 
 
 def stored_bytes(K: int, N: int, bits: int, G: int, bias: bool) -> int:
@@ -121,6 +124,14 @@ def act_error(W, X, bias, Q, S, Z, G) -> float:
     return float(np.linalg.norm(Y - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def _act_variants(act: str, bits: int, calibrated: bool) -> tuple[int, ...]:
+    """Activation widths offered for one option, the faster first (the manager takes the first that fits):
+    int8 inputs need 4-bit codes, and under `auto` calibration rows to measure their error on."""
+    if act == "8":
+        return (8,)
+    return (8, 0) if act == "auto" and bits == 4 and calibrated else (0,)
+
+
 def _flag_list(value: str) -> list[int]:
     return [int(v) for v in value.replace(";", ",").split(",") if v.strip()]
 
@@ -168,11 +179,11 @@ class LowBit(Pass):
         rounding = ctx.setting("rounding", str, "auto").lower()
         if rounding not in ROUNDINGS:
             raise Decline(f"lowbit.rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        act_bits = ctx.setting("act_bits", int, 0) if node.op != "Conv" else 0
-        if act_bits not in (0, 8):
-            raise Decline(f"lowbit.act_bits must be 0 or 8, got {act_bits}")
+        act = ctx.setting("act_bits", str, "auto").lower() if node.op != "Conv" else "0"
+        if act not in ACT_BITS:
+            raise Decline(f"lowbit.act_bits must be one of {ACT_BITS}, got {act!r}")
         bits_list = ctx.setting("bits", _flag_list, list(BITS))
-        if act_bits == 8:
+        if act == "8":
             bits_list = [b for b in bits_list if b == 4]
             if not bits_list:
                 raise Decline("lowbit.act_bits=8 needs 4-bit codes, and lowbit.bits excludes 4")
@@ -183,33 +194,36 @@ class LowBit(Pass):
             ((b, g) for b in bits_list for g in groups),
             key=lambda c: stored_bytes(K, N, *c, bias is not None),
         )
+        held = X[1::2][:MAX_FIT_ROWS] if X is not None and len(X) >= 4 else None
         factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         options, tried = [], []
         for bits, G in choices:
             Kp = padded_k(K, G)
             factor = None
-            if X is not None and len(X) >= 4 and rounding != "rtn":
+            if held is not None and rounding != "rtn":
                 if Kp not in factors:
                     factors[Kp] = inverse_factor(X[0::2][:MAX_FIT_ROWS], Kp)
                 factor = factors[Kp]
             kind, Q, S, Z, err = quantize(W, X, bias, bits, G, rounding, factor)
-            if act_bits == 8 and X is not None and len(X) >= 4:
-                err = act_error(W, X[1::2][:MAX_FIT_ROWS], bias, Q, S, Z, G)
-            tried.append(f"{bits}b/G{G}: {err:.3g}")
-            if err > ctx.local_tolerance:
-                continue
+            load = None
             size = stored_bytes(K, N, bits, G, bias is not None)
-            options.append(
-                Option(
-                    est_error=err,
-                    params_after=N * Kp + 2 * N * (Kp // G) + (N if bias is not None else 0),
-                    bytes_after=size,
-                    flops_after=2 * rows * K * N,
-                    emit=self._emitter(ctx.park(Q, S, Z), node, K, N, bits, G, bias, act_bits),
-                    detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]}
-                    | ({"act_bits": 8} if act_bits else {}),
+            for a in _act_variants(act, bits, held is not None):
+                e = act_error(W, held, bias, Q, S, Z, G) if a == 8 and held is not None else err
+                tried.append(f"{bits}b/G{G}{'/a8' if a else ''}: {e:.3g}")
+                if e > ctx.local_tolerance:
+                    continue
+                load = load or ctx.park(Q, S, Z)
+                options.append(
+                    Option(
+                        est_error=e,
+                        params_after=N * Kp + 2 * N * (Kp // G) + (N if bias is not None else 0),
+                        bytes_after=size,
+                        flops_after=2 * rows * K * N,
+                        emit=self._emitter(load, node, K, N, bits, G, bias, a),
+                        detail={"bits": bits, "group_size": G, "rounding": kind, "shape": [K, N]}
+                        | ({"act_bits": 8} if a else {}),
+                    )
                 )
-            )
         if not options:
             raise Decline(
                 f"no bit width / group size fits the tolerance {ctx.local_tolerance:g}: estimated errors "

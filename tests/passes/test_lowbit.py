@@ -237,7 +237,9 @@ def test_measured_layers_carry_their_times_or_decline_with_them():
 
 def test_int8_activation_mode_through_the_pass():
     model = mlp([128, 64, 10], seed=9)
-    base, feeds = _run(model, max_error=10.0, settings={"lowbit": {"bits": "4", "rounding": "rtn"}})
+    weight_only = {"bits": "4", "rounding": "rtn", "act_bits": "0"}
+    base, feeds = _run(model, max_error=10.0, settings={"lowbit": weight_only})
+    assert "act_bits" not in _record(base, "fc0").detail
     result, _ = _run(model, max_error=10.0, settings={"lowbit": {"act_bits": "8", "rounding": "rtn"}})
     fc0 = _record(result, "fc0")
     assert fc0.status == "applied" and fc0.detail["bits"] == 4 and fc0.detail["act_bits"] == 8, fc0.as_dict()
@@ -249,3 +251,35 @@ def test_int8_activation_mode_through_the_pass():
     assert err < 0.2, err
     result, _ = _run(model, max_error=10.0, settings={"lowbit": {"act_bits": "8", "bits": "2"}})
     assert "needs 4-bit codes" in _record(result, "fc0").reason
+    result, _ = _run(model, max_error=10.0, settings={"lowbit": {"act_bits": "4"}})
+    assert "act_bits must be one of" in _record(result, "fc0").reason
+
+
+def test_auto_activation_width_prefers_int8_where_it_fits():
+    """act_bits=auto (the default): each 4-bit option comes twice, int8 inputs first (the manager takes the
+    first option that fits); a tolerance between the two forms' errors leaves only the float form."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.manager import _capture
+    from onnxopt.rewrite import LOCAL_SLACK, PassContext
+    from onnxopt.verify import complete_shapes
+
+    model = mlp([128, 64, 10], seed=9)
+    feeds = synthetic_inputs(model, samples=64, seed=1)
+    graph = gs.import_onnx(model)
+    node = next(n for n in graph.nodes if n.name == "fc0")
+    acts = _capture(model, feeds, {node.inputs[0].name})
+    settings = {"bits": "4", "group_size": "32", "rounding": "rtn", "measure": "0"}
+
+    def options(tolerance):
+        ctx = PassContext(graph, complete_shapes(model, feeds), tolerance / LOCAL_SLACK, settings, acts)
+        return LowBit().options(node, ctx)
+
+    both = options(10.0)
+    assert [o.detail.get("act_bits", 0) for o in both] == [8, 0], [o.detail for o in both]
+    e8, e0 = both[0].est_error, both[1].est_error
+    assert e0 < e8 and both[0].bytes_after == both[1].bytes_after, (e0, e8)
+    only_float = options((e0 + e8) / 2)
+    assert [o.detail.get("act_bits", 0) for o in only_float] == [0]
+    loose, _ = _run(model, max_error=10.0, settings={"lowbit": settings})
+    assert _record(loose, "fc0").detail.get("act_bits") == 8, _record(loose, "fc0").as_dict()
