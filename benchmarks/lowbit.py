@@ -1,9 +1,11 @@
 """LowBitMatMul against onnxruntime on one FC layer at batch 1 (and a small batch): fp32 MatMul, its 4-bit
 MatMulNBits (com.microsoft, block 32, asymmetric: with zero points; accuracy_level 0 = fp32 compute and 4 =
 int8 compute) and its int8 (quantize_dynamic of the same MatMul: DynamicQuantizeLinear + MatMulInteger).
-"a8" is LowBitMatMul with act_bits=8 (each input row quantized to int8, integer dot products).
+"a8" is LowBitMatMul with act_bits=8 (each input row quantized to int8, integer dot products). Columns
+ending in "avx2" are the same model with its kernel created under ONNXOPT_DISABLE_AVX512=1 (the AVX2 build of
+the batch-1 loops, where the CPU has AVX-512 VNNI), so that one run shows both builds.
 
-Ratios are fp32 MatMul time / other time, measured in one process with onnxopt.timing.median_times
+Ratios are fp32 MatMul time / other time, measured in one process with onnxopt.timing.session_times
 (interleaved, 64 MiB cache flush before every run, spinning off), at 1 and 2 threads. Weights are random:
 speed
 does not depend on their values. The issue's goal: 4 bits >= 3x the fp32 MatMul at batch 1.
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxopt.reference.lowbit import pack_codes, padded_k  # noqa: E402
-from onnxopt.timing import median_times  # noqa: E402
+from onnxopt.timing import session_times  # noqa: E402
 
 OPSETS = [
     helper.make_opsetid("", 17),
@@ -113,10 +115,60 @@ def int8(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(dst)
 
 
+# Settings read at kernel creation, per column (the others get the best build this CPU runs).
+COLUMN_ENV = {
+    "lowbit 4b G128 avx2": {"ONNXOPT_DISABLE_AVX512": "1"},
+    "lowbit 4b G128 a8 avx2": {"ONNXOPT_DISABLE_AVX512": "1"},
+}
+
+
+def sessions_for(models: list[onnx.ModelProto], names: list[str], threads: int) -> list:
+    """One non-spinning session per model, each created under its column's COLUMN_ENV settings."""
+    from onnxopt.library import session_for
+
+    sessions = []
+    for model, name in zip(models, names, strict=True):
+        env = COLUMN_ENV.get(name, {})
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            sessions.append(session_for(model, threads, spin=False))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return sessions
+
+
+def session_min_times(sessions: list, rounds: int) -> list[float]:
+    """As onnxopt.timing.session_times (interleaved, cache flushed), but the fastest run of each (for a loaded
+    machine, as lowbit_conv.min_times)."""
+    import time
+
+    from onnxopt.timing import flush_cache
+
+    inp = sessions[0].get_inputs()[0]
+    feed = {inp.name: np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)}
+    for s in sessions:
+        s.run(None, feed)
+    best = [float("inf")] * len(sessions)
+    for _ in range(rounds):
+        for i, s in enumerate(sessions):
+            flush_cache()
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
+    return best
+
+
 COLUMNS = [
     ("lowbit 4b G32", lambda b, K, N: lowbit(b, K, N, 4, 32)),
     ("lowbit 4b G128", lambda b, K, N: lowbit(b, K, N, 4, 128)),
+    ("lowbit 4b G128 avx2", lambda b, K, N: lowbit(b, K, N, 4, 128)),
     ("lowbit 4b G128 a8", lambda b, K, N: lowbit(b, K, N, 4, 128, act_bits=8)),
+    ("lowbit 4b G128 a8 avx2", lambda b, K, N: lowbit(b, K, N, 4, 128, act_bits=8)),
     ("lowbit 3b G128", lambda b, K, N: lowbit(b, K, N, 3, 128)),
     ("lowbit 2b G128", lambda b, K, N: lowbit(b, K, N, 2, 128)),
     ("MatMulNBits 4b B32", lambda b, K, N: nbits(b, K, N, 0)),
@@ -134,9 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--only", nargs="+", help="columns to time (names as in the table), default all")
     args = ap.parse_args()
-    from lowbit_conv import min_times
-
-    timer = median_times if args.stat == "median" else min_times
+    timer = session_times if args.stat == "median" else session_min_times
     columns = [c for c in COLUMNS if not args.only or c[0] in args.only]
     names = [c[0] for c in columns]
     rows = [
@@ -148,7 +198,7 @@ def main() -> None:
         for batch in args.batches:
             models = [dense(batch, K, N)] + [make(batch, K, N) for _, make in columns]
             for threads in args.threads:
-                base, *rest = timer(models, threads, rounds=args.rounds)
+                base, *rest = timer(sessions_for(models, ["fp32", *names], threads), args.rounds)
                 cells = " | ".join(f"{t:.3f} ({base / t:.2f}x)" for t in rest)
                 rows.append(f"| {K} x {N} | {batch} | {threads} | {base:.3f} | {cells} |")
                 print(rows[-1], file=sys.stderr, flush=True)

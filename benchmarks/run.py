@@ -271,6 +271,13 @@ touched before every run, median of {rounds} runs; ratios are fp32 time / other 
 
 {_script_table("lowbit.py", "--rounds", rounds)}
 
+"a8" is act_bits=8 (rows quantized to int8, integer dot products: AVX-512 VNNI where the CPU has it);
+columns ending in "avx2" are the same layer with its kernel created under ONNXOPT_DISABLE_AVX512=1. A batch-1
+layer reads all its bytes once per call, so the machine's read bandwidth (`benchmarks/bandwidth.py`: cache
+flushed as above, best and median of 25 runs) puts a floor under it; the codes sit on 2 MiB pages:
+
+{_script_table("bandwidth.py")}
+
 LowBitConv (the same codes per output filter, along C kh kw) on one Conv layer at batch 1 against
 onnxruntime's fp32 Conv and its int8 QLinearConv (quantize_static, QOperator, per-channel int8 weights),
 same protocol.

@@ -4,6 +4,10 @@
 #include <algorithm>
 #include <cstdlib>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace onnxopt {
 
 void Fail(const std::string& where, const std::string& msg, OrtErrorCode code) {
@@ -237,6 +241,44 @@ bool HasAvx2Fma() {
   }();
   return has;
 #else
+  return false;
+#endif
+}
+
+namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+// The AVX-512 features of this CPU usable under this OS, as Avx512Feature bits plus bit 31 for AVX-512F.
+unsigned Avx512Usable() {
+  constexpr unsigned kF = 1u << 31;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return 0;
+  uint32_t xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  // SSE, AVX, opmask, ZMM0-15 upper halves, ZMM16-31: all saved on context switches.
+  if ((xcr0_lo & 0xe6u) != 0xe6u) return 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return 0;
+  unsigned f = 0;
+  if (ebx & (1u << 16)) f |= kF;
+  if (ebx & (1u << 30)) f |= kAvx512Bw;
+  if (ebx & (1u << 31)) f |= kAvx512Vl;
+  if (ecx & (1u << 11)) f |= kAvx512Vnni;
+  if (ecx & (1u << 14)) f |= kAvx512Vpopcntdq;
+  return f;
+}
+#endif
+
+}  // namespace
+
+bool HasAvx512(unsigned features) {
+  const char* off = std::getenv("ONNXOPT_DISABLE_AVX512");
+  if (off != nullptr && off[0] != '\0' && std::string(off) != "0") return false;
+#if defined(__x86_64__) || defined(__i386__)
+  static const unsigned usable = Avx512Usable();
+  const unsigned need = features | (1u << 31);
+  return (usable & need) == need;
+#else
+  (void)features;
   return false;
 #endif
 }

@@ -84,6 +84,18 @@ void RunTasks(OrtKernelContext* context, void (*fn)(void*, size_t), int64_t task
 // created) forces the portable path.
 bool HasAvx2Fma();
 
+// AVX-512 extensions a kernel may ask for beyond AVX-512F (bit flags, or-ed).
+enum Avx512Feature : unsigned {
+  kAvx512Bw = 1u << 0,
+  kAvx512Vl = 1u << 1,
+  kAvx512Vnni = 1u << 2,
+  kAvx512Vpopcntdq = 1u << 3,
+};
+// Whether this CPU has AVX-512F and every feature in `features` (CPUID leaf 7) and the OS saves the AVX-512
+// state (XGETBV: opmask, ZMM upper halves and ZMM16-31 enabled). ONNXOPT_DISABLE_AVX512=1 in the environment
+// (read at each call, i.e. at kernel creation) says no, so that tests and benchmarks can run the AVX2 paths.
+bool HasAvx512(unsigned features);
+
 // The lite-API struct op for Kernel, with kernel creation and compute wrapped so that no exception crosses into
 // onnxruntime: every failure becomes an OrtStatus with the message. Kernel needs a constructor
 // (const OrtApi*, const OrtKernelInfo*), PresentInputs() and the Compute of the lite API.

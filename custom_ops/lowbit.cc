@@ -3,10 +3,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "kernel_util.h"
 #include "lowbit_load.h"
@@ -19,14 +25,37 @@ namespace onnxopt {
 namespace lowbit {
 
 const Kernels& PortableKernels() {
-  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::GemvI8,
+  static const Kernels k{portable::GemvGeneric, portable::GemvGeneric, portable::GemvI8, portable::Quantize,
                          portable::Dequant,     portable::Tile,        portable::ConvTile};
   return k;
 }
 
 #if !(defined(__x86_64__) || defined(__i386__))
-const Kernels& Avx2Kernels() { return PortableKernels(); }  // never chosen: HasAvx2Fma() is false
+const Kernels& Avx2Kernels() { return PortableKernels(); }    // never chosen: HasAvx2Fma() is false
+const Kernels& Avx512Kernels() { return PortableKernels(); }  // never chosen: HasAvx512() is false
 #endif
+
+const Kernels& BestKernels() {
+  if (!HasAvx2Fma()) return PortableKernels();
+  return HasAvx512(kAvx512Bw | kAvx512Vl | kAvx512Vnni) ? Avx512Kernels() : Avx2Kernels();
+}
+
+void* AllocateCodes(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20, kMin = size_t{4} << 20;
+  void* p = nullptr;
+  if (bytes < kMin) {
+    if (posix_memalign(&p, 64, std::max<size_t>(bytes, 1)) != 0) throw std::bad_alloc();
+    return p;
+  }
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  if (posix_memalign(&p, kHuge, rounded) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(p, rounded, MADV_HUGEPAGE);  // a hint: without huge pages the codes still work, only slower
+#endif
+  return p;
+}
+
+void FreeCodes(void* p) noexcept { std::free(p); }
 
 namespace {
 
@@ -107,16 +136,19 @@ Weights LoadWeights(const OrtApi* api, const OrtKernelInfo* info, int64_t k, int
   for (size_t i = 0; i < s.data.size(); ++i) {
     if (!std::isfinite(s.data[i])) Fail(where, "S[" + std::to_string(i) + "] is not finite");
   }
-  w.scale.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
-  std::copy(s.data.begin(), s.data.end(), w.scale.begin());
   const ConstantBytes z = ConstantUint8Input(kinfo, 3, "Z", per_group, where);
+  w.scale.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
   w.scale_zero.assign(static_cast<size_t>(w.np * w.groups), 0.0f);
+  w.zero.assign(static_cast<size_t>(w.np * w.groups), 0);
   for (size_t i = 0; i < z.count; ++i) {
     if (z.data[i] >= (1 << w.bits)) {
       Fail(where, "Z[" + std::to_string(i) + "] = " + std::to_string(z.data[i]) + " is not a " +
                       std::to_string(w.bits) + "-bit code (must be < " + std::to_string(1 << w.bits) + ")");
     }
-    w.scale_zero[i] = w.scale[i] * static_cast<float>(z.data[i]);
+    const int64_t at = w.ScaleIndex(static_cast<int64_t>(i) / w.groups, static_cast<int64_t>(i) % w.groups);
+    w.scale[at] = s.data[i];
+    w.scale_zero[at] = s.data[i] * static_cast<float>(z.data[i]);
+    w.zero[at] = z.data[i];
   }
   return w;
 }
@@ -236,28 +268,7 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
     }
     act_bits_ = *a;
   }
-  kern_ = HasAvx2Fma() ? &lowbit::Avx2Kernels() : &lowbit::PortableKernels();
-}
-
-// act_bits = 8: row x (kp floats, zero-padded) as int8 codes xq = round(x * 127 / max|x|) (ties to even), their
-// per-group sums, and the row's scale max|x| / 127 (all-zero row: codes 0, scale 1). onnxopt.reference.lowbit
-// computes the same codes with the same float32 operations.
-static float QuantizeRow(const lowbit::Weights& w, const float* x, int8_t* xq, float* sums, const std::string& where) {
-  float a = 0.0f;
-  for (int64_t k = 0; k < w.k; ++k) {
-    if (!std::isfinite(x[k])) Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
-    a = std::max(a, std::fabs(x[k]));
-  }
-  const float inv = a > 0.0f ? 127.0f / a : 0.0f;
-  for (int64_t k = 0; k < w.kp; ++k) {
-    xq[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] * inv), -127.0f, 127.0f));
-  }
-  for (int64_t g = 0; g < w.groups; ++g) {
-    int32_t s = 0;
-    for (int64_t j = 0; j < w.group; ++j) s += xq[g * w.group + j];
-    sums[g] = static_cast<float>(s);
-  }
-  return a > 0.0f ? a / 127.0f : 1.0f;
+  kern_ = &lowbit::BestKernels();
 }
 
 Ort::Status LowBitMatMulKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
@@ -315,7 +326,9 @@ void LowBitMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
     call.xq = xq.data();
     call.sumx = sums.data();
     for (int64_t r = 0; r < m; ++r) {
-      call.x_scale = QuantizeRow(w, x + r * w.kp, xq.data(), sums.data(), where);
+      if (!kern_->quantize(w, x + r * w.kp, xq.data(), sums.data(), &call.x_scale)) {
+        Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
+      }
       call.y = y + r * w.n;
       RunTasks(context, GemvI8Task, (w.n + lowbit::kGemvCols - 1) / lowbit::kGemvCols, &call);
     }

@@ -19,10 +19,16 @@
 // interleaved, chunk by chunk: [N/4][Kp/32][4][chunk bytes]. (Four separate column streams of 2 KiB each left
 // the hardware prefetcher behind and ran at half the memory bandwidth.) Wide layers are cut along K into slabs
 // of 4096 inputs (x of a slab stays in L1), stored slab after slab, so that one batch-1 task (64 columns) still
-// reads its codes of a slab as one contiguous run.
+// reads its codes of a slab as one contiguous run. Scales and zero points follow the same blocks of four columns
+// (Weights::ScaleIndex). Codes of 4 MiB and more sit on 2 MiB pages (AllocateCodes).
+//
+// act_bits = 8 (bits 4): x is quantized per row to int8 and the dot products are integer: vpmaddubsw in the
+// AVX2 build, vpdpbusd over a whole block (4 columns x 32 codes per 512-bit load) in the AVX-512 VNNI build
+// (lowbit_avx512.cc), chosen at kernel creation where the CPU runs it (BestKernels).
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -33,14 +39,39 @@ constexpr int64_t kChunk = 32;  // codes per packed chunk
 constexpr int64_t kTile = 8;    // columns of a dequantized tile
 constexpr int64_t kBlock = 4;   // columns interleaved in the packed codes
 
+// Memory for the packed codes. Blocks of 4 MiB and up are 2 MiB-aligned and marked for transparent huge pages
+// (madvise, Linux), before they are first touched: batch 1 streams the codes once per call, and with 4 KiB
+// pages the streaming reads ran at ~22 GB/s on this machine against ~33 GB/s with 2 MiB pages (TLB misses,
+// and hardware prefetchers that stop at every 4 KiB page; benchmarks/bandwidth.py). The rounding costs at most
+// 2 MiB per node, and only nodes whose codes are at least 4 MiB.
+void* AllocateCodes(size_t bytes);
+void FreeCodes(void* p) noexcept;
+template <typename T>
+struct CodeAllocator {
+  using value_type = T;
+  CodeAllocator() = default;
+  template <typename U>
+  CodeAllocator(const CodeAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(AllocateCodes(n * sizeof(T))); }
+  void deallocate(T* p, size_t) noexcept { FreeCodes(p); }
+  template <typename U>
+  bool operator==(const CodeAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CodeAllocator<U>&) const { return false; }
+};
+
 // The checked, packed weights of one node.
 struct Weights {
   int64_t k = 0, kp = 0, n = 0, bits = 0, group = 0, groups = 0;
   int64_t col_bytes = 0;          // bytes of one column's codes: kp * bits / 8
   int64_t np = 0;                 // n rounded up to kBlock
-  std::vector<uint8_t> codes;     // [np / 4][kp / 32][4][4 bits]: see above
-  std::vector<float> scale;       // [np][groups] (padded columns: 0)
-  std::vector<float> scale_zero;  // [np][groups]: scale * zero, so the zero term is one product per group
+  std::vector<uint8_t, CodeAllocator<uint8_t>> codes;  // [np / 4][kp / 32][4][4 bits]: see above
+  // Per (column, group), in blocks of four columns like the codes, [np / 4][groups][4] (ScaleIndex), so that
+  // a batch-1 block reads its scales as one sequential stream and one 16-byte load per group.
+  std::vector<float> scale;       // padded columns: 0
+  std::vector<float> scale_zero;  // scale * zero, so the zero term is one product per group
+  std::vector<uint8_t> zero;      // the zero points themselves: the AVX-512 a8 loop reads 1 byte, not 4
+  int64_t ScaleIndex(int64_t n, int64_t g) const { return ((n / kBlock) * groups + g) * kBlock + n % kBlock; }
 
   int64_t ChunkBytes() const { return 4 * bits; }
   int64_t slab_chunks = 0;  // chunks per K slab (a whole number of groups)
@@ -79,10 +110,17 @@ constexpr int64_t kPanel = 8;  // filters per LowBitConv panel
 using GemvI8Fn = void (*)(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0,
                           int64_t g1, float* y);
 
+// act_bits = 8: row x (kp floats, zero-padded) as int8 codes xq = round(x * 127 / max|x|) (ties to even, in
+// float32 as onnxopt.reference.lowbit), their per-group sums, and the row's scale max|x| / 127 in *scale
+// (all-zero row: codes 0, scale 1). Returns false (and leaves the outputs undefined) if x[0..k) holds a NaN or
+// an infinity.
+using QuantizeFn = bool (*)(const Weights& w, const float* x, int8_t* xq, float* sums, float* scale);
+
 struct Kernels {
   GemvFn gemv4;    // bits 4
   GemvFn gemv;     // any bits (2 and 3 use it)
   GemvI8Fn gemv_i8;  // bits 4, int8 activations
+  QuantizeFn quantize;  // act_bits = 8: the row before gemv_i8
   DequantFn dequant;
   TileFn tile;
   ConvTileFn conv_tile;
@@ -90,6 +128,12 @@ struct Kernels {
 
 const Kernels& PortableKernels();
 const Kernels& Avx2Kernels();
+// The AVX-512 VNNI build (lowbit_avx512.cc): gemv_i8 and gemv4 on 512-bit vectors, the rest as Avx2Kernels.
+// Chosen where HasAvx512(kAvx512Vnni) (kernel_util.h) says the CPU and OS run it.
+const Kernels& Avx512Kernels();
+// The best build this CPU runs: AVX-512 VNNI, else AVX2 + FMA, else portable (read at each kernel creation, so
+// that ONNXOPT_DISABLE_AVX512 / ONNXOPT_DISABLE_AVX2 in the environment force the slower ones).
+const Kernels& BestKernels();
 
 // The 32 codes of one packed chunk (layout above) into q[0..32).
 inline void UnpackChunk(const uint8_t* p, int64_t bits, uint8_t* q) {

@@ -23,6 +23,16 @@ inline float HSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// y[n + c] (= if g0 == 0, else +=) the sum of acc[c] minus lane c of `zero`, for the columns < n1.
+inline void Store(const __m256 (&acc)[kBlock], __m128 zero, int64_t n, int64_t n1, int64_t g0, float* y) {
+  alignas(16) float z[kBlock];
+  _mm_store_ps(z, zero);
+  for (int c = 0; c < kBlock && n + c < n1; ++c) {
+    const float part = HSum(acc[c]) - z[c];
+    y[n + c] = g0 == 0 ? part : y[n + c] + part;
+  }
+}
+
 inline __m256 Codes(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
 // 3 bits: bit 2 of codes 8 i .. 8 i + 7 from the chunk's high-bit word, as int32 lanes worth 0 or 4.
@@ -78,14 +88,13 @@ template <int kBits>
 inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64_t n, int64_t n1, int64_t g0,
                       int64_t g1, float* y) {
   constexpr int64_t kBytes = 4 * kBits;
-  const int64_t per_group = w.group / kChunk, groups = w.groups;
+  const int64_t per_group = w.group / kChunk;
   const uint8_t* p = w.Chunk(n, g0 * per_group);
-  const float* scale[kBlock];
+  const float* scale = w.scale.data() + w.ScaleIndex(n, 0);
+  const float* scale_zero = w.scale_zero.data() + w.ScaleIndex(n, 0);
   __m256 acc[kBlock];
-  for (int c = 0; c < kBlock; ++c) {
-    scale[c] = w.scale.data() + (n + c) * groups;
-    acc[c] = _mm256_setzero_ps();
-  }
+  __m128 zero = _mm_setzero_ps();  // the four columns' zero terms
+  for (int c = 0; c < kBlock; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t g = g0; g < g1; ++g) {
     __m256 pa[kBlock], pb[kBlock];
     for (int c = 0; c < kBlock; ++c) pa[c] = pb[c] = _mm256_setzero_ps();
@@ -97,19 +106,11 @@ inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64
       for (int c = 0; c < kBlock; ++c, p += kBytes) Chunk<kBits>(p, xv, pa[c], pb[c]);
     }
     for (int c = 0; c < kBlock; ++c) {
-      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[c] + g), _mm256_add_ps(pa[c], pb[c]), acc[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + g * kBlock + c), _mm256_add_ps(pa[c], pb[c]), acc[c]);
     }
+    zero = _mm_fmadd_ps(_mm_loadu_ps(scale_zero + g * kBlock), _mm_broadcast_ss(sumx + g), zero);
   }
-  for (int c = 0; c < kBlock && n + c < n1; ++c) {
-    const float* sz = w.scale_zero.data() + (n + c) * groups;
-    __m256 z = _mm256_setzero_ps();
-    int64_t g = g0;
-    for (; g + 8 <= g1; g += 8) z = _mm256_fmadd_ps(_mm256_loadu_ps(sz + g), _mm256_loadu_ps(sumx + g), z);
-    float zt = HSum(z);
-    for (; g < g1; ++g) zt += sz[g] * sumx[g];
-    const float part = HSum(acc[c]) - zt;
-    y[n + c] = g0 == 0 ? part : y[n + c] + part;
-  }
+  Store(acc, zero, n, n1, g0, y);
 }
 
 // act_bits = 8, bits 4: columns n .. n + 3 as GemvBlock, with integer products. A chunk's 16 bytes are
@@ -120,16 +121,15 @@ inline void GemvBlock(const Weights& w, const float* x, const float* sumx, int64
 // and column against about fifteen for the float path.
 inline void GemvI8Block(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n, int64_t n1, int64_t g0,
                         int64_t g1, float* y) {
-  const int64_t per_group = w.group / kChunk, groups = w.groups;
+  const int64_t per_group = w.group / kChunk;
   const uint8_t* p = w.Chunk(n, g0 * per_group);
   const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), mask = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
-  const float* scale[kBlock];
+  const float* scale = w.scale.data() + w.ScaleIndex(n, 0);
+  const float* scale_zero = w.scale_zero.data() + w.ScaleIndex(n, 0);
   __m256 acc[kBlock];
-  for (int c = 0; c < kBlock; ++c) {
-    scale[c] = w.scale.data() + (n + c) * groups;
-    acc[c] = _mm256_setzero_ps();
-  }
+  __m128 zero = _mm_setzero_ps();
+  for (int c = 0; c < kBlock; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t g = g0; g < g1; ++g) {
     __m256i dot[kBlock];
     for (int c = 0; c < kBlock; ++c) dot[c] = _mm256_setzero_si256();
@@ -149,21 +149,62 @@ inline void GemvI8Block(const Weights& w, const int8_t* xq, const float* sumxq, 
       for (int c = 0; c < kBlock; ++c) dot[c] = _mm256_add_epi32(dot[c], _mm256_madd_epi16(s16[c], ones));
     }
     for (int c = 0; c < kBlock; ++c) {
-      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[c] + g), _mm256_cvtepi32_ps(dot[c]), acc[c]);
+      acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + g * kBlock + c), _mm256_cvtepi32_ps(dot[c]), acc[c]);
     }
+    zero = _mm_fmadd_ps(_mm_loadu_ps(scale_zero + g * kBlock), _mm_broadcast_ss(sumxq + g), zero);
   }
-  for (int c = 0; c < kBlock && n + c < n1; ++c) {
-    const float* sz = w.scale_zero.data() + (n + c) * groups;
-    float zt = 0.0f;
-    for (int64_t g = g0; g < g1; ++g) zt += sz[g] * sumxq[g];
-    const float part = HSum(acc[c]) - zt;
-    y[n + c] = g0 == 0 ? part : y[n + c] + part;
-  }
+  Store(acc, zero, n, n1, g0, y);
 }
 
 void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64_t n0, int64_t n1, int64_t g0, int64_t g1,
             float* y) {
   for (int64_t n = n0; n < n1; n += kBlock) GemvI8Block(w, xq, sumxq, n, n1, g0, g1, y);
+}
+
+// act_bits = 8: the row's codes as the portable Quantize, 8 floats per step: the same float32 product x * inv,
+// rounded to nearest even (vroundps), clamped, narrowed to int8; the group sums from the int32 codes.
+bool Quantize(const Weights& w, const float* x, int8_t* xq, float* sums, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.4028235e38f);
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= w.k; k += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  // NaN or infinity
+    amax = _mm256_max_ps(amax, a);
+  }
+  if (_mm256_movemask_ps(bad) != 0) return false;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax);
+  float a = 0.0f;
+  for (const float v : lanes) a = std::max(a, v);
+  for (; k < w.k; ++k) {
+    if (!std::isfinite(x[k])) return false;
+    a = std::max(a, std::fabs(x[k]));
+  }
+  const float inv_s = a > 0.0f ? 127.0f / a : 0.0f;
+  const __m256 inv = _mm256_set1_ps(inv_s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  const int64_t per_group = w.group / kChunk;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t c = 0; c < per_group; ++c) {
+      const int64_t k0 = (g * per_group + c) * kChunk;
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k0 + 8 * i), inv);
+        const __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        sum = _mm256_add_epi32(sum, q[i]);
+      }
+      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k0), _mm256_permutevar8x32_epi32(b, order));
+    }
+    alignas(32) int32_t s[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(s), sum);
+    sums[g] = static_cast<float>(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+  }
+  *scale = a > 0.0f ? a / 127.0f : 1.0f;
+  return true;
 }
 
 // n0 is a multiple of 4 (tasks cover multiples of 4 columns).
@@ -180,7 +221,7 @@ void DequantBits(const Weights& w, int64_t n0, int64_t cols, float* tile) {
     const int64_t n = n0 + c;
     float* t = tile + c * w.kp;
     for (int64_t ch = 0; ch < chunks; ++ch, t += kChunk) {
-      const int64_t i = n * w.groups + ch / per_group;
+      const int64_t i = w.ScaleIndex(n, ch / per_group);
       const __m256 s = _mm256_set1_ps(w.scale[i]), sz = _mm256_set1_ps(w.scale_zero[i]);
       __m256 q[4];
       Decode<kBits>(w.Chunk(n, ch), q);
@@ -309,7 +350,7 @@ void GemvAny(const Weights& w, const float* x, const float* sumx, int64_t n0, in
 }  // namespace
 
 const Kernels& Avx2Kernels() {
-  static const Kernels k{Gemv<4>, GemvAny, GemvI8, Dequant, Tile, ConvTile};
+  static const Kernels k{Gemv<4>, GemvAny, GemvI8, Quantize, Dequant, Tile, ConvTile};
   return k;
 }
 

@@ -210,7 +210,7 @@ LowBitConvKernel::LowBitConvKernel(const OrtApi* api, const OrtKernelInfo* info)
     bias_ = b.data;
   }
   direct_ = kh_ == 1 && kw_ == 1 && sh_ == 1 && sw_ == 1 && pads_ == std::array<int64_t, 4>{0, 0, 0, 0};
-  kern_ = HasAvx2Fma() ? &lowbit::Avx2Kernels() : &lowbit::PortableKernels();
+  kern_ = &lowbit::BestKernels();
 }
 
 Ort::Status LowBitConvKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 
 #include "lowbit.h"
 
@@ -16,8 +17,6 @@ inline void GemvGeneric(const Weights& w, const float* x, const float* sumx, int
   const int64_t per_group = w.group / kChunk;
   uint8_t q[kChunk];
   for (int64_t n = n0; n < n1; ++n) {
-    const float* sc = w.scale.data() + n * w.groups;
-    const float* sz = w.scale_zero.data() + n * w.groups;
     float total = 0.0f;
     for (int64_t g = g0; g < g1; ++g) {
       float acc[kChunk] = {};
@@ -29,7 +28,8 @@ inline void GemvGeneric(const Weights& w, const float* x, const float* sumx, int
       }
       float s = 0.0f;
       for (int j = 0; j < kChunk; ++j) s += acc[j];
-      total += sc[g] * s - sz[g] * sumx[g];
+      const int64_t at = w.ScaleIndex(n, g);
+      total += w.scale[at] * s - w.scale_zero[at] * sumx[g];
     }
     y[n] = g0 == 0 ? total : y[n] + total;
   }
@@ -41,8 +41,6 @@ inline void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64
   const int64_t per_group = w.group / kChunk;
   uint8_t q[kChunk];
   for (int64_t n = n0; n < n1; ++n) {
-    const float* sc = w.scale.data() + n * w.groups;
-    const float* sz = w.scale_zero.data() + n * w.groups;
     float total = 0.0f;
     for (int64_t g = g0; g < g1; ++g) {
       int32_t dot = 0;
@@ -52,10 +50,30 @@ inline void GemvI8(const Weights& w, const int8_t* xq, const float* sumxq, int64
         const int8_t* xc = xq + ch * kChunk;
         for (int j = 0; j < kChunk; ++j) dot += int32_t{q[j]} * int32_t{xc[j]};
       }
-      total += sc[g] * static_cast<float>(dot) - sz[g] * sumxq[g];
+      const int64_t at = w.ScaleIndex(n, g);
+      total += w.scale[at] * static_cast<float>(dot) - w.scale_zero[at] * sumxq[g];
     }
     y[n] = g0 == 0 ? total : y[n] + total;
   }
+}
+
+inline bool Quantize(const Weights& w, const float* x, int8_t* xq, float* sums, float* scale) {
+  float a = 0.0f;
+  for (int64_t k = 0; k < w.k; ++k) {
+    if (!std::isfinite(x[k])) return false;
+    a = std::max(a, std::fabs(x[k]));
+  }
+  const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+  for (int64_t k = 0; k < w.kp; ++k) {
+    xq[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] * inv), -127.0f, 127.0f));
+  }
+  for (int64_t g = 0; g < w.groups; ++g) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < w.group; ++j) s += xq[g * w.group + j];
+    sums[g] = static_cast<float>(s);
+  }
+  *scale = a > 0.0f ? a / 127.0f : 1.0f;
+  return true;
 }
 
 inline void Dequant(const Weights& w, int64_t n0, int64_t cols, float* tile) {
@@ -65,8 +83,8 @@ inline void Dequant(const Weights& w, int64_t n0, int64_t cols, float* tile) {
     const int64_t n = n0 + c;
     for (int64_t ch = 0; ch < chunks; ++ch) {
       UnpackChunk(w.Chunk(n, ch), w.bits, q);
-      const int64_t g = ch / per_group;
-      const float s = w.scale[n * w.groups + g], sz = w.scale_zero[n * w.groups + g];
+      const int64_t at = w.ScaleIndex(n, ch / per_group);
+      const float s = w.scale[at], sz = w.scale_zero[at];
       float* t = tile + c * w.kp + ch * kChunk;
       for (int j = 0; j < kChunk; ++j) t[j] = s * static_cast<float>(q[j]) - sz;
     }

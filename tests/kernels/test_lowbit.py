@@ -1,6 +1,7 @@
 """LowBitMatMul kernel: the C++ op in onnxruntime against the numpy reference over 2, 3 and 4 bits, group
 sizes 32 to 128, K not a multiple of the group (padded), odd N, batches 1, 3 and 17 (the batch-1 and tiled
-paths), both builds and 1 and 2 threads; the code packing round trip; run-time and creation-time errors."""
+paths), every build (AVX-512, AVX2, portable) and 1 and 2 threads; act_bits = 8; the code packing round
+trip; run-time and creation-time errors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from tolerances import REL_L2, rel_l2
 
 F32 = np.float32
 TOL = REL_L2[np.dtype(F32)]
+
+# Settings read at kernel creation: the best build this CPU runs (AVX-512 VNNI for the act_bits = 8 loop where
+# present), the AVX2 build, the portable build.
+BUILDS = {"best": {}, "avx2": {"ONNXOPT_DISABLE_AVX512": "1"}, "portable": {"ONNXOPT_DISABLE_AVX2": "1"}}
+
+
+def use_build(build: str, monkeypatch) -> None:
+    for key in ("ONNXOPT_DISABLE_AVX512", "ONNXOPT_DISABLE_AVX2"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in BUILDS[build].items():
+        monkeypatch.setenv(key, value)
 
 
 def weights(K: int, N: int, bits: int, G: int, bias: bool, seed: int = 0):
@@ -87,6 +99,7 @@ CASES = [
     (1000, 33, 2, 128, (17,), True),
     (4500, 7, 4, 128, (1,), True),  # batch 1 in two K slabs (4096 x values each)
     (5000, 6, 3, 32, (1,), False),
+    (8192, 1024, 4, 128, (1,), True),  # 4 MiB of codes: on 2 MiB pages (AllocateCodes), two K slabs
 ]
 
 
@@ -95,15 +108,14 @@ def describe(case) -> str:
     return f"K={K} N={N} bits={bits} G={G} lead={list(lead)} bias={bias}"
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("case", CASES, ids=[describe(c).replace(" ", ",") for c in CASES])
-def test_kernel_matches_reference(case, portable, monkeypatch):
+def test_kernel_matches_reference(case, build, monkeypatch):
     K, N, bits, G, lead, bias = case
     Q, S, Z, B = weights(K, N, bits, G, bias, seed=K + N)
     X = np.random.default_rng(K).standard_normal((*lead, K), dtype=F32)
-    if portable:
-        monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")  # read when the kernel is created
-    what = f"{describe(case)} portable={portable}"
+    use_build(build, monkeypatch)  # read when the kernel is created
+    what = f"{describe(case)} build={build}"
     kw = dict(K=K, N=N, bits=bits, group_size=G)
     Y_ref = lowbit_matmul(X, Q, S, Z, B, **kw)
     Y_dense = X.astype(np.float64) @ dequantize(Q, S, Z, K, bits, G) + (0.0 if B is None else B)
@@ -199,22 +211,24 @@ I8_CASES = [
     (257, 67, 64, (3,), False),  # rows one by one through the integer path
     (384, 131, 128, (1,), True),
     (4500, 7, 128, (1,), True),  # two K slabs
-    (1280, 9, 256, (2,), True),  # 8 chunks per group: the 16-bit partial sums at their widest
+    (1280, 9, 256, (2,), True),  # 8 chunks per group: AVX2's 16-bit partial sums at their widest
+    (200, 10, 96, (1,), False),  # 3 chunks per group: AVX-512's odd chunk after the pairs
+    (140000, 5, 131072, (1,), True),  # 4096 chunks per group: AVX-512 folds its high-nibble sums twice
+    (8192, 1024, 128, (1,), False),  # 4 MiB of codes: on 2 MiB pages, two K slabs, 16 tasks
 ]
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx2", "portable"])
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize(
     "case", I8_CASES, ids=[f"K={c[0]},N={c[1]},G={c[2]},lead={list(c[3])}" for c in I8_CASES]
 )
-def test_int8_activations_match_their_reference(case, portable, monkeypatch):
+def test_int8_activations_match_their_reference(case, build, monkeypatch):
     """act_bits = 8: the reference models the activation quantization; the kernel's integer dot products are
     exact, so it matches within float32 round-off of the scaling (and stays near the float path)."""
     K, N, G, lead, bias = case
     Q, S, Z, B = weights(K, N, 4, G, bias, seed=K + N)
     X = np.random.default_rng(K).standard_normal((*lead, K), dtype=F32)
-    if portable:
-        monkeypatch.setenv("ONNXOPT_DISABLE_AVX2", "1")
+    use_build(build, monkeypatch)
     kw = dict(K=K, N=N, bits=4, group_size=G)
     Y_ref = lowbit_matmul(X, Q, S, Z, B, **kw, act_bits=8)
     assert 1e-4 < rel_l2(Y_ref, lowbit_matmul(X, Q, S, Z, B, **kw)) < 0.05  # int8 rows: ~1% off, not 0
@@ -222,14 +236,16 @@ def test_int8_activations_match_their_reference(case, portable, monkeypatch):
     for threads in (1, 2):
         (Y,) = onnxopt.make_session(model, threads=threads).run(None, {"X": X})
         err = rel_l2(Y, Y_ref)
-        assert err <= TOL, f"{case} portable={portable} threads={threads}: rel L2 {err:.3e}"
+        assert err <= TOL, f"{case} build={build} threads={threads}: rel L2 {err:.3e}"
 
 
-def test_int8_activation_codes_are_exact():
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("G", [32, 96])
+def test_int8_activation_codes_are_exact(G, build, monkeypatch):
     """Rows whose int8 codes are exact (x = integers up to 127, so the row scale is 1) and integer weights:
     every product and sum is exact, so the kernel equals the reference bit for bit."""
     rng = np.random.default_rng(9)
-    K, N, G = 96, 11, 32
+    K, N = 3 * G, 11
     q = rng.integers(0, 16, (K, N), dtype=np.uint8)
     S = np.ones((N, K // G), F32)
     Z = rng.integers(0, 16, (N, K // G), dtype=np.uint8)
@@ -238,15 +254,22 @@ def test_int8_activation_codes_are_exact():
     Q = pack_codes(q, 4)
     Y_ref = lowbit_matmul(X, Q, S, Z, None, K=K, N=N, bits=4, group_size=G, act_bits=8)
     np.testing.assert_array_equal(Y_ref, X.astype(np.float64) @ (q.astype(np.float64) - Z.T.repeat(G, 0)))
-    for portable in ("0", "1"):
-        import os
+    use_build(build, monkeypatch)
+    (Y,) = onnxopt.make_session(make_model(Q, S, Z, None, K, N, 4, G, act_bits=8)).run(None, {"X": X})
+    np.testing.assert_array_equal(Y, Y_ref, err_msg=f"build={build} G={G}")
 
-        os.environ["ONNXOPT_DISABLE_AVX2"] = portable
-        try:
-            (Y,) = onnxopt.make_session(make_model(Q, S, Z, None, K, N, 4, G, act_bits=8)).run(None, {"X": X})
-        finally:
-            os.environ.pop("ONNXOPT_DISABLE_AVX2")
-        np.testing.assert_array_equal(Y, Y_ref, err_msg=f"portable={portable}")
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("bad", [(3, np.nan), (5, -np.inf), (44, np.inf)], ids=["nan", "-inf", "inf-tail"])
+def test_int8_activations_reject_non_finite(bad, build, monkeypatch):
+    """Found in the vectorized max |x| scan and in its scalar tail (K = 45)."""
+    use_build(build, monkeypatch)
+    Q, S, Z, B = weights(45, 5, 4, 32, True, 1)
+    sess = onnxopt.make_session(make_model(Q, S, Z, B, 45, 5, 4, 32, act_bits=8))
+    X = np.ones((1, 45), F32)
+    X[0, bad[0]] = bad[1]
+    with pytest.raises(Exception, match="non-finite value"):
+        sess.run(None, {"X": X})
 
 
 def test_int8_activations_errors():
