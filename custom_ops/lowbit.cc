@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernel_util.h"
+#include "lowbit_gemm.h"
 #include "lowbit_load.h"
 #include "ops.h"
 
@@ -141,6 +142,7 @@ struct LowBitMatMulKernel {
   std::vector<float> bias_;  // [N] or empty
   int64_t act_bits_ = 0;     // 8: activations quantized to int8 per row (bits 4 only)
   const lowbit::Kernels* kern_ = nullptr;
+  const lowbit::BatchKernels* batch_ = nullptr;  // rows > 1 (lowbit_gemm.h); null: the per-row and tile loops
 };
 
 namespace {
@@ -237,6 +239,7 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
     act_bits_ = *a;
   }
   kern_ = HasAvx2Fma() ? &lowbit::Avx2Kernels() : &lowbit::PortableKernels();
+  batch_ = lowbit::BestBatchKernels();
 }
 
 // act_bits = 8: row x (kp floats, zero-padded) as int8 codes xq = round(x * 127 / max|x|) (ties to even), their
@@ -309,6 +312,10 @@ void LowBitMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
   call.x = x;
   call.y = y;
   call.rows = m;
+  if (m > 1 && batch_ != nullptr) {  // the codes read once per block of rows, not once per row
+    lowbit::RunBatch(context, *batch_, w, x, m, act_bits_, bias_.empty() ? nullptr : bias_.data(), y, where);
+    return;
+  }
   if (act_bits_ == 8) {  // every row through the integer batch-1 path
     std::vector<int8_t> xq(static_cast<size_t>(w.kp));
     std::vector<float> sums(static_cast<size_t>(w.groups));

@@ -1,0 +1,114 @@
+// The batched LowBitMatMul driver (lowbit_gemm.h): per call, the rows prepared once (quantized to int8, or
+// transposed into row vectors), then tasks of kGemmCols columns through the kernel context's ParallelFor.
+#include "lowbit_gemm.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernel_util.h"
+
+namespace onnxopt {
+namespace lowbit {
+
+#if !(defined(__x86_64__) || defined(__i386__))
+// Never chosen off x86 (HasAvx2Fma() is false there); defined so that the library links.
+const BatchKernels& Avx2BatchKernels() {
+  static const BatchKernels k{nullptr, nullptr, nullptr, 1};
+  return k;
+}
+const BatchKernels& Avx512BatchKernels() { return Avx2BatchKernels(); }
+bool HasAvx512Vnni() { return false; }
+#endif
+
+const BatchKernels* BestBatchKernels() {
+  if (!HasAvx2Fma()) return nullptr;
+  return HasAvx512Vnni() ? &Avx512BatchKernels() : &Avx2BatchKernels();
+}
+
+namespace {
+
+struct BatchCall {
+  const BatchKernels* kern = nullptr;
+  const Weights* w = nullptr;
+  const float* x = nullptr;  // [rows][kp]
+  int64_t rows = 0;
+  RowsI8 xi8;                // act_bits = 8
+  int8_t* xq = nullptr;      // act_bits = 8, written by QuantizeTask
+  float* sumxq = nullptr;
+  float* xscale = nullptr;
+  const float* xt = nullptr;  // act_bits = 0: [vecs][kp][lanes]
+  const float* b = nullptr;
+  float* y = nullptr;
+  std::atomic<bool> failed{false};
+  std::atomic<bool> non_finite{false};
+};
+
+void QuantizeTask(void* data, size_t t) {
+  auto* call = static_cast<BatchCall*>(data);
+  const Weights& w = *call->w;
+  const int64_t r = static_cast<int64_t>(t);
+  const float s = call->kern->quantize(w, call->x + r * w.kp, call->xq + r * w.kp, call->sumxq + r * w.groups);
+  if (s < 0.0f) call->non_finite.store(true);
+  call->xscale[r] = s;
+}
+
+// Task t: columns [t kGemmCols, ...) of every row.
+void GemmTask(void* data, size_t t) {
+  auto* call = static_cast<BatchCall*>(data);
+  if (call->failed.load(std::memory_order_relaxed)) return;
+  try {
+    const Weights& w = *call->w;
+    const int64_t n0 = static_cast<int64_t>(t) * kGemmCols, n1 = std::min(w.n, n0 + kGemmCols);
+    if (call->xt != nullptr) {
+      call->kern->gemm_f32(w, call->xt, call->rows, call->b, n0, n1, call->y, w.n);
+    } else {
+      call->kern->gemm_i8(w, call->xi8, call->b, n0, n1, call->y, w.n);
+    }
+  } catch (...) {
+    call->failed.store(true);
+  }
+}
+
+}  // namespace
+
+void RunBatch(OrtKernelContext* context, const BatchKernels& kern, const Weights& w, const float* x, int64_t rows,
+              int64_t act_bits, const float* b, float* y, const std::string& where) {
+  BatchCall call;
+  call.kern = &kern;
+  call.w = &w;
+  call.x = x;
+  call.rows = rows;
+  call.b = b;
+  call.y = y;
+  std::vector<int8_t> xq;
+  std::vector<float> sums, scales, xt;
+  if (act_bits == 8) {
+    xq.resize(static_cast<size_t>(rows * w.kp));
+    sums.resize(static_cast<size_t>(rows * w.groups));
+    scales.resize(static_cast<size_t>(rows));
+    call.xq = xq.data();
+    call.sumxq = sums.data();
+    call.xscale = scales.data();
+    RunTasks(context, QuantizeTask, rows, &call);
+    if (call.non_finite.load()) Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
+    call.xi8 = RowsI8{xq.data(), sums.data(), scales.data(), rows};
+  } else {
+    // Rows into vectors of `lanes` rows, xt[v][k][lane], the last vector padded with zero rows.
+    const int64_t lanes = kern.lanes, vecs = (rows + lanes - 1) / lanes;
+    xt.assign(static_cast<size_t>(vecs * w.kp * lanes), 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dst = xt.data() + (r / lanes) * w.kp * lanes + r % lanes;
+      const float* src = x + r * w.kp;
+      for (int64_t k = 0; k < w.kp; ++k) dst[k * lanes] = src[k];
+    }
+    call.xt = xt.data();
+  }
+  RunTasks(context, GemmTask, (w.n + kGemmCols - 1) / kGemmCols, &call);
+  if (call.failed.load()) Fail(where, "a compute task failed (out of memory?)", ORT_FAIL);
+}
+
+}  // namespace lowbit
+}  // namespace onnxopt

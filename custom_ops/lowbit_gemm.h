@@ -1,0 +1,74 @@
+// LowBitMatMul for more than one input row (rows = the product of X's leading dimensions): GEMMs that read the
+// packed codes (lowbit.h) once per block of rows instead of once per row.
+//
+// act_bits = 8 (bits 4): each row r is quantized to int8 xq[r] with scale s[r] (QuantizeRow), and
+//   y[r, n] = s[r] sum_g (scale[n, g] dot_g(q[., n], xq[r]) - scale_zero[n, g] sumxq[r, g]) + b[n],
+// dot_g the exact int32 dot product over group g. The micro-kernels unpack a chunk of 4 columns x 32 k once
+// and multiply it against up to 8 rows (AVX-512 VNNI: vpdpbusd of the u8 codes with the s8 inputs; AVX2:
+// vpmaddubsw into 16-bit pair sums, widened by vpmaddwd per group).
+//
+// act_bits = 0: y = x W + b with W dequantized (W[k, n] = scale q - scale_zero, as lowbit.h) into a tile of
+// 32 columns x 128 k, column-major, and the rows of x transposed into vectors of `lanes` rows, xt[v][k][lanes]
+// (rows padded with zeros). The micro-kernel keeps up to 3 row vectors x 4 columns of y in registers and, per
+// k, loads the row vectors and broadcasts 4 weights of the tile: a broadcast-FMA GEMM with no horizontal sums,
+// whose dequantizing costs one pass over the codes per call, shared by all rows.
+//
+// Both are threaded over tasks of 32 columns with the kernel context's ParallelFor.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "lowbit.h"
+
+struct OrtKernelContext;
+
+namespace onnxopt {
+namespace lowbit {
+
+constexpr int64_t kGemmCols = 32;  // columns per batched task
+constexpr int64_t kGemmK = 128;    // k per dequantized tile of the float path (a multiple of kChunk)
+
+// act_bits = 8 inputs, prepared once per call: xq [rows][kp] (zero-padded), sumxq [rows][groups] (integer
+// valued), xscale [rows].
+struct RowsI8 {
+  const int8_t* xq = nullptr;
+  const float* sumxq = nullptr;
+  const float* xscale = nullptr;
+  int64_t rows = 0;
+};
+
+// Columns [n0, n1) of every row (n0 a multiple of kBlock): y[r * ldy + n] = the act_bits = 8 formula above,
+// bias b (null: none) included.
+using GemmI8Fn = void (*)(const Weights& w, const RowsI8& x, const float* b, int64_t n0, int64_t n1, float* y,
+                          int64_t ldy);
+// Columns [n0, n1) (n0 a multiple of kBlock) of y = x W + b for `rows` rows given as xt [v][kp][lanes].
+using GemmF32Fn = void (*)(const Weights& w, const float* xt, int64_t rows, const float* b, int64_t n0, int64_t n1,
+                           float* y, int64_t ldy);
+
+// act_bits = 8: row x (kp floats, zero-padded) into xq (kp int8) and its group sums, returning the row's scale,
+// exactly as QuantizeRow (lowbit_load.h); -1 when x holds a non-finite value.
+using QuantizeFn = float (*)(const Weights& w, const float* x, int8_t* xq, float* sums);
+
+struct BatchKernels {
+  GemmI8Fn gemm_i8;    // bits 4 only
+  GemmF32Fn gemm_f32;  // any bits
+  QuantizeFn quantize;
+  int64_t lanes;  // rows per vector of xt
+};
+
+const BatchKernels& Avx2BatchKernels();
+const BatchKernels& Avx512BatchKernels();
+// Whether the CPU and OS run AVX-512 F/BW/VL/VNNI and ONNXOPT_DISABLE_AVX512 is not set (read at each call).
+bool HasAvx512Vnni();
+// The batched kernels for this CPU, chosen when a kernel is created: AVX-512 VNNI, else AVX2 + FMA, else null
+// (the portable build then runs the per-row and tile loops of lowbit.cc).
+const BatchKernels* BestBatchKernels();
+
+// y [rows][n] = LowBitMatMul of x [rows][kp] (zero-padded to kp) with `kern`, act_bits 0 or 8, bias b (null:
+// none). Fails with a message prefixed by `where` (bad input, out of memory).
+void RunBatch(OrtKernelContext* context, const BatchKernels& kern, const Weights& w, const float* x, int64_t rows,
+              int64_t act_bits, const float* b, float* y, const std::string& where);
+
+}  // namespace lowbit
+}  // namespace onnxopt
