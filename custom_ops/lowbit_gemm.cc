@@ -16,7 +16,7 @@ namespace lowbit {
 #if !(defined(__x86_64__) || defined(__i386__))
 // Never chosen off x86 (HasAvx2Fma() is false there); defined so that the library links.
 const BatchKernels& Avx2BatchKernels() {
-  static const BatchKernels k{nullptr, nullptr, nullptr, 1};
+  static const BatchKernels k{nullptr, nullptr, nullptr, 1, false};
   return k;
 }
 const BatchKernels& Avx512BatchKernels() { return Avx2BatchKernels(); }
@@ -72,6 +72,22 @@ void GemmTask(void* data, size_t t) {
   }
 }
 
+// RowsI8::xq4 and sums4 from the rows' xq and sums.
+void QuadRows(const Weights& w, const int8_t* xq, const float* sums, int64_t rows, std::vector<int8_t>& xq4,
+              std::vector<float>& sums4) {
+  const int64_t quads = (rows + 3) / 4, chunks = w.kp / kChunk;
+  xq4.assign(static_cast<size_t>(quads * w.kp * 4), 0);
+  sums4.assign(static_cast<size_t>(quads * w.groups * 16), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    int8_t* q4 = xq4.data() + (r / 4) * w.kp * 4 + (r % 4) * 16;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      for (int64_t h = 0; h < 2; ++h) std::copy_n(xq + r * w.kp + ch * kChunk + h * 16, 16, q4 + ch * 128 + h * 64);
+    }
+    float* s4 = sums4.data() + (r / 4) * w.groups * 16 + (r % 4) * 4;
+    for (int64_t g = 0; g < w.groups; ++g) s4[g * 16] = sums[r * w.groups + g];
+  }
+}
+
 }  // namespace
 
 void RunBatch(OrtKernelContext* context, const BatchKernels& kern, const Weights& w, const float* x, int64_t rows,
@@ -83,8 +99,8 @@ void RunBatch(OrtKernelContext* context, const BatchKernels& kern, const Weights
   call.rows = rows;
   call.b = b;
   call.y = y;
-  std::vector<int8_t> xq;
-  std::vector<float> sums, scales, xt;
+  std::vector<int8_t> xq, xq4;
+  std::vector<float> sums, scales, xt, sums4;
   if (act_bits == 8) {
     xq.resize(static_cast<size_t>(rows * w.kp));
     sums.resize(static_cast<size_t>(rows * w.groups));
@@ -95,6 +111,11 @@ void RunBatch(OrtKernelContext* context, const BatchKernels& kern, const Weights
     RunTasks(context, QuantizeTask, rows, &call);
     if (call.non_finite.load()) Fail(where, "X holds a non-finite value; act_bits = 8 cannot quantize it");
     call.xi8 = RowsI8{xq.data(), sums.data(), scales.data(), rows};
+    if (kern.quads) {
+      QuadRows(w, xq.data(), sums.data(), rows, xq4, sums4);
+      call.xi8.xq4 = xq4.data();
+      call.xi8.sums4 = sums4.data();
+    }
   } else {
     // Rows into vectors of `lanes` rows, xt[v][k][lane], the last vector padded with zero rows.
     const int64_t lanes = kern.lanes, vecs = (rows + lanes - 1) / lanes;

@@ -36,6 +36,11 @@ struct RowsI8 {
   const float* sumxq = nullptr;
   const float* xscale = nullptr;
   int64_t rows = 0;
+  // Where the kernels ask for it (BatchKernels::quads): the rows in quads of 4 (the last padded with zero rows),
+  // xq4 [quads][kp / 32][2][4][16]: per chunk, the 16 inputs k 0..15 of the quad's 4 rows, then k 16..31; and
+  // sums4 [quads][groups][16]: row i of the quad's group sum in lane 4 i, zeros elsewhere.
+  const int8_t* xq4 = nullptr;
+  const float* sums4 = nullptr;
 };
 
 // Columns [n0, n1) of every row (n0 a multiple of kBlock): y[r * ldy + n] = the act_bits = 8 formula above,
@@ -55,6 +60,7 @@ struct BatchKernels {
   GemmF32Fn gemm_f32;  // any bits
   QuantizeFn quantize;
   int64_t lanes;  // rows per vector of xt
+  bool quads;     // gemm_i8 reads RowsI8::xq4 and sums4
 };
 
 const BatchKernels& Avx2BatchKernels();

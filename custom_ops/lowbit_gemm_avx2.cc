@@ -162,7 +162,7 @@ float Quantize(const Weights& w, const float* x, int8_t* xq, float* sums) {
 }  // namespace
 
 const BatchKernels& Avx2BatchKernels() {
-  static const BatchKernels k{GemmI8, avx2::GemmF32, Quantize, avx2::kLanes};
+  static const BatchKernels k{GemmI8, avx2::GemmF32, Quantize, avx2::kLanes, false};
   return k;
 }
 

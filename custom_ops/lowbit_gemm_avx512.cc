@@ -31,87 +31,91 @@ namespace onnxopt {
 namespace lowbit {
 namespace {
 
-constexpr int kI8Rows = 8;  // rows per act_bits = 8 micro-kernel
+constexpr int kI8Quads = 2;  // row quads per act_bits = 8 micro-kernel (8 rows)
 
-// Rows r0 .. r0 + kR - 1 of the block at n over all groups; sc16 / sz16 [groups][16]: the block's scales per
-// lane (column c in lanes 4c .. 4c + 3) and scale_zero in lane 4c only. Writes only columns < n1.
-template <int kR>
-void I8Micro(const Weights& w, const RowsI8& x, const float* b, int64_t r0, int64_t n, int64_t n1,
-             const float* sc16, const float* sz16, float* y, int64_t ldy) {
+// kQ quads of rows (4 kQ rows, from quad q0) x the block of 4 columns at n, over all groups. Writes only rows
+// < x.rows and columns < n1.
+template <int kQ>
+void I8Micro(const Weights& w, const RowsI8& x, const float* b, int64_t q0, int64_t n, int64_t n1, float* y,
+             int64_t ldy) {
   const int64_t per_group = w.group / kChunk, slab_groups = w.slab_chunks / per_group;
   const __m512i mask = _mm512_set1_epi8(15);
-  const int8_t* xr[kR];
-  const float* sums[kR];
-  __m512 acc[kR];
-  for (int r = 0; r < kR; ++r) {
-    xr[r] = x.xq + (r0 + r) * w.kp;
-    sums[r] = x.sumxq + (r0 + r) * w.groups;
-    acc[r] = _mm512_setzero_ps();
+  const int8_t* xq[kQ];
+  const float* sums[kQ];
+  // The float sums live in L1, touched once per group: the registers hold the int32 dot products (4 kQ), the
+  // quads' inputs (2 kQ) and one column's codes.
+  alignas(64) float acc[kBlock][kQ][16] = {};
+#pragma GCC unroll 4
+  for (int q = 0; q < kQ; ++q) {
+    xq[q] = x.xq4 + (q0 + q) * w.kp * 4;
+    sums[q] = x.sums4 + (q0 + q) * w.groups * 16;
   }
   for (int64_t gs = 0; gs < w.groups; gs += slab_groups) {
     const int64_t ge = std::min(w.groups, gs + slab_groups);
     const uint8_t* p = w.Chunk(n, gs * per_group);
     for (int64_t g = gs; g < ge; ++g) {
-      __m512i dot[kR];
-      for (int r = 0; r < kR; ++r) dot[r] = _mm512_setzero_si512();
+      __m512i dot[kBlock][kQ];
+#pragma GCC unroll 4
+      for (int c = 0; c < kBlock; ++c) {
+#pragma GCC unroll 4
+        for (int q = 0; q < kQ; ++q) dot[c][q] = _mm512_setzero_si512();
+      }
       for (int64_t j = 0; j < per_group; ++j, p += kBlock * 16) {
-        const __m512i v = _mm512_loadu_si512(p);
-        const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        const int64_t off = (g * per_group + j) * kChunk;
-        for (int r = 0; r < kR; ++r) {
-          const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xr[r] + off)));
-          const __m512i xhi =
-              _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xr[r] + off + 16)));
-          dot[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r], lo, xlo), hi, xhi);
+        const int64_t off = (g * per_group + j) * 128;
+        __m512i xlo[kQ], xhi[kQ];
+#pragma GCC unroll 4
+        for (int q = 0; q < kQ; ++q) {
+          xlo[q] = _mm512_loadu_si512(xq[q] + off);
+          xhi[q] = _mm512_loadu_si512(xq[q] + off + 64);
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < kBlock; ++c) {
+          const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c * 16)));
+          const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+#pragma GCC unroll 4
+          for (int q = 0; q < kQ; ++q) {
+            dot[c][q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[c][q], lo, xlo[q]), hi, xhi[q]);
+          }
         }
       }
-      const __m512 s = _mm512_loadu_ps(sc16 + g * 16), sz = _mm512_loadu_ps(sz16 + g * 16);
-      for (int r = 0; r < kR; ++r) {
-        acc[r] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot[r]), acc[r]);
-        acc[r] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(sums[r][g]), acc[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < kBlock; ++c) {
+        const int64_t i = (n + c) * w.groups + g;
+        const __m512 s = _mm512_set1_ps(w.scale[i]), sz = _mm512_set1_ps(w.scale_zero[i]);
+#pragma GCC unroll 4
+        for (int q = 0; q < kQ; ++q) {
+          const __m512 a = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot[c][q]), _mm512_load_ps(acc[c][q]));
+          _mm512_store_ps(acc[c][q], _mm512_fnmadd_ps(sz, _mm512_loadu_ps(sums[q] + g * 16), a));
+        }
       }
     }
   }
-  for (int r = 0; r < kR; ++r) {
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, acc[r]);
-    const float xs = x.xscale[r0 + r];
-    for (int c = 0; c < kBlock && n + c < n1; ++c) {
-      const float v = (lanes[4 * c] + lanes[4 * c + 1]) + (lanes[4 * c + 2] + lanes[4 * c + 3]);
-      y[(r0 + r) * ldy + n + c] = xs * v + (b ? b[n + c] : 0.0f);
+  for (int c = 0; c < kBlock; ++c) {
+    if (n + c >= n1) break;
+    const float bias = b ? b[n + c] : 0.0f;
+    for (int q = 0; q < kQ; ++q) {
+      const float* lanes = acc[c][q];
+      for (int i = 0; i < 4; ++i) {
+        const int64_t r = (q0 + q) * 4 + i;
+        if (r >= x.rows) break;
+        const float v = (lanes[4 * i] + lanes[4 * i + 1]) + (lanes[4 * i + 2] + lanes[4 * i + 3]);
+        y[r * ldy + n + c] = x.xscale[r] * v + bias;
+      }
     }
   }
 }
 
-// Per block of 4 columns, every block of up to 8 rows: the block's codes (2 kp bytes) stay in L1 while the
-// rows stream past.
+// Per block of 4 columns, every pair of row quads: the block's codes (2 kp bytes) stay in L1 while the rows
+// stream past.
 void GemmI8(const Weights& w, const RowsI8& x, const float* b, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  thread_local std::vector<float> sc16, sz16;
-  sc16.resize(static_cast<size_t>(w.groups * 16));
-  sz16.resize(static_cast<size_t>(w.groups * 16));
+  const int64_t quads = (x.rows + 3) / 4;
   for (int64_t n = n0; n < n1; n += kBlock) {
-    for (int64_t g = 0; g < w.groups; ++g) {
-      for (int c = 0; c < kBlock; ++c) {
-        const int64_t i = (n + c) * w.groups + g;
-        for (int l = 0; l < 4; ++l) {
-          sc16[g * 16 + 4 * c + l] = w.scale[i];
-          sz16[g * 16 + 4 * c + l] = l == 0 ? w.scale_zero[i] : 0.0f;
-        }
-      }
-    }
-    int64_t r = 0;
-    for (; r + kI8Rows <= x.rows; r += kI8Rows) {
-      I8Micro<kI8Rows>(w, x, b, r, n, n1, sc16.data(), sz16.data(), y, ldy);
-    }
-    const float *sc = sc16.data(), *sz = sz16.data();
-    switch (x.rows - r) {
-      case 7: I8Micro<7>(w, x, b, r, n, n1, sc, sz, y, ldy); break;
-      case 6: I8Micro<6>(w, x, b, r, n, n1, sc, sz, y, ldy); break;
-      case 5: I8Micro<5>(w, x, b, r, n, n1, sc, sz, y, ldy); break;
-      case 4: I8Micro<4>(w, x, b, r, n, n1, sc, sz, y, ldy); break;
-      case 3: I8Micro<3>(w, x, b, r, n, n1, sc, sz, y, ldy); break;
-      case 2: I8Micro<2>(w, x, b, r, n, n1, sc, sz, y, ldy); break;
-      case 1: I8Micro<1>(w, x, b, r, n, n1, sc, sz, y, ldy); break;
+    int64_t q = 0;
+    for (; q + kI8Quads <= quads; q += kI8Quads) I8Micro<kI8Quads>(w, x, b, q, n, n1, y, ldy);
+    switch (quads - q) {
+      case 3: I8Micro<3>(w, x, b, q, n, n1, y, ldy); break;
+      case 2: I8Micro<2>(w, x, b, q, n, n1, y, ldy); break;
+      case 1: I8Micro<1>(w, x, b, q, n, n1, y, ldy); break;
       default: break;
     }
   }
@@ -120,7 +124,7 @@ void GemmI8(const Weights& w, const RowsI8& x, const float* b, int64_t n0, int64
 }  // namespace
 
 const BatchKernels& Avx512BatchKernels() {
-  static const BatchKernels k{GemmI8, avx512::GemmF32, Avx2BatchKernels().quantize, avx512::kLanes};
+  static const BatchKernels k{GemmI8, avx512::GemmF32, Avx2BatchKernels().quantize, avx512::kLanes, true};
   return k;
 }
 
