@@ -16,7 +16,7 @@ namespace lowbit {
 #if !(defined(__x86_64__) || defined(__i386__))
 // Never chosen off x86 (HasAvx2Fma() is false there); defined so that the library links.
 const BatchKernels& Avx2BatchKernels() {
-  static const BatchKernels k{nullptr, nullptr, nullptr, 1, false};
+  static const BatchKernels k{nullptr, nullptr, nullptr, 1, false, 0};
   return k;
 }
 const BatchKernels& Avx512BatchKernels() { return Avx2BatchKernels(); }
@@ -39,7 +39,7 @@ struct BatchCall {
   int8_t* xq = nullptr;      // act_bits = 8, written by QuantizeTask
   float* sumxq = nullptr;
   float* xscale = nullptr;
-  const float* xt = nullptr;  // act_bits = 0: [vecs][kp][lanes]
+  const float* xt = nullptr;  // act_bits = 0: [vecs][kp][lanes] or null (few rows)
   const float* b = nullptr;
   float* y = nullptr;
   std::atomic<bool> failed{false};
@@ -62,8 +62,8 @@ void GemmTask(void* data, size_t t) {
   try {
     const Weights& w = *call->w;
     const int64_t n0 = static_cast<int64_t>(t) * kGemmCols, n1 = std::min(w.n, n0 + kGemmCols);
-    if (call->xt != nullptr) {
-      call->kern->gemm_f32(w, call->xt, call->rows, call->b, n0, n1, call->y, w.n);
+    if (call->xq == nullptr) {
+      call->kern->gemm_f32(w, call->x, call->xt, call->rows, call->b, n0, n1, call->y, w.n);
     } else {
       call->kern->gemm_i8(w, call->xi8, call->b, n0, n1, call->y, w.n);
     }
@@ -116,7 +116,7 @@ void RunBatch(OrtKernelContext* context, const BatchKernels& kern, const Weights
       call.xi8.xq4 = xq4.data();
       call.xi8.sums4 = sums4.data();
     }
-  } else {
+  } else if (rows >= kern.small_rows || w.bits != 4) {
     // Rows into vectors of `lanes` rows, xt[v][k][lane], the last vector padded with zero rows.
     const int64_t lanes = kern.lanes, vecs = (rows + lanes - 1) / lanes;
     xt.assign(static_cast<size_t>(vecs * w.kp * lanes), 0.0f);

@@ -7,6 +7,9 @@
 // and multiply it against up to 8 rows (AVX-512 VNNI: vpdpbusd of the u8 codes with the s8 inputs; AVX2:
 // vpmaddubsw into 16-bit pair sums, widened by vpmaddwd per group).
 //
+// act_bits = 0, few rows (AVX-512, bits 4, rows < 16): k in the lanes instead, as at batch 1: per chunk and
+// column, 32 codes decoded into 2 vectors of dequantized weights, FMAed against the same k of up to 8 rows.
+//
 // act_bits = 0: y = x W + b with W dequantized (W[k, n] = scale q - scale_zero, as lowbit.h) into a tile of
 // 32 columns x 128 k, column-major, and the rows of x transposed into vectors of `lanes` rows, xt[v][k][lanes]
 // (rows padded with zeros). The micro-kernel keeps up to 3 row vectors x 4 columns of y in registers and, per
@@ -47,9 +50,10 @@ struct RowsI8 {
 // bias b (null: none) included.
 using GemmI8Fn = void (*)(const Weights& w, const RowsI8& x, const float* b, int64_t n0, int64_t n1, float* y,
                           int64_t ldy);
-// Columns [n0, n1) (n0 a multiple of kBlock) of y = x W + b for `rows` rows given as xt [v][kp][lanes].
-using GemmF32Fn = void (*)(const Weights& w, const float* xt, int64_t rows, const float* b, int64_t n0, int64_t n1,
-                           float* y, int64_t ldy);
+// Columns [n0, n1) (n0 a multiple of kBlock) of y = x W + b for `rows` rows, x [rows][kp], also given as
+// xt [v][kp][lanes] unless bits = 4 and rows < BatchKernels::small_rows (then null).
+using GemmF32Fn = void (*)(const Weights& w, const float* x, const float* xt, int64_t rows, const float* b,
+                           int64_t n0, int64_t n1, float* y, int64_t ldy);
 
 // act_bits = 8: row x (kp floats, zero-padded) into xq (kp int8) and its group sums, returning the row's scale,
 // exactly as QuantizeRow (lowbit_load.h); -1 when x holds a non-finite value.
@@ -61,6 +65,7 @@ struct BatchKernels {
   QuantizeFn quantize;
   int64_t lanes;  // rows per vector of xt
   bool quads;     // gemm_i8 reads RowsI8::xq4 and sums4
+  int64_t small_rows;  // bits 4: gemm_f32 needs xt only from this many rows
 };
 
 const BatchKernels& Avx2BatchKernels();

@@ -159,10 +159,15 @@ float Quantize(const Weights& w, const float* x, int8_t* xq, float* sums) {
   return a > 0.0f ? a / 127.0f : 1.0f;
 }
 
+void GemmF32(const Weights& w, const float*, const float* xt, int64_t rows, const float* b, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  avx2::GemmF32(w, xt, rows, b, n0, n1, y, ldy);
+}
+
 }  // namespace
 
 const BatchKernels& Avx2BatchKernels() {
-  static const BatchKernels k{GemmI8, avx2::GemmF32, Quantize, avx2::kLanes, false};
+  static const BatchKernels k{GemmI8, GemmF32, Quantize, avx2::kLanes, false, 0};
   return k;
 }
 

@@ -121,10 +121,96 @@ void GemmI8(const Weights& w, const RowsI8& x, const float* b, int64_t n0, int64
   }
 }
 
+constexpr int64_t kSmallRows = 16;  // fewer rows (bits 4): SmallRows; more: the tile GEMM of lowbit_gemm_f32.h
+
+inline float HSum(__m512 v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Rows r0 .. r0 + kR - 1 of x [rows][kp], columns n + c0, n + c0 + 1 of the block at n (bits 4), all groups:
+// per chunk and column, the codes k 0..15 and 16..31 widened to two vectors of dequantized weights, each FMAed
+// against the same 16 inputs of every row. Writes only columns < n1.
+template <int kR>
+void SmallMicro(const Weights& w, const float* x, const float* b, int64_t r0, int64_t n, int64_t c0, int64_t n1,
+                float* y, int64_t ldy) {
+  const int64_t per_group = w.group / kChunk, slab_groups = w.slab_chunks / per_group;
+  const __m128i mask = _mm_set1_epi8(15);
+  const float* xr[kR];
+  __m512 acc[kR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < kR; ++r) {
+    xr[r] = x + (r0 + r) * w.kp;
+    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  }
+  for (int64_t gs = 0; gs < w.groups; gs += slab_groups) {
+    const int64_t ge = std::min(w.groups, gs + slab_groups);
+    const uint8_t* p = w.Chunk(n, gs * per_group) + c0 * 16;
+    for (int64_t g = gs; g < ge; ++g) {
+      __m512 s[2], z[2];
+#pragma GCC unroll 2
+      for (int c = 0; c < 2; ++c) {
+        s[c] = _mm512_set1_ps(w.scale[(n + c0 + c) * w.groups + g]);
+        z[c] = _mm512_set1_ps(w.scale_zero[(n + c0 + c) * w.groups + g]);
+      }
+      for (int64_t j = 0; j < per_group; ++j, p += kBlock * 16) {
+        const int64_t off = (g * per_group + j) * kChunk;
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; ++c) {
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c * 16));
+          const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+          const __m512 w0 = _mm512_fmsub_ps(s[c], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), z[c]);
+          const __m512 w1 = _mm512_fmsub_ps(s[c], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), z[c]);
+#pragma GCC unroll 8
+          for (int r = 0; r < kR; ++r) {
+            acc[r][c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr[r] + off), acc[r][c]);
+            acc[r][c] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr[r] + off + 16), acc[r][c]);
+          }
+        }
+      }
+    }
+  }
+  for (int c = 0; c < 2; ++c) {
+    if (n + c0 + c >= n1) break;
+    const float bias = b ? b[n + c0 + c] : 0.0f;
+    for (int r = 0; r < kR; ++r) y[(r0 + r) * ldy + n + c0 + c] = HSum(acc[r][c]) + bias;
+  }
+}
+
+// Few rows: per column pair, every block of up to 8 rows (the pair's codes stay in L1).
+void SmallRows(const Weights& w, const float* x, int64_t rows, const float* b, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  for (int64_t n = n0; n < n1; n += kBlock) {
+    for (int64_t c0 = 0; c0 < kBlock && n + c0 < n1; c0 += 2) {
+      int64_t r = 0;
+      for (; r + 8 <= rows; r += 8) SmallMicro<8>(w, x, b, r, n, c0, n1, y, ldy);
+      switch (rows - r) {
+        case 7: SmallMicro<7>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 6: SmallMicro<6>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 5: SmallMicro<5>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 4: SmallMicro<4>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 3: SmallMicro<3>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 2: SmallMicro<2>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 1: SmallMicro<1>(w, x, b, r, n, c0, n1, y, ldy); break;
+        default: break;
+      }
+    }
+  }
+}
+
+void GemmF32(const Weights& w, const float* x, const float* xt, int64_t rows, const float* b, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  if (xt == nullptr) return SmallRows(w, x, rows, b, n0, n1, y, ldy);  // bits 4 (RunBatch)
+  avx512::GemmF32(w, xt, rows, b, n0, n1, y, ldy);
+}
+
 }  // namespace
 
 const BatchKernels& Avx512BatchKernels() {
-  static const BatchKernels k{GemmI8, avx512::GemmF32, Avx2BatchKernels().quantize, avx512::kLanes, true};
+  static const BatchKernels k{GemmI8, GemmF32, Avx2BatchKernels().quantize, avx512::kLanes, true, kSmallRows};
   return k;
 }
 
