@@ -159,15 +159,73 @@ float Quantize(const Weights& w, const float* x, int8_t* xq, float* sums) {
   return a > 0.0f ? a / 127.0f : 1.0f;
 }
 
-void GemmF32(const Weights& w, const float*, const float* xt, int64_t rows, const float* b, int64_t n0, int64_t n1,
+constexpr int64_t kSmallRows = 12;  // fewer rows (bits 4): SmallRows; more: the tile GEMM of lowbit_gemm_f32.h
+
+// Rows r0 .. r0 + kR - 1 of x [rows][kp], columns n + c0, n + c0 + 1 of the block at n (bits 4), all groups: per
+// chunk and column, the 32 codes decoded into 4 vectors of dequantized weights, each FMAed against the same 8
+// inputs of every row (the tile GEMM, one weight broadcast per FMA, is load-bound with one row vector).
+template <int kR>
+void SmallMicro(const Weights& w, const float* x, const float* b, int64_t r0, int64_t n, int64_t c0, int64_t n1,
+                float* y, int64_t ldy) {
+  const int64_t per_group = w.group / kChunk, slab_groups = w.slab_chunks / per_group;
+  const float* xr[kR];
+  __m256 acc[kR][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < kR; ++r) {
+    xr[r] = x + (r0 + r) * w.kp;
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  }
+  for (int64_t gs = 0; gs < w.groups; gs += slab_groups) {
+    const int64_t ge = std::min(w.groups, gs + slab_groups);
+    const uint8_t* p = w.Chunk(n, gs * per_group) + c0 * 16;
+    for (int64_t g = gs; g < ge; ++g) {
+      const float* sc = w.scale.data() + (n + c0) * w.groups + g;
+      const float* sz = w.scale_zero.data() + (n + c0) * w.groups + g;
+      for (int64_t j = 0; j < per_group; ++j, p += kBlock * 16) {
+        const int64_t off = (g * per_group + j) * kChunk;
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; ++c) {
+          const __m256 s = _mm256_broadcast_ss(sc + c * w.groups), z = _mm256_broadcast_ss(sz + c * w.groups);
+          __m256i q[4];
+          avx2::DecodeChunk<4>(p + c * 16, q);
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) {
+            const __m256 wv = _mm256_fmsub_ps(s, _mm256_cvtepi32_ps(q[i]), z);
+#pragma GCC unroll 4
+            for (int r = 0; r < kR; ++r) acc[r][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr[r] + off + 8 * i), acc[r][c]);
+          }
+        }
+      }
+    }
+  }
+  for (int c = 0; c < 2; ++c) {
+    if (n + c0 + c >= n1) break;
+    const float bias = b ? b[n + c0 + c] : 0.0f;
+    for (int r = 0; r < kR; ++r) y[(r0 + r) * ldy + n + c0 + c] = HSum(acc[r][c]) + bias;
+  }
+}
+
+void GemmF32(const Weights& w, const float* x, const float* xt, int64_t rows, const float* b, int64_t n0, int64_t n1,
              float* y, int64_t ldy) {
-  avx2::GemmF32(w, xt, rows, b, n0, n1, y, ldy);
+  if (xt != nullptr) return avx2::GemmF32(w, xt, rows, b, n0, n1, y, ldy);
+  for (int64_t n = n0; n < n1; n += kBlock) {  // few rows, bits 4 (RunBatch)
+    for (int64_t c0 = 0; c0 < kBlock && n + c0 < n1; c0 += 2) {
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) SmallMicro<4>(w, x, b, r, n, c0, n1, y, ldy);
+      switch (rows - r) {
+        case 3: SmallMicro<3>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 2: SmallMicro<2>(w, x, b, r, n, c0, n1, y, ldy); break;
+        case 1: SmallMicro<1>(w, x, b, r, n, c0, n1, y, ldy); break;
+        default: break;
+      }
+    }
+  }
 }
 
 }  // namespace
 
 const BatchKernels& Avx2BatchKernels() {
-  static const BatchKernels k{GemmI8, GemmF32, Quantize, avx2::kLanes, false, 0};
+  static const BatchKernels k{GemmI8, GemmF32, Quantize, avx2::kLanes, false, kSmallRows};
   return k;
 }
 
