@@ -7,8 +7,10 @@
 // and multiply it against up to 8 rows (AVX-512 VNNI: vpdpbusd of the u8 codes with the s8 inputs; AVX2:
 // vpmaddubsw into 16-bit pair sums, widened by vpmaddwd per group).
 //
-// act_bits = 0, few rows (AVX-512, bits 4, rows < 16): k in the lanes instead, as at batch 1: per chunk and
-// column, 32 codes decoded into 2 vectors of dequantized weights, FMAed against the same k of up to 8 rows.
+// act_bits = 0, few rows (bits 4; rows < 16 with AVX-512, < 12 with AVX2): k in the lanes instead, as at batch
+// 1: per chunk and column, 32 codes decoded into vectors of dequantized weights, FMAed against the same k of up
+// to 8 (AVX-512) or 4 (AVX2) rows. With one or two row vectors the tile GEMM below is bound by its loads (a
+// weight broadcast per FMA or two).
 //
 // act_bits = 0: y = x W + b with W dequantized (W[k, n] = scale q - scale_zero, as lowbit.h) into a tile of
 // 32 columns x 128 k, column-major, and the rows of x transposed into vectors of `lanes` rows, xt[v][k][lanes]

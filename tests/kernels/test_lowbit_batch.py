@@ -1,17 +1,17 @@
 """LowBitMatMul with more than one input row (custom_ops/lowbit_gemm*.cc): the batched GEMMs against the numpy
 reference in the three builds (AVX-512 VNNI where the CPU has it, AVX2, portable), float and int8 activations,
-odd row counts (2, 3, 5, 17, 64: every remainder of the 8-row and 3 x 8-row micro-kernels), K not a multiple of
-the group, N not a multiple of 4 or 32, with and without bias, wide layers cut into K slabs."""
+odd row counts (2 to 64: remainders of the row blocks, the few-row and the tile float paths), K not a multiple
+of the group, N not a multiple of 4 or 32, with and without bias, wide layers cut into K slabs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tolerances import REL_L2, rel_l2
 
 import onnxopt
 from onnxopt.reference.lowbit import lowbit_matmul, pack_codes, padded_k
+from tolerances import REL_L2, rel_l2
 
 F32 = np.float32
 TOL = REL_L2[np.dtype(F32)]
