@@ -96,16 +96,20 @@ void I8Micro(const Weights& w, const RowsI8& x, const float* b, int64_t r0, int6
 }
 
 // Per column pair, every block of 4 rows: the pair's codes (kp bytes) stay in L1 while the rows stream past.
+// Passes of up to 64 rows (their inputs, 64 kp bytes, stay in L2 over the task's columns).
 void GemmI8(const Weights& w, const RowsI8& x, const float* b, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; n += kBlock) {
-    for (int64_t c0 = 0; c0 < kBlock && n + c0 < n1; c0 += 2) {
-      int64_t r = 0;
-      for (; r + 4 <= x.rows; r += 4) I8Micro<4>(w, x, b, r, n, c0, n1, y, ldy);
-      switch (x.rows - r) {
-        case 3: I8Micro<3>(w, x, b, r, n, c0, n1, y, ldy); break;
-        case 2: I8Micro<2>(w, x, b, r, n, c0, n1, y, ldy); break;
-        case 1: I8Micro<1>(w, x, b, r, n, c0, n1, y, ldy); break;
-        default: break;
+  for (int64_t r0 = 0; r0 < x.rows; r0 += 64) {
+    const int64_t r1 = std::min(x.rows, r0 + 64);
+    for (int64_t n = n0; n < n1; n += kBlock) {
+      for (int64_t c0 = 0; c0 < kBlock && n + c0 < n1; c0 += 2) {
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4) I8Micro<4>(w, x, b, r, n, c0, n1, y, ldy);
+        switch (r1 - r) {
+          case 3: I8Micro<3>(w, x, b, r, n, c0, n1, y, ldy); break;
+          case 2: I8Micro<2>(w, x, b, r, n, c0, n1, y, ldy); break;
+          case 1: I8Micro<1>(w, x, b, r, n, c0, n1, y, ldy); break;
+          default: break;
+        }
       }
     }
   }

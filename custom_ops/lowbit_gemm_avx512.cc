@@ -105,18 +105,16 @@ void I8Micro(const Weights& w, const RowsI8& x, const float* b, int64_t q0, int6
   }
 }
 
-// Per block of 4 columns, every pair of row quads: the block's codes (2 kp bytes) stay in L1 while the rows
-// stream past.
+// Per block of 4 columns, every pair of row quads of a pass of 64 rows: the block's codes (2 kp bytes) stay in
+// L1 while the rows stream past.
 void GemmI8(const Weights& w, const RowsI8& x, const float* b, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t quads = (x.rows + 3) / 4;
-  for (int64_t n = n0; n < n1; n += kBlock) {
-    int64_t q = 0;
-    for (; q + kI8Quads <= quads; q += kI8Quads) I8Micro<kI8Quads>(w, x, b, q, n, n1, y, ldy);
-    switch (quads - q) {
-      case 3: I8Micro<3>(w, x, b, q, n, n1, y, ldy); break;
-      case 2: I8Micro<2>(w, x, b, q, n, n1, y, ldy); break;
-      case 1: I8Micro<1>(w, x, b, q, n, n1, y, ldy); break;
-      default: break;
+  for (int64_t p0 = 0; p0 < quads; p0 += 16) {  // passes of 64 rows: their inputs stay in L2
+    const int64_t p1 = std::min(quads, p0 + 16);
+    for (int64_t n = n0; n < n1; n += kBlock) {
+      int64_t q = p0;
+      for (; q + kI8Quads <= p1; q += kI8Quads) I8Micro<kI8Quads>(w, x, b, q, n, n1, y, ldy);
+      if (q < p1) I8Micro<1>(w, x, b, q, n, n1, y, ldy);
     }
   }
 }

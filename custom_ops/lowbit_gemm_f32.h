@@ -123,31 +123,38 @@ inline void MicroRows(const float* xt, int64_t ldv, int64_t vecs, const float* t
   }
 }
 
-// Columns [n0, n1) (at most kGemmCols, n0 a multiple of 4) of y = x W + b: per K block of kGemmK, the task's
-// blocks are dequantized into a tile [kGemmCols][kGemmK] (16 KiB, stays in L1 while every row vector passes
-// over it), the products accumulate in ybuf [kGemmCols][vecs * 8] (y transposed), and y is written once at the
-// end.
+// Columns [n0, n1) (at most kGemmCols, n0 a multiple of 4) of y = x W + b, in passes of up to kPassVecs row
+// vectors: per K block of kGemmK, the task's blocks are dequantized into a tile [kGemmCols][kGemmK] (16 KiB,
+// stays in L1 while the pass's row vectors go over it), the products accumulate in ybuf [kGemmCols][pass rows]
+// (y transposed), and y is written once per pass. (A pass bounds the inputs one K block reads, 128 KiB, to L2.)
+constexpr int64_t kPassVecs = 32;
+
 inline void GemmF32(const Weights& w, const float* xt, int64_t rows, const float* b, int64_t n0, int64_t n1, float* y,
                     int64_t ldy) {
-  const int64_t vecs = (rows + kLanes - 1) / kLanes, ldv = w.kp * kLanes, ldo = vecs * kLanes;
+  const int64_t vecs = (rows + kLanes - 1) / kLanes, ldv = w.kp * kLanes;
   const int64_t blocks = (n1 - n0 + kBlock - 1) / kBlock;
   thread_local std::vector<float> tile, ybuf;
   tile.resize(static_cast<size_t>(kGemmCols * kGemmK));
-  ybuf.resize(static_cast<size_t>(kGemmCols * ldo));
-  for (int64_t k0 = 0; k0 < w.kp; k0 += kGemmK) {
-    const int64_t kc = std::min(kGemmK, w.kp - k0);
-    for (int64_t i = 0; i < blocks; ++i) {
-      Dequant(w, n0 + i * kBlock, k0 / kChunk, (k0 + kc) / kChunk, tile.data() + i * kBlock * kGemmK, kGemmK);
+  ybuf.resize(static_cast<size_t>(kGemmCols * kPassVecs * kLanes));
+  for (int64_t v0 = 0; v0 < vecs; v0 += kPassVecs) {
+    const int64_t nv = std::min(kPassVecs, vecs - v0), ldo = nv * kLanes;
+    const float* xp = xt + v0 * ldv;
+    for (int64_t k0 = 0; k0 < w.kp; k0 += kGemmK) {
+      const int64_t kc = std::min(kGemmK, w.kp - k0);
+      for (int64_t i = 0; i < blocks; ++i) {
+        Dequant(w, n0 + i * kBlock, k0 / kChunk, (k0 + kc) / kChunk, tile.data() + i * kBlock * kGemmK, kGemmK);
+      }
+      for (int64_t i = 0; i < blocks; ++i) {
+        MicroRows<kMaxVecs>(xp + k0 * kLanes, ldv, nv, tile.data() + i * kBlock * kGemmK, kGemmK, kc,
+                            ybuf.data() + i * kBlock * ldo, ldo, k0 == 0);
+      }
     }
-    for (int64_t i = 0; i < blocks; ++i) {
-      MicroRows<kMaxVecs>(xt + k0 * kLanes, ldv, vecs, tile.data() + i * kBlock * kGemmK, kGemmK, kc,
-                          ybuf.data() + i * kBlock * ldo, ldo, k0 == 0);
+    const int64_t r0 = v0 * kLanes, r1 = std::min(rows, r0 + ldo);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* col = ybuf.data() + (n - n0) * ldo - r0;
+      const float bias = b ? b[n] : 0.0f;
+      for (int64_t r = r0; r < r1; ++r) y[r * ldy + n] = col[r] + bias;
     }
-  }
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* col = ybuf.data() + (n - n0) * ldo;
-    const float bias = b ? b[n] : 0.0f;
-    for (int64_t r = 0; r < rows; ++r) y[r * ldy + n] = col[r] + bias;
   }
 }
 

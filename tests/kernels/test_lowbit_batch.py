@@ -29,6 +29,7 @@ CASES = [
     (5000, 9, 4, 96, 3, True),  # two K slabs (4032 + 968 inputs): slab starts inside a 128-k tile
     (1280, 9, 4, 256, 9, True),  # 8 chunks per group: the AVX2 16-bit sums at their widest
     (4500, 6, 4, 96, 16, False),  # two K slabs through the dequantized tiles (16 rows and more)
+    (96, 11, 4, 32, 300, True),  # passes of 64 (int8) and 256 (float) rows
 ]
 
 
