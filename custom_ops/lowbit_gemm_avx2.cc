@@ -24,6 +24,10 @@ namespace onnxopt {
 namespace lowbit {
 namespace {
 
+// Bytes ahead in the packed codes (one stream: a block's chunks, then the next block's) that the micro-kernels
+// prefetch, so that few rows (compute short of the memory time) overlap the two.
+constexpr int64_t kPrefetch = 4096;
+
 inline float HSum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -63,6 +67,7 @@ void I8Micro(const Weights& w, const RowsI8& x, const float* b, int64_t r0, int6
         for (int r = 0; r < kR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
         const int64_t j1 = std::min(per_group, j0 + 8);
         for (int64_t j = j0; j < j1; ++j, p += kBlock * 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
           __m256i q[2];
           for (int c = 0; c < 2; ++c) {
             const __m256i v =
@@ -186,6 +191,7 @@ void SmallMicro(const Weights& w, const float* x, const float* b, int64_t r0, in
       const float* sc = w.scale.data() + (n + c0) * w.groups + g;
       const float* sz = w.scale_zero.data() + (n + c0) * w.groups + g;
       for (int64_t j = 0; j < per_group; ++j, p += kBlock * 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
         const int64_t off = (g * per_group + j) * kChunk;
 #pragma GCC unroll 2
         for (int c = 0; c < 2; ++c) {

@@ -32,6 +32,9 @@ namespace lowbit {
 namespace {
 
 constexpr int kI8Quads = 2;  // row quads per act_bits = 8 micro-kernel (8 rows)
+// Bytes ahead in the packed codes (one stream: a block's chunks, then the next block's) that the micro-kernels
+// prefetch, so that few rows (compute short of the memory time) overlap the two.
+constexpr int64_t kPrefetch = 4096;
 
 // kQ quads of rows (4 kQ rows, from quad q0) x the block of 4 columns at n, over all groups. Writes only rows
 // < x.rows and columns < n1.
@@ -61,6 +64,7 @@ void I8Micro(const Weights& w, const RowsI8& x, const float* b, int64_t q0, int6
         for (int q = 0; q < kQ; ++q) dot[c][q] = _mm512_setzero_si512();
       }
       for (int64_t j = 0; j < per_group; ++j, p += kBlock * 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
         const int64_t off = (g * per_group + j) * 128;
         __m512i xlo[kQ], xhi[kQ];
 #pragma GCC unroll 4
@@ -155,6 +159,7 @@ void SmallMicro(const Weights& w, const float* x, const float* b, int64_t r0, in
         z[c] = _mm512_set1_ps(w.scale_zero[(n + c0 + c) * w.groups + g]);
       }
       for (int64_t j = 0; j < per_group; ++j, p += kBlock * 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
         const int64_t off = (g * per_group + j) * kChunk;
 #pragma GCC unroll 2
         for (int c = 0; c < 2; ++c) {
