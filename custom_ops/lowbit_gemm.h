@@ -3,9 +3,10 @@
 //
 // act_bits = 8 (bits 4): each row r is quantized to int8 xq[r] with scale s[r] (QuantizeRow), and
 //   y[r, n] = s[r] sum_g (scale[n, g] dot_g(q[., n], xq[r]) - scale_zero[n, g] sumxq[r, g]) + b[n],
-// dot_g the exact int32 dot product over group g. The micro-kernels unpack a chunk of 4 columns x 32 k once
-// and multiply it against up to 8 rows (AVX-512 VNNI: vpdpbusd of the u8 codes with the s8 inputs; AVX2:
-// vpmaddubsw into 16-bit pair sums, widened by vpmaddwd per group).
+// dot_g the exact int32 dot product over group g. The micro-kernels unpack a chunk of codes (32 k) once and
+// multiply it against 8 rows (AVX-512 VNNI: 4 columns, vpdpbusd of the u8 codes, broadcast per column, with
+// the s8 inputs of two quads of rows, pre-arranged so that each is one load; AVX2: 2 columns x 4 rows,
+// vpmaddubsw into 16-bit pair sums, widened by vpmaddwd per group). Passes of 64 rows.
 //
 // act_bits = 0, few rows (bits 4; rows < 16 with AVX-512, < 12 with AVX2): k in the lanes instead, as at batch
 // 1: per chunk and column, 32 codes decoded into vectors of dequantized weights, FMAed against the same k of up
@@ -14,9 +15,9 @@
 //
 // act_bits = 0: y = x W + b with W dequantized (W[k, n] = scale q - scale_zero, as lowbit.h) into a tile of
 // 32 columns x 128 k, column-major, and the rows of x transposed into vectors of `lanes` rows, xt[v][k][lanes]
-// (rows padded with zeros). The micro-kernel keeps up to 3 row vectors x 4 columns of y in registers and, per
-// k, loads the row vectors and broadcasts 4 weights of the tile: a broadcast-FMA GEMM with no horizontal sums,
-// whose dequantizing costs one pass over the codes per call, shared by all rows.
+// (rows padded with zeros). The micro-kernel keeps up to 3 (AVX2) or 6 (AVX-512VL: 32 registers) row vectors x
+// 4 columns of y in registers and, per k, loads the row vectors and broadcasts 4 weights of the tile: a
+// broadcast-FMA GEMM with no horizontal sums, whose dequantizing costs one pass over the codes per 256 rows.
 //
 // Both are threaded over tasks of 32 columns with the kernel context's ParallelFor.
 #pragma once
