@@ -15,6 +15,7 @@
 #endif
 
 #include "kernel_util.h"
+#include "lowbit_gemm.h"
 #include "lowbit_load.h"
 #include "ops.h"
 
@@ -173,6 +174,7 @@ struct LowBitMatMulKernel {
   std::vector<float> bias_;  // [N] or empty
   int64_t act_bits_ = 0;     // 8: activations quantized to int8 per row (bits 4 only)
   const lowbit::Kernels* kern_ = nullptr;
+  const lowbit::BatchKernels* batch_ = nullptr;  // rows > 1 (lowbit_gemm.h); null: the per-row and tile loops
 };
 
 namespace {
@@ -269,6 +271,7 @@ LowBitMatMulKernel::LowBitMatMulKernel(const OrtApi* api, const OrtKernelInfo* i
     act_bits_ = *a;
   }
   kern_ = &lowbit::BestKernels();
+  batch_ = lowbit::BestBatchKernels();
 }
 
 Ort::Status LowBitMatMulKernel::Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& X,
@@ -320,6 +323,10 @@ void LowBitMatMulKernel::Run(OrtKernelContext* context, const Ort::Custom::Tenso
   call.x = x;
   call.y = y;
   call.rows = m;
+  if (m > 1 && batch_ != nullptr) {  // the codes read once per block of rows, not once per row
+    lowbit::RunBatch(context, *batch_, w, x, m, act_bits_, bias_.empty() ? nullptr : bias_.data(), y, where);
+    return;
+  }
   if (act_bits_ == 8) {  // every row through the integer batch-1 path
     std::vector<int8_t> xq(static_cast<size_t>(w.kp));
     std::vector<float> sums(static_cast<size_t>(w.groups));
