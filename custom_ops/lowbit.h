@@ -12,7 +12,8 @@
 // Batch 1 (the case that must approach memory speed): per column and group the kernel accumulates
 // sum_k q[k] x[k] in registers and applies the group's scale once; the zero points enter through the
 // per-group input sums, y[n] = sum_g scale (sum_k q x) - sum_g (scale zero) sum_k x. Larger batches
-// dequantize 8 columns at a time into a float tile [8][Kp] and run every input row over it.
+// run the GEMMs of lowbit_gemm.h (codes read once per block of rows) on AVX2 / AVX-512; the portable build
+// dequantizes 8 columns at a time into a float tile [8][Kp] and runs every input row over it.
 //
 // At kernel creation the codes are repacked so that batch 1 reads ONE sequential stream: columns in blocks of
 // four (N padded to a multiple of 4 with zero columns), and within a block the chunks of its four columns
