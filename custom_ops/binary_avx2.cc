@@ -11,21 +11,15 @@
 #include <cstring>
 
 #include "binary.h"
+#include "binary_count_avx2.h"
 
 namespace onnxopt {
 namespace binary {
 namespace {
 
-constexpr int64_t kFlush = 31;  // byte accumulators take 31 additions of at most 8
-
-inline __m256i Lut() { return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4); }
-
-// Per-byte popcount of v (each byte 0..8).
-inline __m256i ByteCount(__m256i v, __m256i lut, __m256i low) {
-  const __m256i lo = _mm256_and_si256(v, low);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
-}
+using avx2::ByteCount;
+using avx2::kFlush;
+using avx2::Lut;
 
 inline int64_t HSum64(__m256i v) {
   const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -101,34 +95,10 @@ void AndCount(const uint64_t* bits, int64_t words, const uint64_t* a, int64_t n0
 // kPix output pixels from ox, the eight filters of group g (two 256-bit halves of four filters).
 template <int kPix>
 inline void ConvBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t ox, int32_t* counts) {
-  const __m256i lut = Lut(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
-  const int64_t span = p.taps * p.cw;
-  const uint64_t* wg = p.wgroups + g * span * kGroup;
   __m256i total[kPix][2];
-  for (int i = 0; i < kPix; ++i) total[i][0] = total[i][1] = zero;
-  for (int64_t j0 = 0; j0 < span; j0 += kFlush) {
-    const int64_t j1 = j0 + kFlush < span ? j0 + kFlush : span;
-    __m256i acc[kPix][2];
-    for (int i = 0; i < kPix; ++i) acc[i][0] = acc[i][1] = zero;
-    for (int64_t j = j0; j < j1; ++j) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * kGroup));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * kGroup + 4));
-      const int32_t off = p.offsets[j];
-      for (int i = 0; i < kPix; ++i) {
-        const __m256i xv = _mm256_set1_epi64x(static_cast<int64_t>(px[off + i * p.pixel_step]));
-        acc[i][0] = _mm256_add_epi8(acc[i][0], ByteCount(_mm256_and_si256(xv, w0), lut, low));
-        acc[i][1] = _mm256_add_epi8(acc[i][1], ByteCount(_mm256_and_si256(xv, w1), lut, low));
-      }
-    }
-    for (int i = 0; i < kPix; ++i)
-      for (int k = 0; k < 2; ++k) total[i][k] = _mm256_add_epi64(total[i][k], _mm256_sad_epu8(acc[i][k], zero));
-  }
-  for (int i = 0; i < kPix; ++i) {
-    alignas(32) int64_t c[kGroup];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(c), total[i][0]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(c + 4), total[i][1]);
-    for (int f = 0; f < kGroup; ++f) counts[(g * kGroup + f) * p.ow + ox + i] = static_cast<int32_t>(c[f]);
-  }
+  for (int i = 0; i < kPix; ++i) total[i][0] = total[i][1] = _mm256_setzero_si256();
+  avx2::AddCounts<kPix>(p, px, g, total);
+  avx2::StoreCounts<kPix>(total, g, p.ow, ox, counts);
 }
 
 template <int kPix>

@@ -13,6 +13,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "binary.h"
+#include "binary_count_avx512.h"
 #include "binary_kbit.h"
 
 namespace onnxopt {
@@ -75,8 +76,6 @@ void PlaneCount(const uint64_t* bits, int64_t words, const uint64_t* a, int plan
 template <int kG>
 inline void PixelBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t ox, __mmask8 mask, int32_t* counts) {
   constexpr int kF = kG * kGroup;
-  const int64_t span = p.taps * p.cw;
-  const uint64_t* wg = p.wgroups + g * span * kGroup;
   __m512i acc[kF];
   #pragma GCC unroll 16
   for (int f = 0; f < kF; ++f) acc[f] = _mm512_setzero_si512();
@@ -85,20 +84,7 @@ inline void PixelBlock(const ConvPlan& p, const uint64_t* px, int64_t g, int64_t
     // every step), then Horner: acc = 2 acc + plane.
     const uint64_t* xb = px + b * p.bit_stride;
     __m512i pc[kF];
-    #pragma GCC unroll 16
-    for (int f = 0; f < kF; ++f) pc[f] = _mm512_setzero_si512();
-    for (int64_t j = 0; j < span; ++j) {
-      const __m512i xv = _mm512_maskz_loadu_epi64(mask, xb + p.offsets[j]);
-      #pragma GCC unroll 2
-      for (int k = 0; k < kG; ++k) {
-        const uint64_t* w = wg + (k * span + j) * kGroup;
-        #pragma GCC unroll 8
-        for (int f = 0; f < kGroup; ++f) {
-          const __m512i wv = _mm512_set1_epi64(static_cast<long long>(w[f]));
-          pc[k * kGroup + f] = _mm512_add_epi64(pc[k * kGroup + f], _mm512_popcnt_epi64(_mm512_and_si512(xv, wv)));
-        }
-      }
-    }
+    avx512::CountBlock<kG>(p, xb, g, mask, pc);
     #pragma GCC unroll 16
     for (int f = 0; f < kF; ++f) acc[f] = _mm512_add_epi64(_mm512_add_epi64(acc[f], acc[f]), pc[f]);
   }
