@@ -1,8 +1,6 @@
 // The AVX2 build of the binary kernels' loops (binary.h; compiled with -mavx2 -mfma, chosen at run time).
 //
-// Popcount of 256 bits: each byte's two nibbles looked up in a 16-entry table with vpshufb and added, so a
-// byte lane holds at most 8; lanes are summed into 64-bit counts with vpsadbw before they can overflow
-// (31 words of 8). BinaryConv's loop keeps 4 output pixels x 8 filters (two 256-bit weight loads, each four
+// The popcount and count loops are in binary_count_avx2.h (shared with the k-bit mode). BinaryConv's loop keeps 4 output pixels x 8 filters (two 256-bit weight loads, each four
 // filters' word for one tap) in eight byte accumulators: every weight load serves four pixels and every
 // broadcast input word eight filters.
 #include <immintrin.h>
@@ -16,15 +14,6 @@
 namespace onnxopt {
 namespace binary {
 namespace {
-
-using avx2::ByteCount;
-using avx2::kFlush;
-using avx2::Lut;
-
-inline int64_t HSum64(__m256i v) {
-  const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
-}
 
 inline float HSum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -71,25 +60,7 @@ void Partial(const uint64_t* bits, int64_t words, const float* x, int64_t ldx, i
 }
 
 void AndCount(const uint64_t* bits, int64_t words, const uint64_t* a, int64_t n0, int64_t n1, int32_t* counts) {
-  const __m256i lut = Lut(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
-  const int64_t vec = words / 4;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint64_t* b = bits + n * words;
-    __m256i total = zero;
-    for (int64_t v0 = 0; v0 < vec; v0 += kFlush) {
-      const int64_t v1 = v0 + kFlush < vec ? v0 + kFlush : vec;
-      __m256i acc = zero;
-      for (int64_t v = v0; v < v1; ++v) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4 * v));
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 4 * v));
-        acc = _mm256_add_epi8(acc, ByteCount(_mm256_and_si256(w, xv), lut, low));
-      }
-      total = _mm256_add_epi64(total, _mm256_sad_epu8(acc, zero));
-    }
-    int64_t c = HSum64(total);
-    for (int64_t w = 4 * vec; w < words; ++w) c += _mm_popcnt_u64(a[w] & b[w]);
-    counts[n - n0] = static_cast<int32_t>(c);
-  }
+  for (int64_t n = n0; n < n1; ++n) counts[n - n0] = static_cast<int32_t>(avx2::AndCount(a, bits + n * words, words));
 }
 
 // kPix output pixels from ox, the eight filters of group g (two 256-bit halves of four filters).

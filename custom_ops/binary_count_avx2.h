@@ -29,6 +29,32 @@ inline __m256i ByteCount(__m256i v, __m256i lut, __m256i low) {
   return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
 }
 
+inline int64_t HSum64(__m256i v) {
+  const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
+}
+
+// popcount(a AND b) over `words` 64-bit words: BinaryMatMul's count of one weight row against one packed row
+// (in k-bit mode, one bit plane of it).
+inline int64_t AndCount(const uint64_t* a, const uint64_t* b, int64_t words) {
+  const __m256i lut = Lut(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  const int64_t vec = words / 4;
+  __m256i total = zero;
+  for (int64_t v0 = 0; v0 < vec; v0 += kFlush) {
+    const int64_t v1 = v0 + kFlush < vec ? v0 + kFlush : vec;
+    __m256i acc = zero;
+    for (int64_t v = v0; v < v1; ++v) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4 * v));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 4 * v));
+      acc = _mm256_add_epi8(acc, ByteCount(_mm256_and_si256(w, xv), lut, low));
+    }
+    total = _mm256_add_epi64(total, _mm256_sad_epu8(acc, zero));
+  }
+  int64_t c = HSum64(total);
+  for (int64_t w = 4 * vec; w < words; ++w) c += _mm_popcnt_u64(a[w] & b[w]);
+  return c;
+}
+
 // total[i][h] += popcount(x AND w) over every (tap, word) of the receptive field, for kPix output pixels from
 // px (words px[offsets[j] + i pixel_step]) and the eight filters of group g (halves h of four filters, 64-bit
 // lanes). Plan: a ConvPlan of either mode (cw, taps, pixel_step, wgroups, offsets).

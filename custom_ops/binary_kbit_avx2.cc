@@ -17,15 +17,6 @@ namespace binary {
 namespace kbit {
 namespace {
 
-using avx2::ByteCount;
-using avx2::kFlush;
-using avx2::Lut;
-
-inline int64_t HSum64(__m256i v) {
-  const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
-}
-
 inline int64_t HSum32(__m256i v) {
   alignas(32) int32_t l[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(l), v);
@@ -72,28 +63,9 @@ int64_t PackMatRow(const float* x, const float* t, int64_t K, float r, int bits,
 
 void PlaneCount(const uint64_t* bits, int64_t words, const uint64_t* a, int planes, int64_t n0, int64_t n1,
                 int32_t* counts) {
-  const __m256i lut = Lut(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
-  const int64_t vec = words / 4;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint64_t* b = bits + n * words;
     int64_t c = 0;
-    for (int i = planes - 1; i >= 0; --i) {
-      const uint64_t* ai = a + i * words;
-      __m256i total = zero;
-      for (int64_t v0 = 0; v0 < vec; v0 += kFlush) {
-        const int64_t v1 = v0 + kFlush < vec ? v0 + kFlush : vec;
-        __m256i acc = zero;
-        for (int64_t v = v0; v < v1; ++v) {
-          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4 * v));
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai + 4 * v));
-          acc = _mm256_add_epi8(acc, ByteCount(_mm256_and_si256(w, xv), lut, low));
-        }
-        total = _mm256_add_epi64(total, _mm256_sad_epu8(acc, zero));
-      }
-      int64_t ci = HSum64(total);
-      for (int64_t w = 4 * vec; w < words; ++w) ci += _mm_popcnt_u64(ai[w] & b[w]);
-      c = 2 * c + ci;
-    }
+    for (int i = planes - 1; i >= 0; --i) c = 2 * c + avx2::AndCount(a + i * words, bits + n * words, words);
     counts[n - n0] = static_cast<int32_t>(c);
   }
 }
