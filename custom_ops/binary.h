@@ -28,10 +28,12 @@
 // inside the image like the popcounts of b).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "binary_kbit.h"
@@ -44,6 +46,17 @@ constexpr int64_t kWord = 64;
 constexpr int64_t kGroup = 8;  // filters per 512 bits of BinaryConv's regrouped weights
 
 inline int64_t Words(int64_t bits) { return (bits + kWord - 1) / kWord; }
+
+// [first, last) of the taps along one axis that fall inside the input, for output coordinate o.
+inline std::pair<int64_t, int64_t> ValidTaps(
+    int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
+  int64_t first = taps, last = 0;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t i = o * stride - pad + t * dil;
+    if (i >= 0 && i < size) first = std::min(first, t), last = t + 1;
+  }
+  return {first, std::max(first, last)};
+}
 
 // What BinaryConv's count loop needs of one call's geometry.
 struct ConvPlan {

@@ -45,16 +45,6 @@ struct ConvCall {
   std::atomic<bool> failed{false};
 };
 
-// [first, last) of the taps along one axis that fall inside the input, for output coordinate o.
-std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
-  int64_t first = taps, last = 0;
-  for (int64_t t = 0; t < taps; ++t) {
-    const int64_t i = o * stride - pad + t * dil;
-    if (i >= 0 && i < size) first = std::min(first, t), last = t + 1;
-  }
-  return {first, std::max(first, last)};
-}
-
 // The distinct valid-tap ranges along one axis (classes) and the class of every output coordinate.
 struct AxisClasses {
   std::vector<std::pair<int64_t, int64_t>> ranges;
@@ -65,7 +55,7 @@ AxisClasses ClassifyAxis(int64_t outputs, int64_t stride, int64_t pad, int64_t d
   AxisClasses a;
   a.of.resize(static_cast<size_t>(outputs));
   for (int64_t o = 0; o < outputs; ++o) {
-    const auto r = ValidTaps(o, stride, pad, dil, taps, size);
+    const auto r = binary::ValidTaps(o, stride, pad, dil, taps, size);
     const auto it = std::find(a.ranges.begin(), a.ranges.end(), r);
     a.of[o] = static_cast<int32_t>(it - a.ranges.begin());
     if (it == a.ranges.end()) a.ranges.push_back(r);

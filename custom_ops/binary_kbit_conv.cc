@@ -74,16 +74,6 @@ void PackTask(void* data, size_t task) {
                           call->code_sum + n * plane + at);
 }
 
-// [first, last) of the taps along one axis that fall inside the input, for output coordinate o.
-std::pair<int64_t, int64_t> ValidTaps(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
-  int64_t first = taps, last = 0;
-  for (int64_t t = 0; t < taps; ++t) {
-    const int64_t i = o * stride - pad + t * dil;
-    if (i >= 0 && i < size) first = std::min(first, t), last = t + 1;
-  }
-  return {first, std::max(first, last)};
-}
-
 struct RowScratch {
   std::vector<int32_t> counts;  // [groups 8][ow]
   std::vector<float> u;         // [ow]: code sum over the field
