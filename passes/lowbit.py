@@ -31,7 +31,7 @@ options at least MIN_GAIN (1.05x) faster are kept (the node is declined with the
 manager then times the whole model and undoes the rewrites if it is not faster. `lowbit.measure=0` skips
 both and keeps every option the budget allows: lowbit as a size method (codes are bits/8 of the fp32 bytes).
 Measured here (BENCHMARKS.md): FC layers at batch 1 are faster in both activation forms; at 4-64 rows the
-int8-input form is 2.9-5.3x fp32 and the float form 1-2x; Convs (compute-bound, weights small next to the
+int8-input form is 2.9-5.3x fp32 and the float form 0.95-2x; Convs (compute-bound, weights small next to the
 activations) are not faster, so they are rewritten only with measure=0.
 Opt-in (not in the default method set): the error it costs is decided by the budget like any lossy pass.
 """
