@@ -466,10 +466,13 @@ def _refine(original, passes, candidates, budget, optimized, summary, log):
     return optimized, summary
 
 
-def _next_saving(c: Candidate) -> int:
-    """Bytes the candidate's next more compressive option saves over its current choice."""
-    current = c.option.bytes_after if c.active else c.record.bytes_before
-    return current - c.options[c.choice - 1].bytes_after
+def _next_saving(c: Candidate) -> tuple[int, int]:
+    """(bytes, FLOPs) the candidate's next more compressive option saves over its current choice: FLOPs break
+    ties between options of one size (binary's activation widths, lowbit's int8 or float inputs)."""
+    nxt = c.options[c.choice - 1]
+    if c.active:
+        return c.option.bytes_after - nxt.bytes_after, c.option.flops_after - nxt.flops_after
+    return c.record.bytes_before - nxt.bytes_after, c.record.flops_before - nxt.flops_after
 
 
 def _next_time_saving(c: Candidate) -> float:

@@ -103,6 +103,28 @@ def test_refine_steps_each_node_alone_and_keeps_what_fits(monkeypatch):
     assert model == (0, 1) and summary == {"choices": (0, 1)}
 
 
+def test_refine_breaks_byte_ties_by_flops_saved(monkeypatch):
+    """Options of one size (binary's activation widths): the greedy step goes to the node whose next option
+    saves the most FLOPs, and a budget that allows one step keeps exactly that one."""
+    import onnxopt.manager as manager
+    from onnxopt.rewrite import Option, Record
+
+    def option(flops):
+        return Option(0.0, 0, 100, flops, emit=None)
+
+    few = manager.Candidate(0, Record("m", "few", "Gemm", "applied"), [option(900), option(1000)])
+    many = manager.Candidate(0, Record("m", "many", "Gemm", "applied"), [option(100), option(1000)])
+    few.choice = many.choice = 1
+    monkeypatch.setattr(manager, "build", lambda original, passes, candidates: (few.choice, many.choice))
+
+    class Budget:  # one node may step, not both
+        def check(self, model):
+            return sum(model) >= 1, {"choices": model}
+
+    model, _ = manager._refine(None, [], [few, many], Budget(), (1, 1), {}, lambda s: None)
+    assert model == (1, 0), model
+
+
 def test_when_no_threshold_passes_single_rewrites_are_still_tried(monkeypatch):
     """A layer whose estimate is far too low fails every threshold of the bisection (its least lossy option
     has the smallest estimate); the greedy steps from 'all undone' still keep the other layer's rewrite."""
