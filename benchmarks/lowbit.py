@@ -142,27 +142,6 @@ def sessions_for(models: list[onnx.ModelProto], names: list[str], threads: int) 
     return sessions
 
 
-def session_min_times(sessions: list, rounds: int) -> list[float]:
-    """As onnxopt.timing.session_times (interleaved, cache flushed), but the fastest run of each (for a loaded
-    machine, as lowbit_conv.min_times)."""
-    import time
-
-    from onnxopt.timing import flush_cache
-
-    inp = sessions[0].get_inputs()[0]
-    feed = {inp.name: np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)}
-    for s in sessions:
-        s.run(None, feed)
-    best = [float("inf")] * len(sessions)
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            flush_cache()
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
-    return best
-
-
 COLUMNS = [
     ("lowbit 4b G32", lambda b, K, N: lowbit(b, K, N, 4, 32)),
     ("lowbit 4b G128", lambda b, K, N: lowbit(b, K, N, 4, 128)),
@@ -186,7 +165,6 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--only", nargs="+", help="columns to time (names as in the table), default all")
     args = ap.parse_args()
-    timer = session_times if args.stat == "median" else session_min_times
     columns = [c for c in COLUMNS if not args.only or c[0] in args.only]
     names = [c[0] for c in columns]
     rows = [
@@ -198,7 +176,8 @@ def main() -> None:
         for batch in args.batches:
             models = [dense(batch, K, N)] + [make(batch, K, N) for _, make in columns]
             for threads in args.threads:
-                base, *rest = timer(sessions_for(models, ["fp32", *names], threads), args.rounds)
+                sessions = sessions_for(models, ["fp32", *names], threads)
+                base, *rest = session_times(sessions, args.rounds, args.stat)
                 cells = " | ".join(f"{t:.3f} ({base / t:.2f}x)" for t in rest)
                 rows.append(f"| {K} x {N} | {batch} | {threads} | {base:.3f} | {cells} |")
                 print(rows[-1], file=sys.stderr, flush=True)

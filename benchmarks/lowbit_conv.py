@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxopt.reference.lowbit import pack_codes, padded_k  # noqa: E402
-from onnxopt.timing import flush_cache, median_times  # noqa: E402
+from onnxopt.timing import median_times  # noqa: E402
 
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("onnxopt", 1)]
 LAYERS = ["64:64:56:3", "128:128:28:3", "256:64:56:1", "64:64:14:3", "64:128:7:3", "128:256:7:3"]
@@ -117,28 +117,6 @@ COLUMNS = [
 ]
 
 
-def min_times(models: list[onnx.ModelProto], threads: int, rounds: int) -> list[float]:
-    """As onnxopt.timing.median_times (interleaved, cache flushed), but the fastest run of each: on a machine
-    shared with other jobs, a run that lost its core for a while says nothing about the kernel."""
-    import time
-
-    from onnxopt.library import session_for
-
-    sessions = [session_for(m, threads, spin=False) for m in models]
-    inp = sessions[0].get_inputs()[0]
-    feed = {inp.name: np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)}
-    for s in sessions:
-        s.run(None, feed)
-    best = [float("inf")] * len(sessions)
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            flush_cache()
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", nargs="+", default=LAYERS, help="C:M:S:k of the layer")
@@ -146,7 +124,6 @@ def main() -> None:
     ap.add_argument("--stat", choices=("median", "min"), default="median", help="min: for a loaded machine")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     args = ap.parse_args()
-    timer = median_times if args.stat == "median" else min_times
     names = [c[0] for c in COLUMNS]
     rows = [
         "| layer C->M @S kxk | threads | fp32 Conv ms | " + " | ".join(f"{n} ms (x)" for n in names) + " |",
@@ -156,7 +133,7 @@ def main() -> None:
         C, M, S, k = (int(v) for v in layer.split(":"))
         models = [dense(C, M, S, k)] + [make(C, M, S, k) for _, make in COLUMNS]
         for threads in args.threads:
-            base, *rest = timer(models, threads, rounds=args.rounds)
+            base, *rest = median_times(models, threads, rounds=args.rounds, stat=args.stat)
             cells = " | ".join(f"{t:.3f} ({base / t:.2f}x)" for t in rest)
             rows.append(f"| {C}->{M} @{S} {k}x{k} | {threads} | {base:.3f} | {cells} |")
             print(rows[-1], file=sys.stderr, flush=True)
