@@ -10,6 +10,7 @@
 
 #define LOWBIT_IMPL avx2
 #include "lowbit_impl.h"
+#include "lowbit_decode.h"
 
 namespace onnxopt {
 namespace lowbit {
@@ -33,41 +34,12 @@ inline void Store(const __m256 (&acc)[kBlock], __m128 zero, int64_t n, int64_t n
   }
 }
 
-inline __m256 Codes(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
-
-// 3 bits: bit 2 of codes 8 i .. 8 i + 7 from the chunk's high-bit word, as int32 lanes worth 0 or 4.
-inline __m256i HighBits(__m256i word, int i) {
-  const __m256i shift = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_add_epi32(shift, _mm256_set1_epi32(8 * i))),
-                                       _mm256_set1_epi32(1));
-  return _mm256_slli_epi32(bit, 2);
-}
-
 // The 32 codes of one chunk as floats, q[i] = codes 8 i .. 8 i + 7.
 template <int kBits>
 inline void Decode(const uint8_t* p, __m256 (&q)[4]) {
-  if constexpr (kBits == 4) {
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i lo = _mm_and_si128(v, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    q[0] = Codes(lo);
-    q[1] = Codes(_mm_srli_si128(lo, 8));
-    q[2] = Codes(hi);
-    q[3] = Codes(_mm_srli_si128(hi, 8));
-  } else {
-    const __m128i mask = _mm_set1_epi8(3);
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    __m256i c[4];
-    for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 2 * i), mask));
-    if constexpr (kBits == 3) {
-      uint32_t w;
-      __builtin_memcpy(&w, p + 8, 4);
-      const __m256i word = _mm256_set1_epi32(static_cast<int>(w));
-      for (int i = 0; i < 4; ++i) c[i] = _mm256_or_si256(c[i], HighBits(word, i));
-    }
-    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtepi32_ps(c[i]);
-  }
+  __m256i c[4];
+  DecodeChunk<kBits>(p, c);
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtepi32_ps(c[i]);
 }
 
 // Partial sums of one chunk of a column: pa += q[0..16) x[0..16), pb += q[16..32) x[16..32).

@@ -144,7 +144,7 @@ void SmallMicro(const Weights& w, const float* x, const float* b, int64_t r0, in
           const int64_t at = w.ScaleIndex(n + c0 + c, g);
           const __m256 s = _mm256_broadcast_ss(&w.scale[at]), z = _mm256_broadcast_ss(&w.scale_zero[at]);
           __m256i q[4];
-          avx2::DecodeChunk<4>(p + c * 16, q);
+          DecodeChunk<4>(p + c * 16, q);
 #pragma GCC unroll 4
           for (int i = 0; i < 4; ++i) {
             const __m256 wv = _mm256_fmsub_ps(s, _mm256_cvtepi32_ps(q[i]), z);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "lowbit_decode.h"
 #include "lowbit_gemm.h"
 
 namespace onnxopt {
@@ -17,36 +18,6 @@ namespace lowbit {
 namespace LOWBIT_GEMM_IMPL {
 
 constexpr int64_t kLanes = 8;  // rows per vector of xt
-
-// 3 bits: bit 2 of codes 8 i .. 8 i + 7 from the chunk's high-bit word, as int32 lanes worth 0 or 4.
-inline __m256i HighBits(__m256i word, int i) {
-  const __m256i shift = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * i));
-  return _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(word, shift), _mm256_set1_epi32(1)), 2);
-}
-
-// The 32 codes of one packed chunk (lowbit.h) as int32, c[i] = codes 8 i .. 8 i + 7.
-template <int kBits>
-inline void DecodeChunk(const uint8_t* p, __m256i (&c)[4]) {
-  if constexpr (kBits == 4) {
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    c[0] = _mm256_cvtepu8_epi32(lo);
-    c[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
-    c[2] = _mm256_cvtepu8_epi32(hi);
-    c[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
-  } else {
-    const __m128i mask = _mm_set1_epi8(3);
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 2 * i), mask));
-    if constexpr (kBits == 3) {
-      uint32_t word;
-      __builtin_memcpy(&word, p + 8, 4);
-      const __m256i wv = _mm256_set1_epi32(static_cast<int>(word));
-      for (int i = 0; i < 4; ++i) c[i] = _mm256_or_si256(c[i], HighBits(wv, i));
-    }
-  }
-}
 
 // Columns n .. n + 3 (a packed block) over chunks [ch0, ch1) dequantized into tile[c * ldt + k - ch0 * 32]:
 // W = scale q - scale_zero. The block's chunks are contiguous within a K slab; the pointer is recomputed only
