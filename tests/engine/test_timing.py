@@ -79,3 +79,8 @@ def test_real_timing_records_figures_or_says_not_faster(threads):
         assert r.detail["threads"] == threads and r.detail["ms_before"] >= 1.05 * r.detail["ms_after"]
     else:
         assert r.reason.startswith(("not faster:", "undone: the whole model")), r.reason
+
+
+def test_session_times_rejects_an_unknown_statistic():
+    with pytest.raises(ValueError, match="median or min"):
+        onnxopt.timing.session_times([object()], rounds=1, stat="mean")
